@@ -1,0 +1,67 @@
+"""workbench: a research workbench for Llama-4-style Mixture-of-Experts models.
+
+``import workbench`` imports neither torch nor jax; a backend is imported when first used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import Checkpoint, CheckpointError
+from .config import ConfigError, ModelConfig
+from .hooks import HookError, hook_names
+from .interventions import (
+    InterventionError,
+    ablate_head,
+    ban_expert,
+    force_expert,
+    patch,
+    set_top_k,
+    zero_expert,
+)
+from .model import InputError, Model, Output
+from .trace import Routing, Trace
+
+if TYPE_CHECKING:
+    from .parity import ParityReport
+    from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+BACKENDS = ("torch", "jax")
+
+
+def load(path: str | Path, backend: str = "torch", dtype: str = "float32") -> Model:
+    """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``."""
+    if backend == "torch":
+        from .torch import load as _load
+    elif backend == "jax":
+        from .jax import load as _load
+    else:
+        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
+    return _load(path, dtype=dtype)
+
+
+def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
+            **kwargs: Any) -> ParityReport:
+    """Run both models on the same ids and report per-hook errors and routing agreement."""
+    from .parity import compare as _compare
+    return _compare(model_a, model_b, input_ids, capture=capture, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+        return Tokenizer
+    if name in ("analysis", "plots", "widgets", "parity"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+__all__ = [
+    "BACKENDS", "Checkpoint", "CheckpointError", "ConfigError", "HookError", "InputError",
+    "InterventionError", "Model", "ModelConfig", "Output", "Routing", "Trace", "ablate_head",
+    "ban_expert", "compare", "force_expert", "hook_names", "load", "patch", "set_top_k",
+    "zero_expert",
+]

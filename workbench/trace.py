@@ -1,0 +1,137 @@
+"""Trace: what a run captured, as plain numpy, plus the context that produced it.
+
+Framework-free: analysis, plots and widgets take Traces and never import torch or jax.
+Saved as one safetensors file whose metadata holds the JSON context (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import read_safetensors, write_safetensors
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One MoE layer's routing for every token: arrays of shape (batch, seq, ...)."""
+
+    indices: np.ndarray  # (B, T, k) int32
+    scores: np.ndarray | None  # (B, T, k) sigmoid gates
+    logits: np.ndarray | None  # (B, T, E) raw router logits
+
+
+class Trace(Mapping[str, np.ndarray]):
+    """Hook name -> numpy array, with the input ids and run context.
+
+    ``meta`` holds: ``config`` (summary dict), ``capture`` (patterns), ``interventions``
+    (records), ``backend``, ``dtype``, and anything a caller adds (e.g. ``domain``).
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], input_ids: np.ndarray,
+                 meta: Mapping[str, Any] | None = None):
+        self._arrays = dict(arrays)
+        self.input_ids = np.asarray(input_ids)
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # Mapping protocol
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self._arrays[name]
+        except KeyError:
+            import difflib
+            close = difflib.get_close_matches(name, list(self._arrays), n=3)
+            hint = f"; closest captured: {close}" if close else ""
+            raise KeyError(f"{name!r} was not captured in this trace{hint}. Captured: "
+                           f"{len(self._arrays)} hooks (see trace.keys()); pass it in "
+                           "capture=[...]") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __repr__(self) -> str:
+        return (f"Trace({len(self)} hooks, input {tuple(self.input_ids.shape)}, "
+                f"backend={self.meta.get('backend')}, dtype={self.meta.get('dtype')})")
+
+    # helpers
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta.get("config", {})
+
+    @property
+    def layers(self) -> list[int]:
+        """Layer indices with at least one captured hook."""
+        return sorted({int(m.group(1)) for n in self._arrays if (m := _LAYER.match(n))})
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """MoE layers whose routing (topk_indices) was captured."""
+        return sorted(int(_LAYER.match(n).group(1)) for n in self._arrays
+                      if n.endswith(".moe.topk_indices"))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.config.get("experts", 0))
+
+    def routing(self, layer: int) -> Routing:
+        """Expert indices, gates and router logits of one MoE layer."""
+        p = f"layers.{layer}.moe."
+        if p + "topk_indices" not in self._arrays:
+            raise KeyError(f"layer {layer}: routing not captured (capture "
+                           f"'layers.{layer}.moe.*'); captured MoE layers: {self.moe_layers}")
+        return Routing(self._arrays[p + "topk_indices"], self._arrays.get(p + "topk_scores"),
+                       self._arrays.get(p + "router_logits"))
+
+    def top1(self) -> np.ndarray:
+        """(n_moe_layers, B, T) first-choice experts of every captured MoE layer."""
+        return np.stack([self.routing(i).indices[..., 0] for i in self.moe_layers])
+
+    def select(self, pattern: str) -> dict[str, np.ndarray]:
+        import fnmatch
+        return {k: v for k, v in self._arrays.items() if fnmatch.fnmatchcase(k, pattern)}
+
+    # persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write as safetensors (arrays + input ids) with JSON metadata; no pickle."""
+        p = Path(path)
+        if p.suffix != ".safetensors":
+            p = p.with_suffix(p.suffix + ".safetensors") if p.suffix else \
+                p.with_suffix(".safetensors")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        arrays = dict(self._arrays)
+        arrays["__input_ids__"] = self.input_ids.astype(np.int64)
+        write_safetensors(p, arrays, {"workbench_trace": json.dumps(_jsonable(self.meta))})
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trace:
+        arrays, meta = read_safetensors(path)
+        if "workbench_trace" not in meta or "__input_ids__" not in arrays:
+            raise ValueError(f"{path}: not a workbench trace (no workbench_trace metadata)")
+        ids = arrays.pop("__input_ids__")
+        return cls({k: np.array(v) for k, v in arrays.items()}, np.array(ids),
+                   json.loads(meta["workbench_trace"]))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
