@@ -131,8 +131,10 @@ def chunk_text(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
         if len(part) <= max_chars:
             units.append((sep, part))
         else:
-            units.extend((sep if j == 0 else "\n", line[:max_chars])
-                         for j, line in enumerate(part.split("\n")))
+            units.extend(
+                (sep if j == 0 else "\n", line[:max_chars])
+                for j, line in enumerate(part.split("\n"))
+            )
     chunks: list[str] = []
     cur = ""
     for sep, unit in units:
@@ -352,8 +354,8 @@ def _gen_measurements(rng: random.Random) -> str:
 
 def _gen_ledger(rng: random.Random) -> str:
     """CSV ledger whose totals are consistent (qty * unit price = total, running balance)."""
-    items = ["bolts", "washers", "cable", "resistor", "capacitor", "bearing", "filter", "valve",
-             "sensor", "gasket", "fuse", "relay", "spring", "hinge", "pump", "tape"]
+    items = ["bolts", "washers", "cable", "resistor", "capacitor", "bearing", "filter", "valve"]
+    items += ["sensor", "gasket", "fuse", "relay", "spring", "hinge", "pump", "tape"]
     n = rng.randint(10, 40)
     balance = round(rng.uniform(500, 5000), 2)
     lines = ["date,item,qty,unit_price,total,balance", f"opening,,,,,{balance:.2f}"]
@@ -364,8 +366,10 @@ def _gen_ledger(rng: random.Random) -> str:
         price = round(rng.uniform(0.05, 120), 2)
         total = round(qty * price, 2)
         balance = round(balance - total if rng.random() < 0.7 else balance + total, 2)
-        lines.append(f"2024-{1 + day // 29:02d}-{1 + day % 28:02d},{rng.choice(items)},{qty},"
-                     f"{price:.2f},{total:.2f},{balance:.2f}")
+        lines.append(
+            f"2024-{1 + day // 28:02d}-{1 + day % 28:02d},{rng.choice(items)},{qty},"
+            f"{price:.2f},{total:.2f},{balance:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -402,8 +406,18 @@ def _gen_sequences(rng: random.Random) -> str:
     """Named integer sequences: arithmetic/geometric progressions, squares, primes, Fibonacci."""
     out = []
     for _ in range(rng.randint(4, 9)):
-        kind = rng.choice(["arithmetic", "geometric", "squares", "cubes", "primes", "fibonacci",
-                           "triangular", "powers"])
+        kind = rng.choice(
+            [
+                "arithmetic",
+                "geometric",
+                "squares",
+                "cubes",
+                "primes",
+                "fibonacci",
+                "triangular",
+                "powers",
+            ]
+        )
         n = rng.randint(8, 24)
         if kind == "arithmetic":
             a, d = rng.randint(-100, 1000), rng.randint(-50, 50) or 7
@@ -452,8 +466,10 @@ def _gen_times_table(rng: random.Random) -> str:
     head = "x".rjust(width) + "".join(str(base * j).rjust(width) for j in range(1, size + 1))
     rows = [head]
     for i in range(1, size + 1):
-        rows.append(str(i).rjust(width) + "".join(str(i * base * j).rjust(width)
-                                                   for j in range(1, size + 1)))
+        rows.append(
+            str(i).rjust(width)
+            + "".join(str(i * base * j).rjust(width) for j in range(1, size + 1))
+        )
     return f"multiplication table for multiples of {base}\n" + "\n".join(rows)
 
 
@@ -481,8 +497,9 @@ def _gen_stats_table(rng: random.Random) -> str:
         vals = [row[j] for row in data]
         mean = sum(vals) / n
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-        lines.append(f"{col}: n={n} mean={mean:.3f} std={std:.3f} "
-                     f"min={min(vals):.3f} max={max(vals):.3f}")
+        lines.append(
+            f"{col}: n={n} mean={mean:.3f} std={std:.3f} min={min(vals):.3f} max={max(vals):.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -541,9 +558,9 @@ def _take(docs: Iterator[Doc], max_bytes: int, seen: set[str]) -> list[Doc]:
     return out
 
 
-def split_docs(docs: list[Doc], seed: int, val_fraction: float = VAL_FRACTION) -> tuple[
-    list[Doc], list[Doc]
-]:
+def split_docs(
+    docs: list[Doc], seed: int, val_fraction: float = VAL_FRACTION
+) -> tuple[list[Doc], list[Doc]]:
     """Deterministic split by source group: groups in hash order fill val up to the fraction.
 
     Every domain with at least two groups gets at least one val group and one train group.
@@ -579,8 +596,11 @@ def _stats(docs: list[Doc]) -> dict[str, tuple[int, int, int]]:
     out = {}
     for domain in DOMAINS:
         sel = [d for d in docs if d.domain == domain]
-        out[domain] = (len(sel), sum(len(d.text) for d in sel),
-                       sum(len(d.text.encode("utf-8")) for d in sel))
+        out[domain] = (
+            len(sel),
+            sum(len(d.text) for d in sel),
+            sum(len(d.text.encode("utf-8")) for d in sel),
+        )
     return out
 
 
@@ -588,8 +608,10 @@ def _readme(train: list[Doc], val: list[Doc], max_bytes: int, seed: int, root: P
     tr, va = _stats(train), _stats(val)
     rows = []
     for domain in DOMAINS:
-        rows.append(f"| {domain} | {tr[domain][0]} | {tr[domain][1]:,} | {va[domain][0]} | "
-                    f"{va[domain][1]:,} |")
+        rows.append(
+            f"| {domain} | {tr[domain][0]} | {tr[domain][1]:,} | {va[domain][0]} | "
+            f"{va[domain][1]:,} |"
+        )
     tot = [sum(s[d][i] for d in DOMAINS) for s in (tr, va) for i in (0, 1)]
     rows.append(f"| **total** | {tot[0]} | {tot[1]:,} | {tot[2]} | {tot[3]:,} |")
     table = "\n".join(rows)
@@ -711,8 +733,9 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "val.jsonl", val)
-    (out / "README.md").write_text(_readme(train, val, max_bytes_per_domain, seed, root),
-                                   encoding="utf-8")
+    (out / "README.md").write_text(
+        _readme(train, val, max_bytes_per_domain, seed, root), encoding="utf-8"
+    )
     return {"train": _stats(train), "val": _stats(val)}
 
 

@@ -290,9 +290,7 @@ class Tokenizer:
         Space becomes '·', newline '↵', tab '→', carriage return '␍'; special tokens keep their
         names; tokens holding part of a multi-byte character show the bytes as ``\\xNN``.
         """
-        return [
-            self._token_text(i, "backslashreplace").translate(_VISIBLE_WHITESPACE) for i in ids
-        ]
+        return [self._token_text(i, "backslashreplace").translate(_VISIBLE_WHITESPACE) for i in ids]
 
     def categories(self, ids: Iterable[int]) -> list[str]:
         """:func:`token_category` of each token's text; special ids are always ``"special"``.

@@ -1,0 +1,46 @@
+# Two commands for a new user: `make demo` and `make test`. Each sets up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+# CPU build of torch (on this machine a wheel on disk); GPU users: see README "Installing on a GPU".
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test lint lab bench clean browser-deps
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[all]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/workbench demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check workbench tests benchmarks scripts
+
+test: $(STAMP) browser-deps
+	$(VENV)/bin/ruff check workbench tests benchmarks scripts
+	$(PY) -m pytest -q
+
+# Debian's chromium for the real-browser notebook test (never a downloaded browser).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; the browser test will be skipped"; \
+	  else echo "note: chromium not installed; the browser test will be skipped"; fi; }
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) benchmarks/moe_forward.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
