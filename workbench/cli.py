@@ -107,6 +107,11 @@ def cmd_demo(args) -> int:
     return run_demo(out_dir=Path(args.out), model=args.model, quick=args.quick)
 
 
+def cmd_train(args) -> int:
+    from .train import main as train_main
+    return train_main(args)
+
+
 def cmd_bench(args) -> int:
     import runpy
     here = Path(__file__).resolve().parent.parent / "benchmarks" / "moe_forward.py"
@@ -145,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint dir (default: bundled model)")
     p.add_argument("--quick", action="store_true", help="fewer prompts, shorter generation")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("train", help="train a Llama-4-architecture MoE on the bundled corpus")
+    from .train import add_arguments
+    add_arguments(p)
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("bench", help="run benchmarks/moe_forward.py")
     p.add_argument("rest", nargs=argparse.REMAINDER)

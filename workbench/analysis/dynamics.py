@@ -163,6 +163,21 @@ def expert_paths(traces: Traces, layers: Sequence[int] | None = None, top: int =
     return [(tuple(int(x) for x in p), int(n), n / total) for p, n in ranked]
 
 
+def path_tokens(trace: Traces, path: Sequence[int], layers: Sequence[int] | None = None
+                ) -> np.ndarray:
+    """Input token ids of the tokens whose top1 experts over ``layers`` (default: every captured
+    MoE layer) follow ``path`` exactly, in order (trace, batch row, position), (n,)."""
+    ts = as_list(trace)
+    layers, P = _paths(ts, layers, "path_tokens")
+    if len(path) != len(layers):
+        raise ValueError(f"path_tokens: path has {len(path)} experts for {len(layers)} layers")
+    ids = np.concatenate([t.input_ids.reshape(-1) for t in ts])
+    if ids.size != P.shape[0]:
+        raise ValueError("path_tokens: routing does not cover every input token; capture "
+                         "without a position slice")
+    return ids[(P == np.asarray(path)[None, :]).all(axis=1)]
+
+
 def path_entropy(traces: Traces, layers: Sequence[int] | None = None) -> float:
     """Entropy (nats) of the distribution of top1 expert paths over ``layers``."""
     _, P = _paths(traces, layers, "path_entropy")

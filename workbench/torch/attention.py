@@ -18,12 +18,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved-pair (complex) RoPE in fp32. x: (B, S, N, d); cos/sin: (S, d/2)."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    y = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return y.flatten(-2).to(x.dtype)
+    """Interleaved-pair (complex) RoPE in fp32, as HF: pairs (x[2i], x[2i+1]) times e^{i theta}.
+
+    x: (B, S, N, d); cos/sin: (S, d/2).
+    """
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    f = torch.complex(cos, sin)[None, :, None, :]
+    return torch.view_as_real(xc * f).flatten(-2).to(x.dtype)
 
 
 def attention(p: dict[str, torch.Tensor], x: torch.Tensor, layer: int, cfg: ModelConfig,

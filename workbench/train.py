@@ -1,0 +1,314 @@
+"""``workbench train``: train a Llama-4-architecture MoE on the bundled multi-domain corpus.
+
+AdamW, linear warm-up then cosine decay, Switch load-balancing loss and router z-loss, gradient
+clipping, a fixed seed, periodic validation, and checkpoints in the HF Llama 4 layout (with
+config.json and tokenizer.json) plus a JSON training log whose per-layer expert load and router
+entropy let one plot routing *during* training. Uses the torch backend's own forward pass, so
+the trained model is exactly the model every other part of the workbench runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = REPO / "data" / "corpus"
+DEFAULT_TOKENIZER = REPO / "data" / "tokenizer" / "tokenizer.json"
+DEFAULT_OUT = REPO / "data" / "scout-mini"
+
+
+def shipped_config(vocab_size: int = 4096) -> ModelConfig:
+    """The bundled model: Scout-shaped (all MoE, QK-norm, llama3 RoPE), small.
+
+    4 layers (layer 3 is NoPE, global, temperature-tuned), 8 experts top-1 + shared expert,
+    chunked attention of 64 tokens inside a 256-token training context, floor_scale 64 so the
+    query temperature really changes within the context.
+    """
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=256,
+        intermediate_size_mlp=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=1,
+        interleave_moe_layer_step=1, use_qk_norm=True, attention_chunk_size=64,
+        attn_temperature_tuning=True, floor_scale=64, attn_scale=0.1,
+        max_position_embeddings=4096, rope_theta=10000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.02,
+    )
+
+
+@dataclass
+class TrainArgs:
+    out: Path = DEFAULT_OUT
+    corpus: Path = DEFAULT_CORPUS
+    tokenizer: Path = DEFAULT_TOKENIZER
+    steps: int = 800
+    batch: int = 16
+    context: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 40
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    aux_coef: float = 0.01
+    z_coef: float = 0.001
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    snapshots: tuple[int, ...] = ()
+    dtype: str = "bfloat16"
+    threads: int | None = None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainArgs()
+    p.add_argument("--out", type=Path, default=d.out, help="output checkpoint directory")
+    p.add_argument("--corpus", type=Path, default=d.corpus)
+    p.add_argument("--tokenizer", type=Path, default=d.tokenizer)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--context", type=int, default=d.context)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--clip", type=float, default=d.clip)
+    p.add_argument("--aux-coef", type=float, default=d.aux_coef,
+                   help="Switch load-balancing loss coefficient")
+    p.add_argument("--z-coef", type=float, default=d.z_coef, help="router z-loss coefficient")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--snapshots", default="",
+                   help="comma-separated steps at which to keep intermediate checkpoints")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"],
+                   help="dtype of the saved weights")
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute: a smaller model shape and 30 steps (for tests)")
+
+
+def load_corpus(corpus: Path, split: str) -> list[dict[str, str]]:
+    f = corpus / f"{split}.jsonl"
+    if not f.exists():
+        raise FileNotFoundError(f"corpus split {f} not found (run scripts/build_corpus.py)")
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+class TokenStream:
+    """Documents tokenised (bos ... eos) and concatenated, sampled in fixed-length windows."""
+
+    def __init__(self, docs: list[dict[str, str]], tok: Any, seed: int):
+        ids, dom = [], []
+        self.domains = sorted({d["domain"] for d in docs})
+        for d in docs:
+            t = tok.encode(d["text"], add_bos=True) + [tok.eos_id]
+            ids.extend(t)
+            dom.extend([self.domains.index(d["domain"])] * len(t))
+        self.ids = np.asarray(ids, np.int64)
+        self.domain = np.asarray(dom, np.int8)
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, n: int, length: int) -> np.ndarray:
+        starts = self.rng.integers(0, len(self.ids) - length - 1, n)
+        return np.stack([self.ids[s:s + length + 1] for s in starts])
+
+    def fixed(self, n: int, length: int, seed: int = 1234) -> np.ndarray:
+        r = np.random.default_rng(seed)
+        starts = r.integers(0, len(self.ids) - length - 1, n)
+        return np.stack([self.ids[s:s + length + 1] for s in starts])
+
+
+def lr_at(step: int, a: TrainArgs) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio``."""
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    t = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def router_losses(logits: Any, idx: Any, E: int) -> tuple[Any, Any, np.ndarray, float]:
+    """Switch aux loss E * sum_e f_e * P_e (P from softmax over logits), z-loss, load, entropy.
+
+    f_e: fraction of assignments to e (counted over the top-k choices); P_e: mean softmax
+    probability of e. The router itself is sigmoid (Llama 4); softmax here only shapes the
+    balancing gradient, as in Switch/ST-MoE. Entropy: mean per-token entropy of the
+    sigmoid-normalised scores (sigmoid(l) / sum sigmoid(l)).
+    """
+    import torch
+    lf = logits.reshape(-1, E).float()
+    probs = torch.softmax(lf, dim=-1)
+    counts = torch.bincount(idx.reshape(-1), minlength=E).float()
+    f = counts / counts.sum()
+    aux = E * (f * probs.mean(0)).sum()
+    z = torch.logsumexp(lf, dim=-1).pow(2).mean()
+    with torch.no_grad():
+        s = torch.sigmoid(lf)
+        q = s / s.sum(-1, keepdim=True)
+        ent = float(-(q * torch.log(q.clamp_min(1e-12))).sum(-1).mean())
+    return aux, z, f.detach().numpy(), ent
+
+
+def train(a: TrainArgs, cfg: ModelConfig | None = None, progress: bool = True) -> dict:
+    """Train and write the checkpoint(s); returns the training log."""
+    import torch
+
+    from .analysis.training import new_training_log, training_log_entry
+    from .init import random_tensors
+    from .interventions import Plan
+    from .tokenizer import Tokenizer
+    from .torch.model import TorchModel
+
+    torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tok = Tokenizer.from_pretrained(a.tokenizer)
+    cfg = cfg or shipped_config(tok.vocab_size)
+    if cfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"config vocab_size={cfg.vocab_size} < tokenizer vocab "
+                         f"{tok.vocab_size}")
+    train_stream = TokenStream(load_corpus(a.corpus, "train"), tok, a.seed)
+    val_stream = TokenStream(load_corpus(a.corpus, "val"), tok, a.seed + 1)
+    val_batches = val_stream.fixed(a.eval_batches * a.batch, a.context)
+
+    model = TorchModel(cfg, random_tensors(cfg, a.seed), "float32")
+    params = model.params.as_dict()
+    for t in params.values():
+        t.requires_grad_(True)
+    decay = [t for n, t in params.items() if t.ndim >= 2 and "embed" not in n]
+    no_decay = [t for n, t in params.items() if not (t.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    capture = [f"layers.{i}.moe.{h}" for i in cfg.moe_layers
+               for h in ("router_logits", "topk_indices")]
+    E = cfg.num_local_experts
+    unigram = unigram_loss(train_stream.ids, val_batches[:, 1:], cfg.vocab_size)
+    log = new_training_log({
+        "config": cfg.to_text_dict(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in a.__dict__.items()},
+        "unigram_val_loss": unigram, "domains": train_stream.domains,
+        "train_tokens_available": int(len(train_stream.ids)),
+    })
+    bar = _progress(a.steps, progress)
+    t0 = time.time()
+    for step in range(a.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a)
+        batch = torch.from_numpy(train_stream.batch(a.batch, a.context))
+        logits, cap = model.forward_train(batch[:, :-1], Plan(), capture)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
+                                               batch[:, 1:].reshape(-1))
+        aux_total = torch.zeros(())
+        z_total = torch.zeros(())
+        loads, ents = {}, {}
+        for i in cfg.moe_layers:
+            aux, z, load, ent = router_losses(cap[f"layers.{i}.moe.router_logits"],
+                                              cap[f"layers.{i}.moe.topk_indices"].long(), E)
+            aux_total = aux_total + aux
+            z_total = z_total + z
+            loads[str(i)] = [float(x) for x in load]
+            ents[str(i)] = round(ent, 5)
+        n_moe = max(1, len(cfg.moe_layers))
+        loss = ce + a.aux_coef * aux_total / n_moe + a.z_coef * z_total / n_moe
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ce_value = float(ce.detach())
+        gnorm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), a.clip))
+        opt.step()
+        val = None
+        if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
+            val = round(evaluate(model, val_batches, a.batch), 5)
+        rec = training_log_entry(step + 1, round(ce_value, 5), loads, ents, val)
+        rec.update({"aux_loss": round(float(aux_total.detach()) / n_moe, 5),
+                    "z_loss": round(float(z_total.detach()) / n_moe, 5), "lr": lr_at(step, a),
+                    "grad_norm": round(gnorm, 4), "tokens": (step + 1) * a.batch * a.context,
+                    "elapsed_s": round(time.time() - t0, 1)})
+        log["steps"].append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{ce_value:.3f}", val=val or "-")
+        if step + 1 in a.snapshots and step + 1 != a.steps:
+            save_model(model, a.out / "checkpoints" / f"step-{step + 1:05d}", a, tok)
+    bar.close()
+    log["meta"]["final_val_loss"] = log["steps"][-1]["val_loss"]
+    log["meta"]["elapsed_s"] = round(time.time() - t0, 1)
+    save_model(model, a.out, a, tok)
+    (a.out / "training_log.json").write_text(json.dumps(log) + "\n")
+    return log
+
+
+def evaluate(model: Any, batches: np.ndarray, bs: int) -> float:
+    """Mean next-token cross-entropy (nats) on fixed validation windows."""
+    import torch
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(batches), bs):
+            b = torch.from_numpy(batches[s:s + bs])
+            logits, _ = model.forward_train(b[:, :-1])
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                   b[:, 1:].reshape(-1), reduction="sum")
+            tot += float(ce)
+            n += b[:, 1:].numel()
+    return tot / n
+
+
+def unigram_loss(train_ids: np.ndarray, targets: np.ndarray, vocab: int) -> float:
+    """Cross-entropy of the add-one-smoothed unigram distribution of the training stream."""
+    counts = np.bincount(train_ids, minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[targets.reshape(-1)].mean())
+
+
+def save_model(model: Any, out: Path, a: TrainArgs, tok: Any) -> Path:
+    from .checkpoint import Checkpoint
+    out.mkdir(parents=True, exist_ok=True)
+    Checkpoint.save(out, model.state_dict_numpy(), model.config, dtype=a.dtype,
+                    multimodal=False)
+    tok.save(out)
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, disable=not enabled, desc="train", unit="step")
+    except ImportError:  # tqdm is in the train extra; degrade to a silent counter
+        class _Bar:
+            def update(self, n): ...
+            def set_postfix(self, **k): ...
+            def close(self): ...
+        return _Bar()
+
+
+def main(ns: argparse.Namespace) -> int:
+    a = TrainArgs(out=ns.out, corpus=ns.corpus, tokenizer=ns.tokenizer, steps=ns.steps,
+                  batch=ns.batch, context=ns.context, lr=ns.lr, warmup=ns.warmup,
+                  weight_decay=ns.weight_decay, clip=ns.clip, aux_coef=ns.aux_coef,
+                  z_coef=ns.z_coef, seed=ns.seed, eval_every=ns.eval_every,
+                  snapshots=tuple(int(s) for s in ns.snapshots.split(",") if s.strip()),
+                  dtype=ns.dtype)
+    cfg = None
+    if ns.quick:
+        from .tokenizer import Tokenizer
+        vocab = Tokenizer.from_pretrained(a.tokenizer).vocab_size
+        cfg = shipped_config(vocab).replace(hidden_size=64, intermediate_size=64,
+                                            num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=32, attention_chunk_size=32)
+        a.steps, a.batch, a.context, a.warmup, a.eval_every = 30, 8, 128, 5, 10
+        a.eval_batches = 2
+    if a.out.exists() and any(a.out.glob("*.safetensors")) and ns.out == DEFAULT_OUT \
+            and not ns.quick:
+        shutil.rmtree(a.out / "checkpoints", ignore_errors=True)
+    log = train(a, cfg)
+    m = log["meta"]
+    print(f"done: val loss {m['final_val_loss']:.4f} (unigram {m['unigram_val_loss']:.4f})"
+          f" in {m['elapsed_s']:.0f} s -> {a.out}")
+    return 0
