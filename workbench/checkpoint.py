@@ -57,15 +57,15 @@ class TensorInfo:
 
 def canonical_name(hf_name: str) -> str | None:
     """Map an HF tensor name to its canonical name; None for vision/projector tensors."""
+    if hf_name.startswith(("vision_model.", "multi_modal_projector.", "model.vision_model.",
+                           "model.multi_modal_projector.")):
+        return None
     for prefix in ("language_model.model.", "model.language_model.", "model."):
         if hf_name.startswith(prefix):
             return hf_name[len(prefix):]
     for prefix in ("language_model.lm_head.", "lm_head."):
         if hf_name.startswith(prefix):
             return "lm_head." + hf_name[len(prefix):]
-    if hf_name.startswith(("vision_model.", "multi_modal_projector.", "model.vision_model.",
-                           "model.multi_modal_projector.")):
-        return None
     return hf_name
 
 
@@ -186,8 +186,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
         root = Path(path)
         if not root.is_dir():
             raise CheckpointError(f"{root}: not a checkpoint directory")
-        cfg = config or ModelConfig.from_pretrained(root)
         files = _shard_files(root)
+        cfg = config or ModelConfig.from_pretrained(root)
         layer_set = None if layers is None else sorted({int(i) for i in layers})
         if layer_set is not None:
             bad = [i for i in layer_set if not 0 <= i < cfg.num_hidden_layers]

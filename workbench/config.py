@@ -68,6 +68,14 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("num_hidden_layers", "no_rope_layer_interval", "interleave_moe_layer_step",
+                     "num_attention_heads", "hidden_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.attention_bias:
+            raise ConfigError("attention_bias=true: Llama 4 has no attention biases and the "
+                              "workbench does not model them")
         if self.head_dim is None:
             if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -157,7 +165,8 @@ class ModelConfig:
         if rs is not None:
             rtype = rs.get("rope_type", rs.get("type", "default"))
             if rtype not in _ROPE_TYPES:
-                raise ConfigError(f"unknown rope type {rtype!r} in rope_scaling; supported: "
+                raise ConfigError(f"unknown rope type {rtype!r} in rope_parameters/rope_scaling; "
+                                  f"supported: "
                                   f"{', '.join(_ROPE_TYPES)}")
             if rtype == "llama3":
                 for key in ("factor", "low_freq_factor", "high_freq_factor",
@@ -260,6 +269,9 @@ class ModelConfig:
         multimodal = False
         extra: dict[str, Any] = {}
         text = raw
+        if "text_config" in raw and raw.get("model_type") not in (None, "llama4"):
+            raise ConfigError(f"{source}: model_type={raw.get('model_type')!r} is not a Llama 4 "
+                              "model (expected 'llama4' for the multimodal wrapper)")
         if "text_config" in raw or raw.get("model_type") == "llama4":
             if not isinstance(raw.get("text_config"), dict):
                 raise ConfigError(f"{source}: multimodal Llama 4 config without a text_config")
@@ -440,7 +452,6 @@ def vision_param_count(vc: dict[str, Any], text_hidden: int) -> int:
     patch = vc.get("patch_size", 14)
     channels = vc.get("num_channels", 3)
     image = vc.get("image_size", 336)
-    ratio = vc.get("pixel_shuffle_ratio", 0.5)
     proj_in = vc.get("projector_input_dim", 4096)
     proj_out = vc.get("projector_output_dim", 4096)
     vout = vc.get("vision_output_dim", 4096)
@@ -448,8 +459,9 @@ def vision_param_count(vc: dict[str, Any], text_hidden: int) -> int:
     total = channels * patch * patch * h + h + n_patches * h + 4 * h
     per_layer = 4 * h + 4 * (h * h + h) + (inter * h + inter) + (h * inter + h)
     total += layers * per_layer
-    shuffled = int(h / (ratio * ratio))
-    total += proj_in * shuffled + proj_out * proj_in  # vision_adapter fc1, fc2
+    # vision_adapter fc1 takes intermediate_size inputs (HF's quirk: it equals h / ratio^2 on the
+    # released towers), fc2 is square at the projector output width.
+    total += inter * proj_in + proj_out * proj_out  # vision_adapter.mlp fc1, fc2
     total += text_hidden * vout  # multi_modal_projector.linear_1
     return total
 

@@ -159,6 +159,8 @@ def plan(cfg: ModelConfig, interventions: Sequence[Intervention] | None,
          hooks: Mapping[str, Callable] | None, batch: int, seq: int) -> Plan:
     """Validate interventions and custom hook functions for an input of (batch, seq)."""
     p = Plan()
+    if interventions is not None and not isinstance(interventions, list | tuple):
+        interventions = [interventions]  # a single intervention needs no list
     for iv in interventions or ():
         what = f"{getattr(iv, 'kind', type(iv).__name__)}{_fmt(iv)}"
         if isinstance(iv, BanExpert):

@@ -93,10 +93,7 @@ class Model(ABC):
                              f"{ids.shape}")
         if ids.size == 0:
             raise InputError(f"input_ids is empty (shape {ids.shape})")
-        if ids.dtype.kind == "f":
-            if not np.all(ids == np.round(ids)):
-                raise InputError("input_ids must be integers; got non-integral floats")
-        elif ids.dtype.kind not in "iu":
+        if ids.dtype.kind not in "iu":
             raise InputError(f"input_ids must be integers, got dtype {ids.dtype}")
         ids = ids.astype(np.int64)
         V = self.config.vocab_size

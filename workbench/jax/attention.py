@@ -1,0 +1,199 @@
+"""Llama 4 attention (jax): projections, interleaved RoPE, QK-norm, temperature, masks, KV cache.
+
+Pure functions traced under ``jax.jit``. fp32 dots run at ``Precision.HIGHEST`` (no TF32/bf16
+passes on accelerators), so fp32 results match torch and transformers to rounding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from ..numerics import attention_mask
+from .hooks import Recorder
+
+PRECISION = jax.lax.Precision.HIGHEST
+Pos = int | jax.Array  # an absolute position: a Python int when static, a traced scalar otherwise
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w.T`` for an nn.Linear-layout weight (out, in), in the operands' dtype."""
+    return jnp.matmul(x, w.T, precision=PRECISION)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """HF Llama4TextRMSNorm: normalise in fp32, cast back, then multiply by the weight."""
+    xf = x.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return y if weight is None else y * weight
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Interleaved-pair (complex) RoPE in fp32, as HF: pairs (x[2i], x[2i+1]) times e^{i theta}.
+
+    x: (B, S, N, d); cos/sin: (S, d/2) float32 tables from ``workbench.numerics``.
+    """
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    xc = jax.lax.complex(xf[..., 0], xf[..., 1])
+    y = xc * jax.lax.complex(cos, sin)[None, :, None, :]
+    return jnp.stack((y.real, y.imag), axis=-1).reshape(x.shape).astype(x.dtype)
+
+
+class CacheEntry(NamedTuple):
+    """One layer's KV cache inside the traced forward: slot j of k/v holds position k_start + j.
+
+    ``k``/``v`` are (B, K, cap, d) buffers of a fixed capacity (so decoding steps reuse one
+    compiled graph); they are None before anything was cached. Slots past the last written
+    position hold zeros or stale keys, which the causal mask never lets a query see.
+    """
+
+    k: jax.Array | None
+    v: jax.Array | None
+    k_start: Pos
+    cap: int
+
+
+def keep_from(start: Pos, n: int, chunk: int) -> Pos:
+    """First position a chunked layer must keep after queries start..start+n-1 (the last
+    query's chunk start); works on Python ints (host bookkeeping) and traced scalars alike."""
+    return ((start + n - 1) // chunk) * chunk
+
+
+def attention(p: dict[str, jax.Array], x: jax.Array, layer: int, cfg: ModelConfig,
+              rope: tuple[jax.Array, jax.Array], temp: jax.Array | None, start: Pos,
+              cache: dict[int, CacheEntry] | None, rec: Recorder,
+              ablate: list[int] | None) -> jax.Array:
+    """One attention block on normalised input x (B, S, D); returns o_proj output (B, S, D).
+
+    ``cache`` (layer -> CacheEntry) is updated in place with this call's keys and values.
+    """
+    B, S, _ = x.shape
+    H, K, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    pre = f"layers.{layer}.self_attn."
+    q = linear(x, p[pre + "q_proj.weight"]).reshape(B, S, H, d)
+    k = linear(x, p[pre + "k_proj.weight"]).reshape(B, S, K, d)
+    v = linear(x, p[pre + "v_proj.weight"]).reshape(B, S, K, d)
+    if cfg.uses_rope(layer):
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cfg.uses_qk_norm(layer):
+            q, k = rms_norm(q, None, cfg.rms_norm_eps), rms_norm(k, None, cfg.rms_norm_eps)
+    elif temp is not None:
+        q = (q * temp[None, :, None, None]).astype(q.dtype)
+    h = f"layers.{layer}.attn."
+    q = rec(h + "q", q.transpose(0, 2, 1, 3))
+    k = rec(h + "k", k.transpose(0, 2, 1, 3))
+    v = rec(h + "v", v.transpose(0, 2, 1, 3))
+    chunk = cfg.chunk_size(layer)
+    if cache is not None:
+        k, v, k_start = cache_update(cache, layer, k, v, start, chunk)
+    else:
+        k_start = start
+    scale = d ** -0.5
+    if rec.wants(h + "pattern"):
+        o = _explicit(q, k, v, start, k_start, chunk, scale, rec, h + "pattern")
+    else:
+        o = _fused(q, k, v, start, k_start, chunk, scale)
+    if ablate:
+        o = o.at[:, np.asarray(ablate)].set(0)
+    o = o.transpose(0, 2, 1, 3).reshape(B, S, H * d)
+    return rec(h + "out", linear(o, p[pre + "o_proj.weight"]))
+
+
+def _mask(S: int, Tk: int, start: Pos, k_start: Pos, chunk: int | None) -> jax.Array:
+    """(S, Tk) boolean mask: ``numerics.attention_mask`` when positions are static, the same
+    rule on traced positions while decoding from a cache."""
+    if isinstance(start, int) and isinstance(k_start, int):
+        return jnp.asarray(attention_mask(np.arange(start, start + S),
+                                          np.arange(k_start, k_start + Tk), chunk))
+    q = start + jnp.arange(S)[:, None]
+    k = k_start + jnp.arange(Tk)[None, :]
+    m = k <= q
+    if chunk is not None:
+        m &= (k // chunk) == (q // chunk)
+    return m
+
+
+def _explicit(q, k, v, start, k_start, chunk, scale, rec, name):
+    """Softmax attention with the probabilities materialised (B, H, S, Tk), as HF eager does:
+    scores and probabilities are rounded to the model dtype (softmax itself runs in fp32)."""
+    B, H, S, d = q.shape
+    K, Tk = k.shape[1], k.shape[2]
+    qg = q.reshape(B, K, H // K, S, d)
+    scores = jnp.einsum("bkgsd,bktd->bkgst", qg, k, precision=PRECISION) * scale
+    scores = scores.reshape(B, H, S, Tk)
+    m = _mask(S, Tk, start, k_start, chunk)
+    scores = jnp.where(m, scores, jnp.finfo(scores.dtype).min)
+    probs = rec(name, jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype))
+    o = jnp.einsum("bkgst,bktd->bkgsd", probs.reshape(B, K, H // K, S, Tk), v,
+                   precision=PRECISION)
+    return o.reshape(B, H, S, d)
+
+
+def _sdpa(q, k, v, mask, scale):
+    """Grouped-query attention with fp32 scores and softmax (like torch's fused CPU kernel);
+    probabilities are cast to the model dtype for the value product."""
+    B, H, S, d = q.shape
+    K, Tk = k.shape[1], k.shape[2]
+    qg = q.reshape(B, K, H // K, S, d)
+    s = jnp.einsum("bkgsd,bktd->bkgst", qg, k, precision=PRECISION,
+                   preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    pr = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    o = jnp.einsum("bkgst,bktd->bkgsd", pr, v, precision=PRECISION,
+                   preferred_element_type=jnp.float32)
+    return o.astype(q.dtype).reshape(B, H, S, d)
+
+
+def _fused(q, k, v, start, k_start, chunk, scale):
+    """Attention without materialising a T x T buffer for chunked layers: a prefill from
+    position 0 runs blockwise per chunk (B*n blocks of chunk x chunk); otherwise masked."""
+    B, H, S, d = q.shape
+    fresh = isinstance(start, int) and start == 0 and isinstance(k_start, int) and k_start == 0
+    if fresh and k.shape[2] == S:
+        if chunk is None or S <= chunk:
+            return _sdpa(q, k, v, _mask(S, S, 0, 0, None), scale)
+        n = -(-S // chunk)
+        pad = n * chunk - S
+
+        def blocks(t: jax.Array) -> jax.Array:
+            t = jnp.pad(t, ((0, 0), (0, 0), (0, pad), (0, 0)))
+            t = t.reshape(B, t.shape[1], n, chunk, d).transpose(0, 2, 1, 3, 4)
+            return t.reshape(B * n, t.shape[2], chunk, d)
+
+        o = _sdpa(blocks(q), blocks(k), blocks(v), _mask(chunk, chunk, 0, 0, None), scale)
+        o = o.reshape(B, n, H, chunk, d).transpose(0, 2, 1, 3, 4).reshape(B, H, n * chunk, d)
+        return o[:, :, :S]
+    return _sdpa(q, k, v, _mask(S, k.shape[2], start, k_start, chunk), scale)
+
+
+def cache_update(cache: dict[int, CacheEntry], layer: int, k: jax.Array, v: jax.Array,
+                 start: Pos, chunk: int | None) -> tuple[jax.Array, jax.Array, Pos]:
+    """Append new keys/values; chunked layers drop keys no future query can see.
+
+    Returns the keys/values this call attends to and the position of their first slot, like
+    torch's ``cache_update``. Here the stored buffers keep a fixed capacity: the new entry is
+    the window starting at the kept position (the host grows ``cap`` beforehand if needed).
+    """
+    e = cache[layer]
+    S = k.shape[2]
+    if e.k is None:
+        ks, vs, k_start = k, v, start
+    else:
+        k_start = e.k_start
+        pad = ((0, 0), (0, 0), (0, S), (0, 0))
+        off = start - k_start
+        ks = jax.lax.dynamic_update_slice_in_dim(jnp.pad(e.k, pad), k, off, axis=2)
+        vs = jax.lax.dynamic_update_slice_in_dim(jnp.pad(e.v, pad), v, off, axis=2)
+    keep = k_start
+    if chunk is not None:
+        # keys needed by the queries of this call are used above: trim after use
+        keep = jnp.maximum(k_start, keep_from(start, S, chunk))
+    idx = (keep - k_start) + jnp.arange(e.cap)
+    cache[layer] = CacheEntry(jnp.take(ks, idx, axis=2, mode="fill", fill_value=0),
+                              jnp.take(vs, idx, axis=2, mode="fill", fill_value=0),
+                              keep, e.cap)
+    return ks, vs, k_start

@@ -1,0 +1,249 @@
+"""The Llama 4 text model in JAX: a params pytree from a Checkpoint, a pure jitted forward.
+
+``JaxModel`` compiles one ``jax.jit`` variant per (intervention plan structure, captured names,
+capture positions, expert bucket sizes, KV-cache layout) and reuses it; jit itself specialises
+on input shapes. Capturing nothing compiles a graph without any hook outputs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ..checkpoint import Checkpoint, expected_shapes
+from ..config import ModelConfig
+from ..interventions import Plan
+from ..model import CaptureSpec, Model, _store, seq_axis
+from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
+from .attention import CacheEntry, Pos, attention, keep_from, linear, rms_norm
+from .hooks import Recorder, patch_array, to_numpy
+from .moe import capacity, mlp, moe
+
+JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
+MAX_VARIANTS = 64
+_MIN_KV_CAP = 16
+
+
+def forward(p: Params, cfg: ModelConfig, ids: jax.Array, plan: Plan, rec: Recorder,
+            rope: tuple[jax.Array, jax.Array], temp: jax.Array | None, start: Pos = 0,
+            cache: dict[int, CacheEntry] | None = None,
+            caps: dict[int, int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Logits (B, S, V) for ids (B, S) at absolute positions start..start+S-1, and the largest
+    expert load of each MoE layer (int32, in ``cfg.moe_layers`` order).
+
+    Unlike torch's ``forward``, the RoPE tables and query temperatures for these positions are
+    arguments (computed on the host by ``workbench.numerics``; ``start`` may be traced while
+    decoding), and ``caps`` gives each MoE layer's static expert bucket size.
+    """
+    B, S = ids.shape
+    h = rec("embed", jnp.take(p["embed_tokens.weight"], ids, axis=0))
+    eps = cfg.rms_norm_eps
+    loads = []
+    for i in range(cfg.num_hidden_layers):
+        pre = f"layers.{i}."
+        h = rec(pre + "resid_pre", h)
+        a = attention(p, rms_norm(h, p[pre + "input_layernorm.weight"], eps), i, cfg, rope,
+                      temp, start, cache, rec, plan.ablate.get(i))
+        h = rec(pre + "resid_mid", h + a)
+        x = rms_norm(h, p[pre + "post_attention_layernorm.weight"], eps)
+        if cfg.is_moe(i):
+            k = plan.k(cfg, i)
+            cap = caps[i] if caps else capacity(B * S, k, cfg.num_local_experts)
+            f, load = moe(p, x, i, cfg, plan, rec, cap)
+            loads.append(load)
+        else:
+            f = mlp(p, x, i, rec)
+        h = rec(pre + "resid_post", h + f)
+    h = rec("final_norm", rms_norm(h, p["norm.weight"], eps))
+    head = p["embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
+    logits = rec("logits", linear(h, head))
+    return logits, jnp.stack(loads) if loads else jnp.zeros((0,), jnp.int32)
+
+
+@dataclass
+class KVCache:
+    """Decoding state kept between calls (``Model.new_cache``/``generate``).
+
+    Per layer, (k, v) buffers (B, K, cap, d) whose slot j holds absolute position
+    ``k_start[layer] + j``; ``start`` counts the positions consumed. Chunked layers keep only
+    the current chunk (as torch's cache does); capacities grow in powers of two, so a decoding
+    loop recompiles only when a buffer doubles.
+    """
+
+    batch: int
+    start: int = 0
+    kv: dict[int, tuple[jax.Array, jax.Array]] = field(default_factory=dict)
+    k_start: dict[int, int] = field(default_factory=dict)
+
+    def prepare(self, cfg: ModelConfig, n: int) -> tuple[str, tuple[int, ...], Any, Any]:
+        """Grow buffers for n new positions: (mode, capacities, buffers, traced offsets)."""
+        caps = []
+        for layer in range(cfg.num_hidden_layers):
+            chunk = cfg.chunk_size(layer)
+            ks = self.k_start.get(layer, 0)
+            kept = self.start + n - (max(ks, keep_from(self.start, n, chunk)) if chunk else ks)
+            have = self.kv[layer][0].shape[2] if layer in self.kv else 0
+            cap = have
+            if kept > have:
+                cap = 1 << (max(kept, _MIN_KV_CAP) - 1).bit_length()
+                if layer in self.kv:
+                    pad = ((0, 0), (0, 0), (0, cap - have), (0, 0))
+                    self.kv[layer] = tuple(jnp.pad(t, pad) for t in self.kv[layer])
+            caps.append(cap)
+        if not self.kv:
+            return "fresh", tuple(caps), None, None
+        offsets = (np.int32(self.start),
+                   {layer: np.int32(self.k_start[layer]) for layer in self.kv})
+        return "continue", tuple(caps), dict(self.kv), offsets
+
+    def commit(self, cfg: ModelConfig, kv: dict[int, tuple[jax.Array, jax.Array]],
+               n: int) -> None:
+        """Store the buffers returned by a call over n new positions."""
+        for layer in range(cfg.num_hidden_layers):
+            chunk = cfg.chunk_size(layer)
+            if chunk is not None:
+                ks = self.k_start.get(layer, 0)
+                self.k_start[layer] = max(ks, keep_from(self.start, n, chunk))
+            else:
+                self.k_start[layer] = 0
+        self.kv = dict(kv)
+        self.start += n
+
+
+class JaxModel(Model):
+    """``wb.load(path, backend="jax")``: the JAX backend."""
+
+    backend = "jax"
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray],
+                 dtype: str = "float32", path: str | None = None):
+        super().__init__(config, dtype, path)
+        np_dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+        self.params: Params = {n: jnp.asarray(np.asarray(a).astype(np_dt, copy=False))
+                               for n, a in tensors.items()}
+        self.inv_freq = rope_inv_freq(config)
+        self._variants: OrderedDict[tuple, Callable] = OrderedDict()
+        self._caps: OrderedDict[tuple, dict[int, int]] = OrderedDict()
+
+    @property
+    def module(self) -> Params:
+        """The params pytree (canonical name -> jax array), for users going below the API."""
+        return self.params
+
+    @property
+    def jax_dtype(self) -> Any:
+        return JAX_DTYPES[self.dtype]
+
+    @property
+    def compiled_variants(self) -> int:
+        """How many forward variants (plan x capture x buckets x cache layout) are compiled."""
+        return len(self._variants)
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache(batch)
+
+    def _variant(self, plan: Plan, spec: CaptureSpec, caps: dict[int, int], mode: str,
+                 kv_caps: tuple[int, ...]) -> Callable:
+        pos = spec.positions
+        pos_key = None if pos is None else (pos.start, pos.stop, pos.step)
+        key = (plan.key(), spec.names, pos_key, tuple(sorted(caps.items())), mode, kv_caps)
+        fn = self._variants.get(key)
+        if fn is not None:
+            self._variants.move_to_end(key)
+            return fn
+        cfg = self.config
+        names = spec.names
+
+        def run(params, ids, cos, sin, temp, patches, kv, offsets):
+            rec = Recorder(names, plan, patches, pos)
+            start: Pos = 0
+            cache = None
+            if mode == "fresh":
+                cache = {i: CacheEntry(None, None, 0, c) for i, c in enumerate(kv_caps)}
+            elif mode == "continue":
+                start = offsets[0]
+                cache = {i: CacheEntry(kv[i][0], kv[i][1], offsets[1][i], c)
+                         for i, c in enumerate(kv_caps)}
+            logits, loads = forward(params, cfg, ids, plan, rec, (cos, sin), temp, start,
+                                    cache, caps)
+            new_kv = None if cache is None else {i: (e.k, e.v) for i, e in cache.items()}
+            return logits, rec.out, new_kv, loads
+
+        # bf16: forbid XLA from keeping fp32 intermediates across casts, so rounding happens
+        # where torch rounds (after each op in the model dtype)
+        opts = {"xla_allow_excess_precision": False} if self.dtype == "bfloat16" else None
+        fn = jax.jit(run, compiler_options=opts)
+        self._variants[key] = fn
+        while len(self._variants) > MAX_VARIANTS:
+            self._variants.popitem(last=False)
+        return fn
+
+    def _forward(self, ids, plan, spec: CaptureSpec, cache=None):
+        cfg = self.config
+        B, S = ids.shape
+        start = 0 if cache is None else cache.start
+        positions = np.arange(start, start + S)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        temp = temperature_scales(positions, cfg) if cfg.attn_temperature_tuning else None
+        patches = {n: patch_array(v) for n, v in plan.patches.items()}
+        before = {} if cache is None else dict(cache.k_start)
+        if cache is None:
+            mode, kv_caps, kv, offsets = "none", (), None, None
+        else:
+            mode, kv_caps, kv, offsets = cache.prepare(cfg, S)
+        E, T = cfg.num_local_experts, B * S
+        load_key = (T, plan.key())
+        caps = self._caps.get(load_key) or {i: capacity(T, plan.k(cfg, i), E)
+                                            for i in cfg.moe_layers}
+        ids32 = np.asarray(ids, np.int32)
+        while True:
+            fn = self._variant(plan, spec, caps, mode, kv_caps)
+            logits, out, new_kv, loads = fn(self.params, ids32, cos, sin, temp, patches, kv,
+                                            offsets)
+            loads = np.asarray(loads)
+            over = {i: int(n) for i, n in zip(cfg.moe_layers, loads) if n > caps[i]}
+            if not over:
+                break
+            # an overflowing bucket dropped tokens: grow it to the observed load and rerun
+            caps = {i: capacity(T, plan.k(cfg, i), E, over[i]) if i in over else c
+                    for i, c in caps.items()}
+        self._caps[load_key] = caps
+        self._caps.move_to_end(load_key)
+        while len(self._caps) > 4 * MAX_VARIANTS:
+            self._caps.popitem(last=False)
+        if cache is not None:
+            cache.commit(cfg, new_kv, S)
+        store = CaptureSpec(spec.names, spec.dtype, None)  # positions were kept inside jit
+        arrays = {}
+        for n, a in out.items():
+            a = to_numpy(a)
+            if mode == "continue" and n.endswith("attn.pattern"):
+                a = a[..., : start + S - before[int(n.split(".")[1])]]
+            arrays[n] = _store(a, store, seq_axis(n))
+        return to_numpy(logits), arrays, cache
+
+    def state_dict_numpy(self) -> dict[str, np.ndarray]:
+        """Weights as float32 numpy arrays by canonical name (for Checkpoint.save)."""
+        return {n: to_numpy(a) for n, a in self.params.items()}
+
+
+def load(path: str | Path, dtype: str = "float32", layers: Iterable[int] | None = None,
+         checkpoint: Checkpoint | None = None) -> JaxModel:
+    """Load a checkpoint directory into the jax backend (bf16 weights go straight to jnp)."""
+    ck = checkpoint or Checkpoint.open(path, layers=layers)
+    cfg = ck.config
+    if ck.layers is not None:
+        raise ValueError("a full forward pass needs every layer; open the checkpoint without "
+                         "layers= to run it (use layers= to inspect weights)")
+    names = [n for n in expected_shapes(cfg) if n in ck]
+    tensors = {n: ck.get(n) for n in names}
+    return JaxModel(cfg, tensors, dtype, str(path))

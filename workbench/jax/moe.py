@@ -1,0 +1,139 @@
+"""Llama 4 feed-forward (jax): sigmoid top-k router, sparse expert dispatch, shared expert.
+
+Dispatch is sparse and dropless with static shapes: assignments are sorted by expert (stable
+argsort) into a bucketed buffer (E, C, D) of fixed capacity C, one einsum per expert runs over
+it, and each assignment's output is gathered back. C is a static argument chosen on the host
+(a power of two, at most tokens*k); ``moe`` also returns the largest expert load so the host can
+verify ``max load <= C`` and rerun with a bigger bucket: no token is ever dropped.
+
+Measured on CPU (mini config: hidden 1024, expert width 1024, 512 tokens, fp32), one MoE layer:
+E=16: bucketed 212 ms, ``jax.lax.ragged_dot`` 1216 ms, dense all-experts 1051 ms; E=128:
+bucketed 783 ms, ragged_dot 8836 ms, dense 7424 ms. XLA:CPU lowers ragged_dot to a dense masked
+dot (E times the FLOPs), so the bucketed buffer is used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from ..interventions import Plan
+from .attention import PRECISION, linear
+from .hooks import Recorder
+
+
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU computed in fp32 and rounded once to the input dtype (as torch's CPU kernel)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """nn.Linear-layout SwiGLU: down(silu(gate x) * up x)."""
+    return linear(silu(linear(x, gate)) * linear(x, up), down)
+
+
+def capacity(n: int, k: int, experts: int, load: int | None = None) -> int:
+    """Bucket size C for n tokens routed to k experts each: a power of two, at most n*k.
+
+    Without an observed ``load`` the guess is twice the mean load (at least 32).
+    """
+    need = max(2 * -(-n * k // experts), 32) if load is None else max(int(load), 1)
+    return min(n * k, 1 << (need - 1).bit_length())
+
+
+def select_experts(logits: jax.Array, k: int, layer: int, plan: Plan, seq: int) -> jax.Array:
+    """Top-k expert ids (N, k) after bans (-inf) and forcing (+inf); logits: (N, E), N = B*seq.
+
+    ``jax.lax.top_k`` breaks exact ties towards the lower expert id.
+    """
+    sel = logits
+    ban = plan.ban.get(layer)
+    force = plan.force.get(layer)
+    if ban:
+        sel = sel.at[:, np.asarray(ban)].set(-jnp.inf)
+    for expert, pos in force or ():
+        if pos is None:
+            sel = sel.at[:, expert].set(jnp.inf)
+        else:
+            rows = np.isin(np.arange(sel.shape[0]) % seq, pos)
+            sel = sel.at[np.flatnonzero(rows), expert].set(jnp.inf)
+    return jax.lax.top_k(sel, k)[1]
+
+
+def expert_matmul(buf: jax.Array, w: jax.Array) -> jax.Array:
+    """Each expert's bucket times that expert's matrix: (E, C, In) x (E, In, Out) -> (E, C, Out)."""
+    return jnp.einsum("eci,eio->eco", buf, w, precision=PRECISION)
+
+
+def dispatch(xf: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array,
+             down: jax.Array, cap: int, zero: list[int] | None) -> tuple[jax.Array, jax.Array]:
+    """Routed expert outputs (N, D) for tokens xf (N, D) with choices idx/scores (N, k).
+
+    Each assignment's input is ``x * score`` in the model dtype (HF scales the expert input);
+    with k > 1 the outputs are summed in fp32 and cast once. Returns also the largest load.
+    """
+    N, D = xf.shape
+    E = gate_up.shape[0]
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    A = flat.shape[0]
+    order = jnp.argsort(flat, stable=True)
+    counts = jnp.bincount(flat, length=E)
+    offsets = jnp.cumsum(counts) - counts
+    slot = jnp.arange(cap)
+    src = order[jnp.minimum(offsets[:, None] + slot[None, :], A - 1)]  # (E, C) assignments
+    valid = slot[None, :] < counts[:, None]
+    buf = xf[src // k] * scores.reshape(-1)[src][..., None]
+    buf = jnp.where(valid[..., None], buf, jnp.zeros((), xf.dtype))
+    gu = expert_matmul(buf, gate_up)
+    inter = gu.shape[-1] // 2
+    act = gu[..., inter:] * silu(gu[..., :inter])
+    y = expert_matmul(act, down).reshape(E * cap, D)
+    rank = jnp.zeros(A, jnp.int32).at[order].set(jnp.arange(A, dtype=jnp.int32)
+                                                 - offsets[flat[order]].astype(jnp.int32))
+    out = jnp.take(y, flat * cap + rank, axis=0, mode="fill", fill_value=0)
+    if zero:
+        out = out * (~jnp.isin(flat, np.asarray(zero)))[:, None].astype(out.dtype)
+    if k == 1:
+        routed = out
+    else:
+        routed = out.reshape(N, k, D).astype(jnp.float32).sum(1).astype(xf.dtype)
+    return routed, counts.max()
+
+
+def moe(p: dict[str, jax.Array], x: jax.Array, layer: int, cfg: ModelConfig, plan: Plan,
+        rec: Recorder, cap: int) -> tuple[jax.Array, jax.Array]:
+    """MoE block on normalised input x (B, S, D): shared(x) + sum_k expert_k(sigmoid(r_k) * x).
+
+    ``cap`` is the static bucket size; returns the output and the largest expert load.
+    """
+    B, S, D = x.shape
+    E = cfg.num_local_experts
+    k = plan.k(cfg, layer)
+    pre = f"layers.{layer}.feed_forward."
+    h = f"layers.{layer}.moe."
+    xf = x.reshape(-1, D)
+    logits = linear(xf, p[pre + "router.weight"])  # model dtype, as HF computes it
+    logits = rec(h + "router_logits", logits.reshape(B, S, E)).reshape(-1, E)
+    idx = select_experts(logits, k, layer, plan, S)
+    idx = rec(h + "topk_indices", idx.reshape(B, S, k)).reshape(-1, k).astype(jnp.int32)
+    scores = jax.nn.sigmoid(jnp.take_along_axis(logits, idx, axis=1).astype(jnp.float32))
+    scores = rec(h + "topk_scores", scores.astype(x.dtype).reshape(B, S, k)).reshape(-1, k)
+    routed, load = dispatch(xf, idx, scores, p[pre + "experts.gate_up_proj"],
+                            p[pre + "experts.down_proj"], cap, plan.zero.get(layer))
+    routed = rec(h + "routed_out", routed.reshape(B, S, D))
+    shared = swiglu(x, p[pre + "shared_expert.gate_proj.weight"],
+                    p[pre + "shared_expert.up_proj.weight"],
+                    p[pre + "shared_expert.down_proj.weight"])
+    shared = rec(h + "shared_out", shared)
+    return shared + routed, load
+
+
+def mlp(p: dict[str, jax.Array], x: jax.Array, layer: int, rec: Recorder) -> jax.Array:
+    """Dense SwiGLU layer (Maverick's non-MoE layers)."""
+    pre = f"layers.{layer}.feed_forward."
+    y = swiglu(x, p[pre + "gate_proj.weight"], p[pre + "up_proj.weight"],
+               p[pre + "down_proj.weight"])
+    return rec(f"layers.{layer}.mlp.out", y)

@@ -1,0 +1,253 @@
+"""Cross-checks between two models on the same weights: PyTorch vs JAX, or fp32 vs bf16.
+
+``compare`` runs both on the same ids with every hook captured and reports, per hook, the
+largest absolute and relative error (relative = max|a-b| / max|b|, DESIGN.md's bound), per MoE
+layer the routing agreement, and every token whose expert choice differs, with its top-1/top-2
+router margin in both models. Top-k routing is discontinuous: a flip at a near-tie is expected
+rounding, a flip at a wide margin is a bug. Positions downstream of a flip (same row, later or
+equal position, later hooks) are excluded from the error of later hooks and counted separately,
+so one flip does not hide or fake an error elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .model import Model, seq_axis
+
+FP32_TOL = 2e-4
+BF16_TOL = 5e-2
+FP32_NEAR_TIE = 1e-3
+BF16_NEAR_TIE = 5e-2
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
+
+
+@dataclass
+class HookError:
+    name: str
+    layer: int | None
+    max_abs: float
+    rel: float
+    excluded: int  # values excluded as downstream of a routing flip
+    ok: bool
+
+
+@dataclass
+class Flip:
+    layer: int
+    batch: int
+    position: int
+    token: int
+    experts_a: list[int]
+    experts_b: list[int]
+    margin_a: float  # top-1 minus top-2 router logit in model a
+    margin_b: float
+    logit_error: float  # max |router_logits_a - router_logits_b| at this token
+    near_tie: bool
+
+
+@dataclass
+class LayerRouting:
+    layer: int
+    tokens: int
+    top1_agreement: float
+    set_agreement: float
+    flips: int
+    near_tie_flips: int
+
+
+@dataclass
+class ParityReport:
+    label_a: str
+    label_b: str
+    tol: float
+    near_tie: float
+    hooks: list[HookError] = field(default_factory=list)
+    routing: list[LayerRouting] = field(default_factory=list)
+    flips: list[Flip] = field(default_factory=list)
+    logits_kl: float = 0.0  # mean per-token KL(a || b) of next-token distributions
+    next_token_agreement: float = 1.0
+
+    @property
+    def all_flips_near_ties(self) -> bool:
+        return all(f.near_tie for f in self.flips)
+
+    @property
+    def ok(self) -> bool:
+        """Every hook within tolerance (flip-downstream values excluded), every flip a near-tie."""
+        return all(h.ok for h in self.hooks) and self.all_flips_near_ties
+
+    @property
+    def worst(self) -> HookError | None:
+        return max(self.hooks, key=lambda h: h.rel, default=None)
+
+    def summary(self, max_rows: int = 60) -> str:
+        """A text table: hooks (worst first when long), routing per layer, flips."""
+        lines = [f"parity: {self.label_a}  vs  {self.label_b}   (tolerance {self.tol:g} relative, "
+                 f"near-tie margin {self.near_tie:g})"]
+        hooks = self.hooks
+        if len(hooks) > max_rows:
+            hooks = sorted(hooks, key=lambda h: -h.rel)[:max_rows]
+            lines.append(f"{len(self.hooks)} hooks; the {max_rows} worst:")
+        lines.append(f"{'hook':40s} {'max |Δ|':>10s} {'rel':>10s} {'excluded':>8s}  ok")
+        for h in hooks:
+            lines.append(f"{h.name:40s} {h.max_abs:10.3e} {h.rel:10.3e} {h.excluded:8d}  "
+                         f"{'yes' if h.ok else 'NO'}")
+        if self.routing:
+            lines.append("")
+            lines.append(f"{'MoE layer':>9s} {'tokens':>7s} {'top-1 agree':>11s} "
+                         f"{'set agree':>9s} {'flips':>5s} {'near-tie':>8s}")
+            for r in self.routing:
+                lines.append(f"{r.layer:9d} {r.tokens:7d} {r.top1_agreement:11.2%} "
+                             f"{r.set_agreement:9.2%} {r.flips:5d} {r.near_tie_flips:8d}")
+        if self.flips:
+            lines.append("")
+            lines.append("routing flips (layer, batch, position, token: experts a -> b, margins)")
+            for f in self.flips[:20]:
+                lines.append(f"  L{f.layer} b{f.batch} t{f.position} id {f.token}: "
+                             f"{f.experts_a} -> {f.experts_b}  margin {f.margin_a:.2e} / "
+                             f"{f.margin_b:.2e}  {'near-tie' if f.near_tie else 'WIDE MARGIN'}")
+            if len(self.flips) > 20:
+                lines.append(f"  ... {len(self.flips) - 20} more")
+        lines.append("")
+        lines.append(f"next-token agreement {self.next_token_agreement:.2%}, mean KL "
+                     f"{self.logits_kl:.3e}")
+        verdict = "OK" if self.ok else "OUT OF TOLERANCE"
+        if self.flips and self.ok:
+            verdict += f" ({len(self.flips)} flip(s), all at near-ties)"
+        lines.append(f"verdict: {verdict}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["all_flips_near_ties"] = self.all_flips_near_ties
+        return d
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per hook (name, layer, kind, max_abs, rel, ok) for plots."""
+        out = []
+        for h in self.hooks:
+            m = _LAYER.match(h.name)
+            kind = m.group(2) if m else h.name
+            out.append({"name": h.name, "layer": h.layer, "kind": kind, "max_abs": h.max_abs,
+                        "rel": h.rel, "ok": h.ok})
+        return out
+
+
+def margins(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 router logit per token: (..., E) -> (...)."""
+    s = np.sort(logits.astype(np.float64), axis=-1)
+    return s[..., -1] - s[..., -2]
+
+
+def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
+            tol: float | None = None, near_tie: float | None = None,
+            interventions: Any = None) -> ParityReport:
+    """Run both models on ``input_ids`` and report where and why they differ."""
+    if model_a.config.summary() != model_b.config.summary():
+        raise ValueError("compare: the two models have different configs")
+    both32 = model_a.dtype == "float32" and model_b.dtype == "float32"
+    tol = (FP32_TOL if both32 else BF16_TOL) if tol is None else tol
+    near_tie = (FP32_NEAR_TIE if both32 else BF16_NEAR_TIE) if near_tie is None else near_tie
+    cap = [capture] if isinstance(capture, str) else list(capture)
+    needed = ["*.moe.router_logits", "*.moe.topk_indices"]
+    ids = model_a.check_ids(input_ids)
+    ta = model_a.run(ids, capture=cap + needed, interventions=interventions).trace
+    tb = model_b.run(ids, capture=cap + needed, interventions=interventions).trace
+    rep = ParityReport(f"{model_a.backend}/{model_a.dtype}", f"{model_b.backend}/{model_b.dtype}",
+                       tol, near_tie)
+    B, T = ids.shape
+    # routing and the first flip per row: taint[(layer)] -> per row, first tainted position
+    first_flip = np.full((model_a.config.num_hidden_layers + 1, B), T, dtype=np.int64)
+    for layer in model_a.config.moe_layers:
+        ia = ta[f"layers.{layer}.moe.topk_indices"]
+        ib = tb[f"layers.{layer}.moe.topk_indices"]
+        la = ta[f"layers.{layer}.moe.router_logits"]
+        lb = tb[f"layers.{layer}.moe.router_logits"]
+        same_set = np.sort(ia, -1) == np.sort(ib, -1)
+        set_ok = same_set.all(-1)
+        top1_ok = ia[..., 0] == ib[..., 0]
+        ma, mb = margins(la), margins(lb)
+        flips = 0
+        near = 0
+        for b, t in np.argwhere(~set_ok):
+            err = float(np.abs(la[b, t].astype(np.float64) - lb[b, t]).max())
+            # a flip is a near-tie if the choice was within eps (or the observed logit error)
+            k = ia.shape[-1]
+            nt = _near_tie(la[b, t], lb[b, t], k, max(near_tie, 2 * err))
+            rep.flips.append(Flip(layer, int(b), int(t), int(ids[b, t]), ia[b, t].tolist(),
+                                  ib[b, t].tolist(), float(ma[b, t]), float(mb[b, t]), err, nt))
+            flips += 1
+            near += nt
+            first_flip[layer, b] = min(first_flip[layer, b], t)
+        rep.routing.append(LayerRouting(layer, B * T, float(top1_ok.mean()),
+                                        float(set_ok.mean()), flips, near))
+    # a flip at layer i taints later layers too
+    taint = np.minimum.accumulate(first_flip, axis=0)
+    for name in ta:
+        if name not in tb:
+            continue
+        if name.endswith("topk_indices"):
+            continue
+        a, b = ta[name].astype(np.float64), tb[name].astype(np.float64)
+        m = _LAYER.match(name)
+        layer = int(m.group(1)) if m else None
+        row = taint[layer if layer is not None else -1]
+        if name == "embed":
+            row = np.full(B, T)
+        elif layer is not None and not _after_routing(m.group(2)):
+            row = taint[layer - 1] if layer > 0 else np.full(B, T)
+        ax = seq_axis(name)
+        pos = np.arange(a.shape[ax])
+        shape = [1] * a.ndim
+        shape[0], shape[ax] = B, a.shape[ax]
+        keep = (pos[None, :] < row[:, None]).reshape(shape)
+        keep = np.broadcast_to(keep, a.shape)
+        excluded = int((~keep).sum())
+        diff = np.where(keep, np.abs(a - b), 0.0)
+        ref = np.where(keep, np.abs(b), 0.0)
+        max_abs = float(diff.max()) if diff.size else 0.0
+        denom = float(ref.max()) if ref.size else 0.0
+        rel = max_abs / denom if denom > 0 else max_abs
+        rep.hooks.append(HookError(name, layer, max_abs, rel, excluded, rel <= tol))
+    la = _logits(ta, model_a, ids)
+    lb = _logits(tb, model_b, ids)
+    pa, pb = _softmax(la), _softmax(lb)
+    rep.logits_kl = float(np.mean(np.sum(pa * (np.log(pa + 1e-30) - np.log(pb + 1e-30)), -1)))
+    rep.next_token_agreement = float(np.mean(la.argmax(-1) == lb.argmax(-1)))
+    return rep
+
+
+def _after_routing(rest: str) -> bool:
+    """Hooks of a layer that a routing flip in the same layer can change."""
+    return rest.startswith(("moe.routed", "moe.topk_scores")) or rest in ("resid_post",)
+
+
+def _near_tie(la: np.ndarray, lb: np.ndarray, k: int, eps: float) -> bool:
+    """True if, in either model, the k-th and (k+1)-th best logits are within eps.
+
+    For k = 1 that is the top-1/top-2 margin; for k > 1 the set changes only at the boundary.
+    """
+    for lg in (la, lb):
+        s = np.sort(lg.astype(np.float64))[::-1]
+        if len(s) > k and s[k - 1] - s[k] <= eps:
+            return True
+    return False
+
+
+def _logits(trace: Any, model: Model, ids: np.ndarray) -> np.ndarray:
+    if "logits" in trace:
+        return trace["logits"].astype(np.float64)
+    return model.run(ids).logits.astype(np.float64)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
