@@ -53,6 +53,9 @@ def __getattr__(name: str) -> Any:
     if name == "Tokenizer":
         from .tokenizer import Tokenizer
         return Tokenizer
+    if name == "ParityReport":
+        from .parity import ParityReport
+        return ParityReport
     if name in ("analysis", "plots", "widgets", "parity"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
@@ -61,7 +64,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BACKENDS", "Checkpoint", "CheckpointError", "ConfigError", "HookError", "InputError",
-    "InterventionError", "Model", "ModelConfig", "Output", "Routing", "Trace", "ablate_head",
+    "InterventionError", "Model", "ModelConfig", "Output", "ParityReport", "Routing", "Tokenizer",
+    "Trace", "ablate_head",
     "ban_expert", "compare", "force_expert", "hook_names", "load", "patch", "set_top_k",
     "zero_expert",
 ]

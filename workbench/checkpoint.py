@@ -258,8 +258,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
                          f"weights have {info.shape[0]} experts")
         if info.name == "embed_tokens.weight" and info.shape[0] != shape[0]:
             hints.append(f"config.json says vocab_size={cfg.vocab_size}")
-        if info.shape and shape and len(info.shape) == len(shape) and \
-                info.shape[-1] != shape[-1] and info.name.endswith(("_proj.weight", "router.weight")):
+        linear = info.name.endswith(("_proj.weight", "router.weight"))
+        if linear and len(info.shape) == len(shape) and info.shape[-1] != shape[-1]:
             hints.append(f"config.json says hidden_size={cfg.hidden_size}")
         return msg + ("; " + "; ".join(hints) if hints else "")
 

@@ -153,7 +153,8 @@ class ModelConfig:
         if any(v not in (0, 1) for v in self.no_rope_layers):
             raise ConfigError(f"no_rope_layers must hold 0/1 flags, got {self.no_rope_layers}")
         if len(self.layer_types) != L:
-            raise ConfigError(f"layer_types has {len(self.layer_types)} entries, num_hidden_layers={L}")
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries, "
+                              f"num_hidden_layers={L}")
         for i, t in enumerate(self.layer_types):
             if t not in ("chunked_attention", "full_attention"):
                 raise ConfigError(f"layer_types[{i}]={t!r}: expected chunked_attention or "

@@ -14,7 +14,7 @@ Semantics (identical in torch and jax):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -244,7 +244,7 @@ def _layer_of(name: str) -> int | None:
 def _fmt(iv: Any) -> str:
     if isinstance(iv, Patch):
         return f"(name={iv.name!r})"
-    d = {k: v for k, v in getattr(iv, "__dict__", {}).items() if k != "kind"}
+    d = {f.name: getattr(iv, f.name) for f in fields(iv) if f.name != "kind"}
     return "(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
 
 
@@ -252,7 +252,7 @@ def describe(iv: Intervention) -> dict[str, Any]:
     """A JSON-able record of an intervention (stored in traces)."""
     if isinstance(iv, Patch):
         return {"kind": "patch", "name": iv.name, "shape": list(iv.value.shape)}
-    d = {k: v for k, v in iv.__dict__.items()}
+    d = {f.name: getattr(iv, f.name) for f in fields(iv)}
     if d.get("positions") is not None:
         d["positions"] = list(d["positions"])
     return d

@@ -134,17 +134,19 @@ def _explicit(q, k, v, start, k_start, chunk, scale, rec, name):
 
 
 def _sdpa(q, k, v, mask, scale):
-    """Grouped-query attention with fp32 scores and softmax (like torch's fused CPU kernel);
-    probabilities are cast to the model dtype for the value product."""
+    """Grouped-query attention rounded like torch's fused CPU kernel: fp32 scores, unnormalised
+    exp(s - max) cast to the model dtype for the value product (fp32 accumulation), then
+    divided by the fp32 row sum. In fp32 this is plain softmax attention."""
     B, H, S, d = q.shape
     K, Tk = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, S, d)
     s = jnp.einsum("bkgsd,bktd->bkgst", qg, k, precision=PRECISION,
                    preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-    pr = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-    o = jnp.einsum("bkgst,bktd->bkgsd", pr, v, precision=PRECISION,
+    s = jnp.where(mask, s, -jnp.inf)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    o = jnp.einsum("bkgst,bktd->bkgsd", e.astype(q.dtype), v, precision=PRECISION,
                    preferred_element_type=jnp.float32)
+    o = o / jnp.sum(e, axis=-1, keepdims=True)
     return o.astype(q.dtype).reshape(B, H, S, d)
 
 

@@ -69,6 +69,25 @@ def forward(p: Params, cfg: ModelConfig, ids: jax.Array, plan: Plan, rec: Record
     return logits, jnp.stack(loads) if loads else jnp.zeros((0,), jnp.int32)
 
 
+def initial_caps(cfg: ModelConfig, plan: Plan, batch: int, seq: int) -> dict[int, int]:
+    """First guess of each MoE layer's expert bucket for a (batch, seq) input: twice the mean
+    load, or the load an intervention implies (forced experts, patched expert indices)."""
+    E, T = cfg.num_local_experts, batch * seq
+    caps = {}
+    for i in cfg.moe_layers:
+        k = plan.k(cfg, i)
+        cap = capacity(T, k, E)
+        for _, pos in plan.force.get(i, ()):
+            forced = T if pos is None else batch * len(pos) + 2 * -(-T * k // E)
+            cap = max(cap, capacity(T, k, E, forced))
+        patched = plan.patches.get(f"layers.{i}.moe.topk_indices")
+        if patched is not None:
+            load = int(np.bincount(np.asarray(patched).ravel(), minlength=E).max())
+            cap = max(cap, capacity(T, k, E, load))
+        caps[i] = cap
+    return caps
+
+
 @dataclass
 class KVCache:
     """Decoding state kept between calls (``Model.new_cache``/``generate``).
@@ -133,6 +152,9 @@ class JaxModel(Model):
         self.inv_freq = rope_inv_freq(config)
         self._variants: OrderedDict[tuple, Callable] = OrderedDict()
         self._caps: OrderedDict[tuple, dict[int, int]] = OrderedDict()
+        # extra XLA options for every compiled variant, e.g. {"xla_backend_optimization_level":
+        # 0} compiles about twice as fast, for small models where compiling dominates
+        self.compiler_options: dict[str, Any] = {}
 
     @property
     def module(self) -> Params:
@@ -155,7 +177,13 @@ class JaxModel(Model):
                  kv_caps: tuple[int, ...]) -> Callable:
         pos = spec.positions
         pos_key = None if pos is None else (pos.start, pos.stop, pos.step)
-        key = (plan.key(), spec.names, pos_key, tuple(sorted(caps.items())), mode, kv_caps)
+        opts = dict(self.compiler_options)
+        if self.dtype == "bfloat16":
+            # forbid XLA from keeping fp32 intermediates across casts, so rounding happens
+            # where torch rounds (after each op in the model dtype)
+            opts.setdefault("xla_allow_excess_precision", False)
+        key = (plan.key(), spec.names, pos_key, tuple(sorted(caps.items())), mode, kv_caps,
+               tuple(sorted(opts.items())))
         fn = self._variants.get(key)
         if fn is not None:
             self._variants.move_to_end(key)
@@ -178,10 +206,7 @@ class JaxModel(Model):
             new_kv = None if cache is None else {i: (e.k, e.v) for i, e in cache.items()}
             return logits, rec.out, new_kv, loads
 
-        # bf16: forbid XLA from keeping fp32 intermediates across casts, so rounding happens
-        # where torch rounds (after each op in the model dtype)
-        opts = {"xla_allow_excess_precision": False} if self.dtype == "bfloat16" else None
-        fn = jax.jit(run, compiler_options=opts)
+        fn = jax.jit(run, compiler_options=opts or None)
         self._variants[key] = fn
         while len(self._variants) > MAX_VARIANTS:
             self._variants.popitem(last=False)
@@ -202,8 +227,7 @@ class JaxModel(Model):
             mode, kv_caps, kv, offsets = cache.prepare(cfg, S)
         E, T = cfg.num_local_experts, B * S
         load_key = (T, plan.key())
-        caps = self._caps.get(load_key) or {i: capacity(T, plan.k(cfg, i), E)
-                                            for i in cfg.moe_layers}
+        caps = self._caps.get(load_key) or initial_caps(cfg, plan, B, S)
         ids32 = np.asarray(ids, np.int32)
         while True:
             fn = self._variant(plan, spec, caps, mode, kv_caps)

@@ -1,4 +1,5 @@
-"""PyTorch backend: ``workbench.torch.load(path, dtype)``; mirrors ``workbench.jax`` file by file."""
+"""PyTorch backend: ``workbench.torch.load(path, dtype)``; mirrors ``workbench.jax`` file by
+file."""
 
 from .model import Params, TorchModel, forward, load
 

@@ -36,7 +36,7 @@ class Recorder:
     def _edit(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if name in self.plan.patches:
             v = self.plan.patches[name]
-            t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64 if v.dtype.kind in "iu"
+            t = torch.from_numpy(np.array(v, dtype=np.int64 if v.dtype.kind in "iu"
                                                        else np.float32))
             x = t.to(x.dtype).expand(x.shape).clone()
         fn = self.plan.fns.get(name)

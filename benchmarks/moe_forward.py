@@ -1,0 +1,212 @@
+"""MoE forward benchmark: ours (torch, jax) vs transformers on the same weights, in one run.
+
+Mini config (issue #2): hidden 1024, 4 layers, 8 heads / 2 kv heads of 128, expert and shared
+width 1024, vocab 8192, seq 512, fp32, at E=16 and E=128. Prints tokens/s, ratios measured in
+this run, achieved GFLOP/s of *active* compute against the machine's measured matmul rate,
+JAX compile time separately, and the cost of capturing hooks.
+
+    python benchmarks/moe_forward.py [--experts 16 128] [--seq 512] [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workbench.config import ModelConfig  # noqa: E402
+from workbench.init import random_tensors  # noqa: E402
+
+
+def active_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Multiply-adds x2 of the work a token really needs (top-k experts, causal attention)."""
+    D, H, K, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    I, V, k = cfg.intermediate_size, cfg.vocab_size, cfg.num_experts_per_tok
+    total = 0.0
+    for i in range(cfg.num_hidden_layers):
+        total += 2 * (D * H * d * 2 + D * K * d * 2)
+        c = cfg.chunk_size(i) or seq
+        keys = min(c, seq) / 2  # mean keys attended under a causal (chunked) mask
+        total += 2 * 2 * H * d * keys
+        if cfg.is_moe(i):
+            total += 2 * D * cfg.num_local_experts + k * 2 * 3 * D * I + 2 * 3 * D * I
+        else:
+            total += 2 * 3 * D * cfg.intermediate_size_mlp
+    return total + 2 * D * V
+
+
+def matmul_rate(n: int = 1024, repeats: int = 10) -> float:
+    """The machine's fp32 matmul rate (GFLOP/s) with torch on an n x n x n product."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def timed(fn, repeats: int) -> float:
+    """Best-of-``repeats`` wall time of fn() after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dict:
+    import torch
+
+    from workbench.interventions import Plan
+    from workbench.model import CaptureSpec
+    from workbench.torch.hooks import Recorder
+    from workbench.torch.model import TorchModel, forward
+    cfg = ModelConfig.mini(num_local_experts=E)
+    if quick:
+        cfg = cfg.replace(hidden_size=256, intermediate_size=256, head_dim=32,
+                          vocab_size=1024, attention_chunk_size=64)
+    tensors = random_tensors(cfg, seed=0, router_std=0.5)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq))
+    tok = seq
+    row: dict = {"experts": E, "seq": seq, "active_gflop_per_token":
+                 active_flops_per_token(cfg, seq) / 1e9}
+
+    ours = TorchModel(cfg, tensors, "float32")
+    t_ours = timed(lambda: ours.run(ids), repeats)
+    row["torch_tok_s"] = tok / t_ours
+    row["torch_gflops"] = row["active_gflop_per_token"] * tok / t_ours
+
+    # Hook cost: no capture vs a forward with the recorder bypassed entirely, vs routing capture.
+    p = ours.params.as_dict()
+    tids = torch.from_numpy(ids)
+
+    class _Bare(Recorder):
+        def __call__(self, name, x):
+            return x
+
+    bare = _Bare(CaptureSpec(frozenset()), Plan(), torch.float32)
+
+    def uninstrumented():
+        with torch.inference_mode():
+            forward(p, cfg, tids, Plan(), bare, ours.inv_freq)
+
+    row["uninstrumented_s"] = timed(uninstrumented, repeats)
+    row["capture_none_s"] = t_ours
+    row["capture_router_s"] = timed(lambda: ours.run(ids, capture="*.moe.*"), repeats)
+    row["capture_patterns_s"] = timed(lambda: ours.run(ids, capture="*.attn.pattern"), repeats)
+
+    try:
+        import jax  # noqa: F401
+
+        from workbench.jax.model import JaxModel
+    except ImportError:
+        JaxModel = None
+    if JaxModel is not None:
+        jm = JaxModel(cfg, tensors, "float32")
+        t0 = time.perf_counter()
+        jm.run(ids)
+        row["jax_first_call_s"] = time.perf_counter() - t0
+        t_jax = timed(lambda: jm.run(ids), repeats)
+        row["jax_compile_s"] = max(0.0, row["jax_first_call_s"] - t_jax)
+        row["jax_tok_s"] = tok / t_jax
+        row["jax_capture_router_s"] = timed(lambda: jm.run(ids, capture="*.moe.*"), repeats)
+        row["jax_capture_none_s"] = t_jax
+        del jm
+        gc.collect()
+
+    if not skip_hf:
+        import transformers
+        tc = transformers.Llama4TextConfig(**{k: v for k, v in cfg.to_text_dict().items()
+                                              if k != "model_type"})
+        tc._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            hf = transformers.Llama4ForCausalLM(tc)
+        sd = {}
+        for name, a in tensors.items():
+            hfname = name if name.startswith("lm_head") else "model." + name
+            sd[hfname] = torch.from_numpy(a)  # shares memory with ours: one copy of weights
+        hf.load_state_dict(sd, assign=True, strict=True)
+        hf.model.rotary_emb.inv_freq = torch.from_numpy(ours.inv_freq.copy())
+        hf.eval()
+
+        def run_hf():
+            with torch.inference_mode():
+                return hf(tids).logits
+
+        t_hf = timed(run_hf, max(1, repeats - 1))
+        row["hf_tok_s"] = tok / t_hf
+        with torch.inference_mode():
+            ref = hf(tids).logits.numpy()
+        row["max_rel_err_vs_hf"] = float(np.abs(ours.run(ids).logits - ref).max()
+                                         / np.abs(ref).max())
+        del hf, sd
+    del ours, tensors
+    gc.collect()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experts", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
+    ap.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    ap.add_argument("--json", default=None, help="write the rows as JSON here")
+    a = ap.parse_args(argv)
+    import torch
+    rate = matmul_rate(256 if a.quick else 1024)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured fp32 matmul "
+          f"rate {rate:.1f} GFLOP/s")
+    rows = []
+    for E in a.experts:
+        row = bench_one(E, a.seq, a.repeats, a.quick, a.skip_hf)
+        row["matmul_gflops"] = rate
+        rows.append(row)
+    print()
+    hdr = (f"{'E':>4s} {'ours torch tok/s':>16s} {'ours jax tok/s':>14s} {'HF tok/s':>9s} "
+           f"{'torch/HF':>8s} {'jax/HF':>7s} {'jax/torch':>9s} {'GFLOP/s':>8s} {'% matmul':>8s}")
+    print(hdr)
+    for r in rows:
+        hf = r.get("hf_tok_s")
+        jx = r.get("jax_tok_s")
+        print(f"{r['experts']:4d} {r['torch_tok_s']:16.0f} "
+              f"{jx if jx else float('nan'):14.0f} {hf if hf else float('nan'):9.0f} "
+              f"{r['torch_tok_s'] / hf if hf else float('nan'):8.1f}x "
+              f"{jx / hf if hf and jx else float('nan'):6.1f}x "
+              f"{jx / r['torch_tok_s'] if jx else float('nan'):8.2f}x "
+              f"{r['torch_gflops']:8.1f} {100 * r['torch_gflops'] / rate:7.0f}%")
+    print()
+    print("hook cost (torch, seconds per forward; ratio to the uninstrumented forward):")
+    for r in rows:
+        base = r["uninstrumented_s"]
+        print(f"  E={r['experts']}: uninstrumented {base:.4f}; capture nothing "
+              f"{r['capture_none_s']:.4f} ({r['capture_none_s'] / base:.3f}x); all router "
+              f"outputs {r['capture_router_s']:.4f} ({r['capture_router_s'] / base:.3f}x); all "
+              f"attention patterns {r['capture_patterns_s']:.4f} "
+              f"({r['capture_patterns_s'] / base:.3f}x)")
+        if "jax_compile_s" in r:
+            print(f"  E={r['experts']}: jax compile {r['jax_compile_s']:.2f} s (first call "
+                  f"{r['jax_first_call_s']:.2f} s); jax router capture "
+                  f"{r['jax_capture_router_s'] / r['jax_capture_none_s']:.3f}x")
+        if "max_rel_err_vs_hf" in r:
+            print(f"  E={r['experts']}: max relative logit error vs transformers "
+                  f"{r['max_rel_err_vs_hf']:.2e}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Attention figures: one layer's pattern with chunk boundaries, and chunked vs global layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+
+from .. import analysis as an
+from ..analysis._common import Traces, as_list
+from ..numerics import chunk_boundaries
+from ..trace import Trace
+from ._util import layer_label, plain, token_labels
+from .style import (
+    ATTENTION,
+    FONT_SIZES,
+    MASKED,
+    category_colors,
+    figure_and_axes,
+    new_figure,
+    styled,
+)
+
+#: Colour of chunk-boundary lines on attention heatmaps.
+BOUNDARY = "#1f77b4"
+
+_TYPE_TEXT = {"global": "global NoPE", "chunked": "chunked RoPE", "global-rope": "global RoPE"}
+
+
+def layer_type_text(trace: Trace, layer: int) -> str:
+    """"chunked RoPE (chunk 8192)", "global NoPE" or "global RoPE" for a layer of the trace."""
+    kind = an.layer_type(trace, layer)
+    text = _TYPE_TEXT.get(kind, kind)
+    if kind == "chunked":
+        text += f" (chunk {trace.config.get('chunk')})"
+    return text
+
+
+@styled
+def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: int = 0,
+                      tokenizer: Any = None, tokens: Sequence[str] | None = None,
+                      max_labels: int = 48, chunk: int | None = None,
+                      ax: Axes | None = None) -> Figure:
+    """One layer's attention pattern (query × key; mean over heads unless ``head``) with the
+    attention chunk boundaries drawn as lines (gid ``"chunk-boundary"``) and the layer's type
+    (chunked RoPE / global NoPE) in the title. Masked (zero) entries are grey. Token labels
+    are shown when the sequence has at most ``max_labels`` tokens and a tokenizer or tokens
+    are given. ``chunk`` defaults to the trace config's chunk size."""
+    name = f"layers.{layer}.attn.pattern"
+    if name not in trace:
+        raise ValueError(f"attention_pattern needs the hook {name!r}; re-run with "
+                         f"capture=[{name!r}]")
+    a = np.asarray(trace[name], dtype=np.float32)[batch]  # (H, Tq, Tk)
+    H, Tq, Tk = a.shape
+    if head is not None and not 0 <= head < H:
+        raise ValueError(f"head {head} out of range: layer {layer} has {H} heads")
+    p = a.mean(axis=0) if head is None else a[head]
+    q0 = Tk - Tq
+    chunk = trace.config.get("chunk") if chunk is None else chunk
+    size = min(9.0, max(4.5, 0.12 * Tk + 3.0))
+    fig, ax = figure_and_axes(ax, (size + 1.2, size))
+    cmap = mpl.colormaps[ATTENTION].with_extremes(bad=MASKED)
+    data = np.ma.masked_where(p <= 0, p)
+    vmax = float(p.max()) if p.size and p.max() > 0 else 1.0
+    im = ax.imshow(data, cmap=cmap, norm=PowerNorm(0.5, vmin=0.0, vmax=vmax),
+                   extent=(-0.5, Tk - 0.5, Tk - 0.5, q0 - 0.5), aspect="equal")
+    for b in chunk_boundaries(Tk, int(chunk) if chunk else None):
+        ax.axvline(b - 0.5, color=BOUNDARY, lw=1.0, ls="--", gid="chunk-boundary")
+        if b > q0:
+            ax.axhline(b - 0.5, color=BOUNDARY, lw=1.0, ls="--", gid="chunk-boundary")
+    if (tokenizer is not None or tokens is not None) and Tk <= max_labels:
+        ids = np.asarray(trace.input_ids)
+        ids = ids[batch] if ids.ndim == 2 else ids.ravel()
+        labels = [plain(s) for s in token_labels(ids[:Tk], tokenizer, tokens)]
+        ax.set_xticks(range(Tk), labels, rotation=90, fontsize=FONT_SIZES["annotation"],
+                      family="monospace")
+        ax.set_yticks(range(q0, Tk), labels[q0:], fontsize=FONT_SIZES["annotation"],
+                      family="monospace")
+    else:
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+    try:
+        kind = layer_type_text(trace, layer)
+    except ValueError:
+        kind = "layer type unknown"
+    who = "mean of heads" if head is None else f"head {head}"
+    ax.set_title(f"Layer {layer} attention: {kind}, {who}")
+    cb = fig.colorbar(im, ax=ax, pad=0.02, shrink=0.85)
+    cb.set_label("attention probability (sqrt scale)")
+    return fig
+
+
+@styled
+def attention_by_layer_type(traces: Traces, layers: Sequence[int] | None = None,
+                            chunk: int | None = None) -> Figure:
+    """Chunked (RoPE) vs global (NoPE) attention: per-layer mean entropy, mean distance and
+    sink mass (bars coloured by layer type; type means as dashed lines), and the attention
+    mass by query-key distance bucket for each type."""
+    ts = as_list(traces)
+    rows = an.attention_summary(ts, layers, chunk)
+    if not rows:
+        raise ValueError("attention_by_layer_type: no attention pattern captured; re-run with "
+                         "capture=['layers.{i}.attn.pattern']")
+    types = an.by_layer_type(ts, layers, chunk)
+    colors = category_colors(["chunked", "global", "global-rope"])
+    fig = new_figure((13.0, 3.6))
+    axes = fig.subplots(1, 4)
+    x = np.arange(len(rows))
+    for ax, (key, label) in zip(axes[:3], [("entropy", "entropy (nats)"),
+                                           ("distance", "mean distance (tokens)"),
+                                           ("sink", "mass on first token")]):
+        vals = [r[key] for r in rows]
+        ax.bar(x, vals, 0.6, color=[colors[r["type"]] for r in rows])
+        for kind, t in types.items():
+            if np.isfinite(t[key]):
+                ax.axhline(t[key], color=colors[kind], ls="--", lw=0.9)
+        ax.set_xticks(x, [layer_label(r["layer"]) for r in rows])
+        ax.set_title(label, fontsize=FONT_SIZES["label"])
+        ax.set_xlabel("layer")
+    ax = axes[3]
+    for kind, t in types.items():
+        e = np.asarray(t["edges"])
+        ax.plot(range(len(t["distance_hist"])), t["distance_hist"], "o-", color=colors[kind],
+                label=f"{_TYPE_TEXT.get(kind, kind)} ({', '.join(map(str, t['layers']))})")
+        ax.set_xticks(range(len(e) - 1), [f"{lo}" for lo in e[:-1]], fontsize=FONT_SIZES["tick"])
+    ax.set_xlabel("query − key distance ≥")
+    ax.set_title("attention mass by distance", fontsize=FONT_SIZES["label"])
+    ax.legend(fontsize=FONT_SIZES["annotation"])
+    fig.suptitle("Attention by layer type: chunked RoPE vs global NoPE")
+    return fig
