@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from ..numerics import attention_mask
 from .hooks import Recorder
 
 PRECISION = jax.lax.Precision.HIGHEST
@@ -104,11 +103,8 @@ def attention(p: dict[str, jax.Array], x: jax.Array, layer: int, cfg: ModelConfi
 
 
 def _mask(S: int, Tk: int, start: Pos, k_start: Pos, chunk: int | None) -> jax.Array:
-    """(S, Tk) boolean mask: ``numerics.attention_mask`` when positions are static, the same
-    rule on traced positions while decoding from a cache."""
-    if isinstance(start, int) and isinstance(k_start, int):
-        return jnp.asarray(attention_mask(np.arange(start, start + S),
-                                          np.arange(k_start, k_start + Tk), chunk))
+    """(S, Tk) boolean mask, the rule of ``numerics.attention_mask`` built in the graph from
+    iotas (no S x Tk constant is embedded; positions may be traced while decoding)."""
     q = start + jnp.arange(S)[:, None]
     k = k_start + jnp.arange(Tk)[None, :]
     m = k <= q
@@ -138,7 +134,7 @@ def _sdpa(q, k, v, mask, scale):
     exp(s - max) cast to the model dtype for the value product (fp32 accumulation), then
     divided by the fp32 row sum. In fp32 this is plain softmax attention."""
     B, H, S, d = q.shape
-    K, Tk = k.shape[1], k.shape[2]
+    K = k.shape[1]
     qg = q.reshape(B, K, H // K, S, d)
     s = jnp.einsum("bkgsd,bktd->bkgst", qg, k, precision=PRECISION,
                    preferred_element_type=jnp.float32) * scale

@@ -70,8 +70,7 @@ def patch_array(value: np.ndarray) -> np.ndarray:
 
 
 def to_numpy(x: jax.Array) -> np.ndarray:
-    """Array -> numpy; floats become float32 (bf16 is exactly representable), ints int32."""
+    """Array -> writable numpy; floats become float32 (bf16 is exactly representable), ints
+    int32. (numpy views of jax arrays are read-only, so this always copies.)"""
     a = np.asarray(jax.device_get(x))
-    if a.dtype.kind in "iu":
-        return a.astype(np.int32, copy=False)
-    return a.astype(np.float32, copy=False)
+    return np.array(a, dtype=np.int32 if a.dtype.kind in "iu" else np.float32)

@@ -72,8 +72,7 @@ def parity_errors(report: Any, tol: float | None = None, ax: Axes | None = None,
         ([float(last)] if any(r["layer"] is None and r["name"] != "embed" for r in records)
          else [])
     names = {-1.0: "embed", float(last): "final"}
-    ax.set_xticks(ticks, [names.get(t, layer_label(int(t))) if t in names and t not in
-                          [float(i) for i in layers] else layer_label(int(t)) for t in ticks])
+    ax.set_xticks(ticks, [names.get(t) or layer_label(int(t)) for t in ticks])
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("relative error  max|Δ| / max|ref|")

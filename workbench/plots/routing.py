@@ -145,12 +145,13 @@ def token_routing_text(trace: Trace, layer: int | None = None, tokenizer: Any = 
     fs = FONT_SIZES["token"]
     char_in, line_in = 0.6 * fs / 72.0, 1.75 * fs / 72.0
     present = sorted(set(top1.tolist()))
-    legend_rows = int(np.ceil(len(present) / 8))
+    w_in, h_text = width * char_in + 0.6, lines * line_in
+    ncol = max(1, min(len(present) + int(near.any()), int(w_in / 1.15)))
+    legend_rows = int(np.ceil((len(present) + int(near.any())) / ncol))
     if ax is None:
-        w_in, h_text = width * char_in + 0.6, lines * line_in
-        h_in = h_text + 0.55 + 0.3 * legend_rows + 0.2
+        h_in = h_text + 0.45 + 0.22 * legend_rows + 0.15
         fig = Figure(figsize=(w_in, h_in))
-        ax = fig.add_axes((0.3 / w_in, (0.3 * legend_rows + 0.2) / h_in,
+        ax = fig.add_axes((0.3 / w_in, (0.22 * legend_rows + 0.15) / h_in,
                            width * char_in / w_in, h_text / h_in))
     else:
         fig, ax = figure_and_axes(ax)
@@ -172,8 +173,8 @@ def token_routing_text(trace: Trace, layer: int | None = None, tokenizer: Any = 
                for e in present]
     if near.any():
         handles.append(Patch(facecolor="white", edgecolor=WARN, ls="--",
-                             label=f"near-tie (margin < {eps:g})"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8),
+                             label=f"near-tie <{eps:g}"))
+    fig.legend(handles=handles, loc="lower center", ncol=ncol,
                fontsize=FONT_SIZES["legend"], frameon=False, handlelength=1.2,
                columnspacing=1.0)
     more = f" (first {n} of {len(trace.input_ids.reshape(-1))})" if n < ids.size else ""

@@ -142,16 +142,18 @@ def top_tokens_table(traces: Traces, layer: int | None = None, tokenizer: Any = 
     names = dict(zip(ids, token_labels(ids, tokenizer))) if ids else {}
     rows = []
     for e in experts:
-        cells = [f"{plain(names[t])} ×{c} {s:.0%}" for t, c, s in top[e]]
+        cells = [f"‘{plain(names[t])}’ ×{c} {s:.0%}" for t, c, s in top[e]]
         rows.append([f"E{e}", f"{load[e]:.1%}", "    ".join(cells) or "(no tokens)"])
-    fig, ax = figure_and_axes(ax, (11.0, 0.3 * len(rows) + 1.0))
+    fig, ax = figure_and_axes(ax, (11.0, 0.27 * (len(rows) + 1) + 0.5))
     ax.axis("off")
-    table = ax.table(cellText=rows, colLabels=["expert", "load", f"top tokens ({by})"],
-                     colWidths=[0.07, 0.07, 0.86], cellLoc="left", loc="upper center")
+    head = "top tokens: token ×count share (of that token's occurrences routed here)"
+    table = ax.table(cellText=rows, colLabels=["expert", "load", head],
+                     colWidths=[0.07, 0.07, 0.86], cellLoc="left", colLoc="left",
+                     bbox=(0.0, 0.0, 1.0, 1.0))
     table.auto_set_font_size(False)
     table.set_fontsize(FONT_SIZES["annotation"] + 0.5)
-    table.scale(1.0, 1.25)
     for (r, c), cell in table.get_celld().items():
+        cell.PAD = 0.01 if c == 2 else 0.08
         cell.set_edgecolor("#dddddd")
         if r == 0:
             cell.set_text_props(weight="bold")

@@ -9,10 +9,10 @@ pyplot's global state), so they render headless and display in notebooks.
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import matplotlib as mpl
 import numpy as np

@@ -1,0 +1,498 @@
+"""``workbench report``: every routing and attention figure, plus metrics.json, for a checkpoint
+or a saved trace.
+
+Given a checkpoint directory the model is loaded (torch by default), run on ``--text`` inputs or
+on ``--corpus-sample N`` validation documents per domain (each cut to ``--max-tokens``), with
+``*.moe.*`` and the attention patterns of one chunked and one global layer captured. The report
+then runs the analyses (load, confidence, specialisation by domain / token category /
+vocabulary, dynamics, router similarity from the checkpoint's router weights, attention summary,
+causal ablation on one layer, routing over training when ``training_log.json`` sits beside the
+checkpoint, and routing stability against ``checkpoints/step-*``), writes each figure as a PNG
+and a JSON-clean ``metrics.json`` holding the token ids used.
+
+Given a trace file (``.safetensors`` written by ``Trace.save``) it draws the figures that need
+only the trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = Path("data") / "corpus" / "val.jsonl"
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``workbench report``."""
+    p.add_argument("target", metavar="CKPT_OR_TRACE",
+                   help="checkpoint directory, or a trace .safetensors written by Trace.save")
+    p.add_argument("--out", required=True, help="directory for the PNGs and metrics.json")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", action="append", default=None,
+                     help="input text (repeat for several); tokenised with the checkpoint's "
+                          "tokenizer.json")
+    src.add_argument("--corpus-sample", type=int, default=None, metavar="N",
+                     help="N validation documents per domain (default 2 when no --text)")
+    p.add_argument("--corpus", default=None,
+                   help=f"validation jsonl for --corpus-sample (default {DEFAULT_CORPUS})")
+    p.add_argument("--max-tokens", type=int, default=128,
+                   help="cut each input to this many tokens (default 128)")
+    p.add_argument("--backend", choices=("torch", "jax"), default="torch")
+    p.add_argument("--layer", type=int, default=None,
+                   help="MoE layer for the single-layer figures (default: the middle one)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or its dir) for a trace whose checkpoint is elsewhere")
+    p.add_argument("--no-causal", action="store_true", help="skip the expert-ablation runs")
+    p.add_argument("--dpi", type=int, default=120, help="PNG resolution (default 120)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Run ``workbench report``; returns the exit status (0 ok, 2 bad input)."""
+    target = Path(args.target)
+    out = Path(args.out)
+    try:
+        if target.is_dir():
+            rep = _Report(out, args.dpi)
+            _checkpoint_report(rep, target, args)
+        elif target.is_file():
+            rep = _Report(out, args.dpi)
+            _trace_report(rep, target, args)
+        else:
+            raise _Usage(f"{target}: no such checkpoint directory or trace file")
+    except _Usage as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rep.finish()
+    return 0
+
+
+class _Usage(Exception):
+    """A problem with the command's inputs (exit status 2)."""
+
+
+# --------------------------------------------------------------------------- output
+class _Report:
+    """Collects figures (written at once) and metrics."""
+
+    def __init__(self, out: Path, dpi: int):
+        self.out = out
+        self.dpi = dpi
+        self.files: list[str] = []
+        self.skipped: dict[str, str] = {}
+        self.metrics: dict[str, Any] = {}
+        self.summary: list[str] = []
+        out.mkdir(parents=True, exist_ok=True)
+
+    def figure(self, name: str, make: Callable[[], Any]) -> None:
+        """Draw and write ``name``.png; a figure whose data is missing is skipped and noted."""
+        from .plots import save
+        try:
+            fig = make()
+        except (ValueError, KeyError) as e:
+            self.skipped[name] = str(e).split("\n")[0]
+            return
+        path = save(fig, self.out / f"{name}.png", dpi=self.dpi)
+        self.files.append(path.name)
+
+    def finish(self) -> None:
+        self.metrics["figures"] = list(self.files)
+        self.metrics["skipped"] = dict(self.skipped)
+        (self.out / "metrics.json").write_text(
+            json.dumps(clean_json(self.metrics), indent=1, allow_nan=False) + "\n",
+            encoding="utf-8")
+        self.files.append("metrics.json")
+        for line in self.summary:
+            print(line)
+        for name, why in self.skipped.items():
+            print(f"skipped {name}: {why}")
+        print(f"wrote {len(self.files)} files to {self.out}:")
+        for f in self.files:
+            print(f"  {f}")
+
+
+def clean_json(x: Any) -> Any:
+    """``x`` with numpy scalars/arrays as Python numbers/lists, tuples as lists, dataclasses as
+    dicts, keys as strings, and NaN/inf as None: safe for ``json.dumps(allow_nan=False)``."""
+    if is_dataclass(x) and not isinstance(x, type):
+        return clean_json(asdict(x))
+    if isinstance(x, Mapping):
+        return {str(k): clean_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple | set):
+        return [clean_json(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return clean_json(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+# --------------------------------------------------------------------------- inputs
+def _find_corpus(arg: str | None, target: Path) -> Path:
+    if arg is not None:
+        p = Path(arg)
+        if not p.is_file():
+            raise _Usage(f"--corpus {p}: file not found")
+        return p
+    for p in (DEFAULT_CORPUS, target.parent / "corpus" / "val.jsonl", REPO_ROOT / DEFAULT_CORPUS):
+        if p.is_file():
+            return p
+    raise _Usage(f"no validation corpus found ({DEFAULT_CORPUS}); pass --corpus PATH or --text")
+
+
+def _corpus_inputs(path: Path, n: int, tok: Any, max_tokens: int) -> list[dict[str, Any]]:
+    """The first ``n`` documents of each domain (file order), tokenised and cut."""
+    if n < 1:
+        raise _Usage(f"--corpus-sample must be >= 1, got {n}")
+    taken: dict[str, int] = {}
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            doc = json.loads(line)
+            dom = str(doc.get("domain", "all"))
+            if taken.get(dom, 0) >= n:
+                continue
+            ids = tok.encode(doc["text"])[:max_tokens]
+            if len(ids) < 4:
+                continue
+            taken[dom] = taken.get(dom, 0) + 1
+            out.append({"domain": dom, "source": doc.get("source"), "ids": ids})
+    if not out:
+        raise _Usage(f"{path}: no documents of 4 or more tokens")
+    return sorted(out, key=lambda r: r["domain"])
+
+
+def _text_inputs(texts: Sequence[str], tok: Any, max_tokens: int) -> list[dict[str, Any]]:
+    out = []
+    for n, text in enumerate(texts):
+        ids = tok.encode(text)[:max_tokens]
+        if len(ids) < 2:
+            raise _Usage(f"--text #{n + 1} has fewer than 2 tokens")
+        out.append({"domain": "text", "source": f"--text #{n + 1}", "ids": ids})
+    return out
+
+
+def _pattern_layers(cfg: Any) -> list[int]:
+    """One chunked (RoPE) layer and one global (NoPE) layer, where the model has them."""
+    nope = list(cfg.nope_layers)
+    rope = [i for i in range(cfg.num_hidden_layers) if i not in nope]
+    return sorted(set(rope[:1] + nope[:1]))
+
+
+def _run_all(model: Any, inputs: list[dict[str, Any]], capture: list[str]) -> list[Any]:
+    traces = []
+    for inp in inputs:
+        tr = model.run(np.asarray([inp["ids"]], dtype=np.int64), capture=capture).trace
+        tr.meta["domain"] = inp["domain"]
+        tr.meta["source"] = inp["source"]
+        traces.append(tr)
+    return traces
+
+
+def _stacked_by_domain(inputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """{domain: (B, T) ids}, each domain's inputs cut to its shortest one."""
+    groups: dict[str, list[list[int]]] = {}
+    for inp in inputs:
+        groups.setdefault(inp["domain"], []).append(inp["ids"])
+    out = {}
+    for dom, seqs in groups.items():
+        T = min(len(s) for s in seqs)
+        out[dom] = np.asarray([s[:T] for s in seqs], dtype=np.int64)
+    return out
+
+
+# --------------------------------------------------------------------------- the report
+def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> None:
+    import workbench as wb
+
+    from . import analysis as an
+    from . import plots as P
+    from .tokenizer import Tokenizer
+
+    if not (path / "config.json").is_file():
+        raise _Usage(f"{path}: not a checkpoint directory (no config.json)")
+    tok_path = Path(args.tokenizer) if args.tokenizer else path
+    try:
+        tok = Tokenizer.from_pretrained(tok_path)
+    except FileNotFoundError:
+        raise _Usage(f"{tok_path}: no tokenizer.json; the report tokenises its inputs with "
+                     "the checkpoint's tokenizer") from None
+    if args.text:
+        inputs = _text_inputs(args.text, tok, args.max_tokens)
+    else:
+        inputs = _corpus_inputs(_find_corpus(args.corpus, path),
+                                args.corpus_sample or 2, tok, args.max_tokens)
+    model = wb.load(path, backend=args.backend)
+    cfg = model.config
+    moe = list(cfg.moe_layers)
+    if not moe:
+        raise _Usage(f"{path}: the model has no MoE layers")
+    if args.layer is not None and args.layer not in moe:
+        raise _Usage(f"--layer {args.layer} is not an MoE layer; MoE layers: {moe}")
+    layer = args.layer if args.layer is not None else moe[len(moe) // 2]
+    attn = _pattern_layers(cfg)
+    capture = ["*.moe.*"] + [f"layers.{i}.attn.pattern" for i in attn]
+    traces = _run_all(model, inputs, capture)
+    n_tokens = sum(len(i["ids"]) for i in inputs)
+    domains = sorted({i["domain"] for i in inputs})
+    rep.metrics["source"] = {"kind": "checkpoint", "path": str(path), "backend": model.backend,
+                             "dtype": model.dtype, "config": cfg.summary()}
+    rep.metrics["inputs"] = [{"domain": i["domain"], "source": i["source"],
+                              "n_tokens": len(i["ids"]), "ids": list(i["ids"])} for i in inputs]
+    rep.metrics["layer"] = layer
+    rep.summary.append(f"report: {path} ({model.backend}, {model.dtype}) on {len(inputs)} "
+                       f"input(s), {n_tokens} tokens, domains {', '.join(domains)}; "
+                       f"single-layer figures at layer {layer}")
+
+    ids = np.concatenate([t.input_ids.reshape(-1) for t in traces])
+    categories = tok.categories(ids.tolist())
+    _trace_sections(rep, traces, layer, tok, categories)
+
+    # specialisation by domain
+    if len(domains) > 1:
+        rep.metrics["specialisation"]["domain"] = {
+            str(i): _domain_metrics(an.domain_specialisation(traces, i)) for i in moe}
+        rep.figure("domain_specialisation", lambda: P.domain_heatmap(traces, layer))
+        rep.figure("domain_divergence", lambda: P.domain_divergence_plot(traces))
+    rep.figure("specialisation_by_layer",
+               lambda: P.specialisation_by_layer(traces, categories=categories))
+
+    # router similarity from the checkpoint
+    W = wb.Checkpoint.open(path)[f"layers.{layer}.feed_forward.router.weight"]
+    S = an.router_cosine_similarity(np.asarray(W, dtype=np.float32))
+    rep.metrics["experts"]["router_similarity"] = {
+        "layer": layer, "most_similar": [{"experts": [i, j], "cosine": c}
+                                         for i, j, c in an.most_similar_experts(S, 5)],
+        "mean_offdiagonal": float(S[~np.eye(S.shape[0], dtype=bool)].mean())}
+    rep.figure("router_similarity", lambda: P.router_similarity(similarity=S, layer=layer))
+
+    # causal ablation on one layer
+    if not args.no_causal:
+        by_dom = _stacked_by_domain(inputs)
+        if min(a.shape[1] for a in by_dom.values()) >= 2:
+            res = an.expert_ablation(model, by_dom, layer, mode="ban")
+            rep.metrics["causal"] = {"layer": layer, "mode": res.mode,
+                                     "base_loss": dict(zip(res.domains, res.base_loss)),
+                                     "rows": res.rows()}
+            rep.figure("ablation", lambda: P.ablation_bars(res))
+
+    # routing over training
+    log = path / "training_log.json"
+    if log.is_file():
+        try:
+            curves = an.training_curves(log)
+        except ValueError as e:
+            rep.skipped["training"] = str(e)
+        else:
+            last = -1
+            rep.metrics["training"] = {
+                "steps": int(curves.steps.size), "last_step": int(curves.steps[last]),
+                "final_loss": float(curves.loss[last]),
+                "final_val_loss": float(curves.val_loss[np.isfinite(curves.val_loss)][-1])
+                if np.isfinite(curves.val_loss).any() else None,
+                "final_cv": dict(zip(map(str, curves.layers), curves.cv[last])),
+                "final_router_entropy": dict(zip(map(str, curves.layers),
+                                                 curves.router_entropy[last]))}
+            rep.figure("training", lambda: P.training_curves_plot(curves))
+
+    # routing stability against intermediate checkpoints
+    steps = sorted(p for p in (path / "checkpoints").glob("step-*")
+                   if (p / "config.json").is_file())
+    if steps:
+        stab: dict[str, list[dict[str, Any]]] = {}
+        for sp in steps:
+            m = wb.load(sp, backend=args.backend)
+            other = _run_all(m, inputs, ["*.moe.topk_indices", "*.moe.router_logits"])
+            num = sp.name.split("-")[-1]
+            label = f"step {int(num)}" if num.isdigit() else sp.name
+            stab[label] = an.routing_stability(other, traces)
+        rep.metrics["stability"] = {"reference": "final", "by_checkpoint": stab}
+        rep.figure("stability", lambda: P.routing_stability_plot(
+            {f"{k} vs final": v for k, v in stab.items()}, experts=cfg.num_local_experts))
+
+    _summary_table(rep, moe)
+
+
+def _trace_report(rep: _Report, path: Path, args: argparse.Namespace) -> None:
+    from .tokenizer import Tokenizer
+    from .trace import Trace
+
+    try:
+        trace = Trace.load(path)
+    except Exception as e:  # not safetensors, or not a workbench trace
+        raise _Usage(f"{path}: cannot read as a workbench trace ({e})") from None
+    moe = trace.moe_layers
+    if not moe:
+        raise _Usage(f"{path}: the trace has no MoE routing; capture '*.moe.*'")
+    if args.layer is not None and args.layer not in moe:
+        raise _Usage(f"--layer {args.layer}: routing not captured there; captured: {moe}")
+    layer = args.layer if args.layer is not None else moe[len(moe) // 2]
+    tok = None
+    for cand in ([args.tokenizer] if args.tokenizer else []) + \
+            ([trace.meta["path"]] if trace.meta.get("path") else []):
+        try:
+            tok = Tokenizer.from_pretrained(cand)
+            break
+        except (FileNotFoundError, ValueError):
+            continue
+    if tok is not None and int(trace.input_ids.max()) >= tok.vocab_size:
+        tok = None
+    categories = tok.categories(trace.input_ids.reshape(-1).tolist()) if tok else None
+    rep.metrics["source"] = {"kind": "trace", "path": str(path),
+                             "backend": trace.meta.get("backend"),
+                             "dtype": trace.meta.get("dtype"), "config": trace.config}
+    ids = np.asarray(trace.input_ids)
+    rows = ids.reshape(-1, ids.shape[-1]) if ids.ndim > 1 else ids[None]
+    rep.metrics["inputs"] = [{"domain": trace.meta.get("domain"), "source": trace.meta.get(
+        "source"), "n_tokens": int(r.size), "ids": r.tolist()} for r in rows]
+    rep.metrics["layer"] = layer
+    rep.summary.append(f"report: trace {path} ({trace.meta.get('backend')}, "
+                       f"{trace.meta.get('dtype')}), input {tuple(ids.shape)}, "
+                       f"{len(trace)} hooks; single-layer figures at layer {layer}")
+    _trace_sections(rep, [trace], layer, tok, categories)
+    _summary_table(rep, moe)
+
+
+def _domain_metrics(ds: Any) -> dict[str, Any]:
+    return {"domains": ds.domains, "js_bits": ds.js, "tokens": ds.tokens, "ratio": ds.ratio}
+
+
+def _trace_sections(rep: _Report, traces: list[Any], layer: int, tok: Any,
+                    categories: list[str] | None) -> None:
+    """Metrics and figures that need only traces (and optionally a tokenizer)."""
+    from . import analysis as an
+    from . import plots as P
+
+    moe = an.moe_layers(traces)
+    has_logits = all(f"layers.{i}.moe.router_logits" in t for t in traces for i in moe)
+    has_outs = all(f"layers.{layer}.moe.routed_out" in t and f"layers.{layer}.moe.shared_out"
+                   in t for t in traces)
+    m = rep.metrics
+    load = an.load_matrix(traces, moe)
+    m["load"] = {"layers": moe, "matrix": load,
+                 "stats": {str(i): an.load_stats(row) for i, row in zip(moe, load)},
+                 "capacity_drop_rate_cf1": {str(i): an.capacity_drops(traces, i).drop_rate
+                                            for i in moe}}
+    if has_logits:
+        m["load"]["switch_aux_loss"] = {str(i): an.switch_aux_loss(traces, i) for i in moe}
+        m["load"]["router_z_loss"] = {str(i): an.router_z_loss(traces, i) for i in moe}
+        m["confidence"] = {str(i): an.confidence_summary(traces, i) for i in moe}
+    same = {i: _try(lambda i=i: an.same_expert_rate(traces, i)) for i in moe}
+    vocab = {i: _try(lambda i=i: an.vocabulary_specialisation(traces, i, min_count=2))
+             for i in moe}
+    m["dynamics"] = {
+        "same_expert": {str(i): {**asdict(r), "lift": r.lift} for i, r in same.items()
+                        if r is not None},
+        "cross_layer": an.cross_layer_table(traces, moe),
+        "top_paths": [{"path": p, "count": c, "fraction": f}
+                      for p, c, f in an.expert_paths(traces, moe, top=10)],
+        "path_entropy": an.path_entropy(traces, moe)}
+    m["specialisation"] = {
+        "vocabulary": {str(i): v.score for i, v in vocab.items() if v is not None},
+        "top_tokens": _top_tokens(traces, layer, tok)}
+    if categories is not None:
+        cs = {i: an.category_specialisation(traces, i, categories) for i in moe}
+        m["specialisation"]["category"] = {
+            str(i): {"nmi": c.nmi, "categories": c.categories, "counts": c.counts}
+            for i, c in cs.items()}
+    m["experts"] = {}
+    if has_outs:
+        m["experts"]["routed_share_mean"] = {
+            str(i): float(np.nanmean(an.routed_share(traces, i))) for i in moe
+            if all(f"layers.{i}.moe.routed_out" in t for t in traces)}
+    pl = an.pattern_layers(traces)
+    if pl:
+        m["attention"] = {"summary": an.attention_summary(traces),
+                          "by_type": an.by_layer_type(traces)}
+
+    # figures
+    rep.figure("load_heatmap", lambda: P.load_heatmap(traces))
+    rep.figure("imbalance", lambda: P.imbalance_bars(traces))
+    shown: list[str] = []
+    for t in traces:
+        dom = str(t.meta.get("domain") or "input")
+        if dom in shown or len(shown) >= 4:
+            continue
+        shown.append(dom)
+        name = "token_routing" if len({str(x.meta.get("domain")) for x in traces}) == 1 \
+            else f"token_routing_{_slug(dom)}"
+        rep.figure(name, lambda t=t: P.token_routing_text(t, layer, tokenizer=tok))
+    if has_logits:
+        rep.figure("margins", lambda: P.margin_histogram(traces))
+        rep.figure("gates", lambda: P.gate_histogram(traces))
+    rep.figure("same_expert", lambda: P.same_expert_rate_plot(traces))
+    rep.figure("run_lengths", lambda: P.run_length_plot(traces, layer))
+    if len(moe) > 1:
+        nxt = [i for i in moe if i > layer]
+        a, b = (layer, nxt[0]) if nxt else (moe[-2], moe[-1])
+        rep.figure("transitions", lambda: P.transition_heatmap(traces, a, b))
+        rep.figure("expert_flow", lambda: P.expert_flow(traces))
+    rep.figure("top_tokens", lambda: P.top_tokens_table(traces, layer, tokenizer=tok))
+    if categories is not None:
+        rep.figure("category_specialisation",
+                   lambda: P.category_heatmap(traces, layer, categories))
+    if has_outs:
+        rep.figure("routed_share", lambda: P.routed_share_plot(traces))
+    rep.figure("capacity", lambda: P.capacity_plot(traces))
+    for i in pl:
+        rep.figure(f"attention_L{i}", lambda i=i: P.attention_pattern(
+            traces[0], i, tokenizer=tok))
+    if pl:
+        rep.figure("attention_by_type", lambda: P.attention_by_layer_type(traces))
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    """``fn()``, or None when the data does not allow it (ValueError)."""
+    try:
+        return fn()
+    except ValueError:
+        return None
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in s)[:40] or "input"
+
+
+def _top_tokens(traces: list[Any], layer: int, tok: Any, n: int = 8) -> dict[str, Any]:
+    from . import analysis as an
+    top = an.top_tokens_per_expert(traces, layer, n=n)
+    ids = sorted({t for row in top for t, _, _ in row})
+    names = dict(zip(ids, tok.token_strings(ids))) if tok is not None and ids else {}
+    return {"layer": layer, "experts": {
+        str(e): [{"id": t, "token": names.get(t), "count": c, "share": s} for t, c, s in row]
+        for e, row in enumerate(top)}}
+
+
+def _summary_table(rep: _Report, moe: list[int]) -> None:
+    m = rep.metrics
+    rep.summary.append(f"{'MoE layer':>9s} {'CV':>6s} {'max/mean':>8s} {'H/logE':>7s} "
+                       f"{'near-tie':>8s} {'same-expert':>11s} {'x chance':>8s}")
+    for i in moe:
+        s = m["load"]["stats"][str(i)]
+        c = m.get("confidence", {}).get(str(i))
+        d = m["dynamics"]["same_expert"].get(str(i))
+        nt = f"{c['near_tie_fraction']:8.1%}" if c else f"{'-':>8s}"
+        se = f"{d['top1']:11.1%} {d['lift']:8.2f}" if d else f"{'-':>11s} {'-':>8s}"
+        rep.summary.append(f"{i:9d} {s['cv']:6.2f} {s['max_over_mean']:8.2f} "
+                           f"{s['entropy_norm']:7.2f} {nt} {se}")
+    if "causal" in m:
+        rows = m["causal"]["rows"]
+        best = max(rows, key=lambda r: r["delta_loss"])
+        rep.summary.append(f"ablation at layer {m['causal']['layer']}: largest Δloss "
+                           f"{best['delta_loss']:+.3f} nats (expert {best['expert']}, "
+                           f"{best['domain']})")

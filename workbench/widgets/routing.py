@@ -1,0 +1,289 @@
+"""Routing explorer: tokens coloured by expert, one token's path through the layers, load bars.
+
+:class:`RoutingState` holds the logic (run the model, pick layer and token, render figures) and
+is usable without a browser; :class:`RoutingExplorer` is its ipywidgets front end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as widgets
+import numpy as np
+from matplotlib.figure import Figure
+
+from .. import plots
+from ..analysis import NEAR_TIE_EPS, expert_load
+from ..plots.style import FONT_SIZES, REFERENCE, WARN, expert_color, new_figure
+from ._common import (
+    PROMPTS,
+    Progress,
+    check_choice,
+    check_position,
+    encode,
+    outline,
+    resolve_model,
+    resolve_tokenizer,
+    table_html,
+    token_strings,
+)
+from ._ui import Explorer
+
+CAPTURE = ["*.moe.router_logits", "*.moe.topk_indices", "*.moe.topk_scores"]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class RoutingState:
+    """Routing of one text: which expert each token goes to, per MoE layer.
+
+    ``set_text`` runs the model (capturing router logits, chosen experts and gates);
+    ``set_layer`` and ``select_token`` pick what the figures show.
+    """
+
+    def __init__(self, model: Any = None, tokenizer: Any = None, text: str | None = None,
+                 layer: int | None = None, max_tokens: int = 256, eps: float = NEAR_TIE_EPS,
+                 progress: Progress | None = None):
+        self.model = resolve_model(model)
+        self.tokenizer = resolve_tokenizer(tokenizer, self.model)
+        self.layers: list[int] = [int(i) for i in self.model.config.moe_layers]
+        if not self.layers:
+            raise ValueError("the model has no MoE layer: nothing to explore")
+        self.max_tokens = max_tokens
+        self.eps = eps
+        self.progress = progress
+        self.layer = self.layers[0] if layer is None else check_choice(layer, self.layers,
+                                                                       "MoE layer")
+        self.position = 0
+        self.text = ""
+        self.trace: Any = None
+        self.tokens: list[str] = []
+        self.set_text(PROMPTS["code"] if text is None else text)
+
+    # ----------------------------------------------------------------- state changes
+    def set_text(self, text: str) -> None:
+        """Tokenise ``text``, run the model and keep its routing; selects the last token."""
+        ids = encode(self.tokenizer, text, self.model.config.vocab_size, self.max_tokens)
+        self.set_ids(ids, text)
+
+    def set_ids(self, ids: Any, text: str | None = None) -> None:
+        """Run the model on token ids (1, T) directly."""
+        if self.progress:
+            self.progress(0.2, f"running the model on {np.asarray(ids).shape[-1]} tokens")
+        out = self.model.run(ids, capture=CAPTURE)
+        self.trace = out.trace
+        self.text = text if text is not None else ""
+        self.tokens = token_strings(self.tokenizer, self.ids)
+        self.position = len(self.tokens) - 1
+        if self.progress:
+            self.progress(1.0, "routing captured")
+
+    def set_layer(self, layer: int) -> None:
+        self.layer = int(check_choice(int(layer), self.layers, "MoE layer"))
+
+    def select_token(self, position: int) -> None:
+        """Select the token at ``position`` (negative counts from the end)."""
+        self.position = check_position(position, len(self.tokens), "token position")
+
+    # ----------------------------------------------------------------- derived data
+    @property
+    def ids(self) -> np.ndarray:
+        return np.asarray(self.trace.input_ids)[0]
+
+    def experts(self, layer: int | None = None) -> np.ndarray:
+        """Top-1 expert of every token at ``layer`` (default: the selected layer), (T,)."""
+        layer = self.layer if layer is None else layer
+        return np.asarray(self.trace.routing(layer).indices)[0, :, 0].astype(np.int64)
+
+    def path(self, position: int | None = None) -> list[dict[str, Any]]:
+        """The token's route: per MoE layer its experts, gates, top-1/top-2 margin, near-tie."""
+        pos = self.position if position is None else check_position(position, len(self.tokens))
+        rows = []
+        for i in self.layers:
+            r = self.trace.routing(i)
+            logits = np.asarray(r.logits, dtype=np.float64)[0, pos]
+            z = np.sort(logits)
+            margin = float(z[-1] - z[-2]) if z.size > 1 else float("inf")
+            experts = [int(e) for e in np.asarray(r.indices)[0, pos]]
+            gates = [float(g) for g in np.asarray(r.scores, dtype=np.float64)[0, pos]]
+            rows.append({"layer": i, "experts": experts, "gates": gates, "margin": margin,
+                         "near_tie": margin < self.eps})
+        return rows
+
+    def path_html(self) -> str:
+        """The selected token's route as an HTML table (near-ties in red)."""
+        rows = self.path()
+        return table_html(
+            ["layer", "experts", "gates", "margin z(1)−z(2)"],
+            [[r["layer"], ", ".join(f"E{e}" for e in r["experts"]),
+              ", ".join(f"{g:.3f}" for g in r["gates"]), f"{r['margin']:.3g}"] for r in rows],
+            highlight=[r["near_tie"] for r in rows])
+
+    def token_options(self) -> list[tuple[str, int]]:
+        """(label, position) pairs for a token picker."""
+        return [(f"{p}: {s}", p) for p, s in enumerate(self.tokens)]
+
+    # ----------------------------------------------------------------- figures
+    def render_tokens(self) -> Figure:
+        """The text with each token coloured by its top-1 expert at the selected layer; the
+        selected token outlined in black."""
+        fig = plots.token_routing_text(self.trace, self.layer, tokens=self.tokens,
+                                       eps=self.eps, max_tokens=self.max_tokens)
+        outline(fig.axes[0], [self.position], len(self.tokens))
+        return fig
+
+    def render_path(self) -> Figure:
+        """The selected token through the layers: gate σ(z) of every expert per layer (shading),
+        chosen experts marked and joined, each annotated with its gate and router margin."""
+        E = int(self.model.config.num_local_experts)
+        rows = self.path()
+        L = len(self.layers)
+        probs = np.stack([_sigmoid(np.asarray(self.trace.routing(i).logits,
+                                              dtype=np.float64)[0, self.position])
+                          for i in self.layers], axis=1)  # (E, L)
+        fig = new_figure((max(4.8, 1.3 * L + 2.4), max(3.2, 0.3 * E + 1.4)))
+        ax = fig.add_subplot()
+        im = ax.imshow(probs, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto",
+                       extent=(-0.5, L - 0.5, E - 0.5, -0.5))
+        top1 = [r["experts"][0] for r in rows]
+        ax.plot(range(L), top1, "-", color=REFERENCE, lw=1.2, zorder=2, gid="token-path")
+        for x, r in enumerate(rows):
+            for slot, (e, g) in enumerate(zip(r["experts"], r["gates"])):
+                ax.scatter([x], [e], s=170 if slot == 0 else 90, color=expert_color(e),
+                           edgecolors=WARN if r["near_tie"] else "black", linewidths=1.5,
+                           zorder=3)
+                if slot == 0:
+                    ax.annotate(f"g {g:.2f}\nΔ {r['margin']:.2g}", (x, e), xytext=(10, 0),
+                                textcoords="offset points", va="center",
+                                fontsize=FONT_SIZES["annotation"],
+                                color=WARN if r["near_tie"] else "black")
+        ax.set_xticks(range(L), [f"L{i}" for i in self.layers])
+        ax.set_yticks(range(E), [f"E{e}" for e in range(E)] if E <= 32 else None)
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("expert")
+        tok = self.tokens[self.position]
+        ax.set_title(f"Path of token {self.position} {tok!r}\n(g = gate, Δ = top-1 − top-2 "
+                     "router logit; red = near-tie)", fontsize=FONT_SIZES["title"] - 1)
+        cb = fig.colorbar(im, ax=ax, pad=0.02)
+        cb.set_label("σ(router logit)")
+        return fig
+
+    def render_load(self, max_layers: int = 8) -> Figure:
+        """Per-layer expert load of this text as bars (selected layer framed, the selected
+        token's expert hatched); at most ``max_layers`` panels around the selected layer."""
+        E = int(self.model.config.num_local_experts)
+        k = self.layers.index(self.layer)
+        lo = max(0, min(k - max_layers // 2, len(self.layers) - max_layers))
+        shown = self.layers[lo:lo + max_layers]
+        fig = new_figure((min(14.0, 2.4 * len(shown) + 1.0), 2.6))
+        axes = np.atleast_1d(fig.subplots(1, len(shown), sharey=True))
+        colors = [expert_color(e) for e in range(E)]
+        for ax, i in zip(axes, shown):
+            load = expert_load(self.trace, i)
+            bars = ax.bar(range(E), load, color=colors, width=0.8)
+            chosen = self.path()[self.layers.index(i)]["experts"][0]
+            bars[chosen].set_hatch("///")
+            bars[chosen].set_edgecolor("black")
+            ax.axhline(1.0 / E, color=REFERENCE, ls=":", lw=0.9)
+            ax.set_title(f"L{i}", fontsize=FONT_SIZES["label"],
+                         fontweight="bold" if i == self.layer else "normal")
+            ax.set_xticks(range(E), [str(e) for e in range(E)] if E <= 16 else [""] * E,
+                          fontsize=FONT_SIZES["annotation"])
+            if i == self.layer:
+                for s in ax.spines.values():
+                    s.set_visible(True)
+                    s.set_linewidth(2.0)
+        axes[0].set_ylabel("share of tokens")
+        fig.suptitle(f"Expert load on this text ({len(self.tokens)} tokens; dotted = 1/E; "
+                     "hatched = selected token's expert)", fontsize=FONT_SIZES["label"])
+        return fig
+
+
+class RoutingExplorer(Explorer):
+    """Explore routing interactively: text box and prompt picker, layer slider, token picker;
+    shows tokens coloured by expert, the selected token's path and per-layer load bars."""
+
+    def __init__(self, model: Any = None, tokenizer: Any = None, text: str | None = None,
+                 layer: int | None = None, **kwargs: Any):
+        super().__init__("Routing explorer")
+        self.state = RoutingState(model, tokenizer, text, layer, progress=self.report, **kwargs)
+        s = self.state
+        self.prompt = widgets.Dropdown(options=["(custom)", *PROMPTS], value="(custom)",
+                                       description="prompt")
+        self.text = widgets.Textarea(value=s.text, layout=widgets.Layout(width="100%",
+                                                                         height="70px"),
+                                     continuous_update=False)
+        self.run_button = widgets.Button(description="Run", button_style="primary",
+                                         icon="play")
+        self.layer_slider = _layer_slider(s.layers, s.layer)
+        self.token_picker = widgets.Dropdown(options=s.token_options(), value=s.position,
+                                             description="token")
+        self.tokens_image = self.image()
+        self.path_image = self.image()
+        self.load_image = self.image()
+        self.path_table = widgets.HTML()
+        self.prompt.observe(self.callback("loading the prompt", self._on_prompt), "value")
+        self.run_button.on_click(self.callback("running the model", self._on_run))
+        self.layer_slider.observe(self.callback("changing the layer", self._on_layer), "value")
+        self.token_picker.observe(self.callback("selecting the token", self._on_token), "value")
+        self.children = [
+            self.header(),
+            widgets.HBox([self.prompt, self.run_button]),
+            self.text,
+            widgets.HBox([self.layer_slider, self.token_picker]),
+            self.tokens_image,
+            widgets.HBox([self.path_image, self.path_table]),
+            self.load_image,
+            *self.footer(),
+        ]
+        self.guard("drawing", self.refresh)
+
+    def refresh(self) -> None:
+        """Redraw every figure from the state."""
+        s = self.state
+        self.show(self.tokens_image, s.render_tokens())
+        self.refresh_token()
+
+    def refresh_token(self) -> None:
+        s = self.state
+        self.show(self.path_image, s.render_path())
+        self.show(self.load_image, s.render_load())
+        self.path_table.value = s.path_html()
+
+    def _on_prompt(self) -> None:
+        if self.prompt.value in PROMPTS:
+            self.text.value = PROMPTS[self.prompt.value]
+            self._on_run()
+
+    def _on_run(self) -> None:
+        self.state.set_text(self.text.value)
+        with self.quiet():
+            self.token_picker.options = self.state.token_options()
+            self.token_picker.value = self.state.position
+        self.refresh()
+
+    def _on_layer(self) -> None:
+        self.state.set_layer(self.layer_slider.value)
+        self.show(self.tokens_image, self.state.render_tokens())
+        self.show(self.load_image, self.state.render_load())
+
+    def _on_token(self) -> None:
+        if self.token_picker.value is None:
+            return
+        self.state.select_token(self.token_picker.value)
+        self.show(self.tokens_image, self.state.render_tokens())
+        self.refresh_token()
+
+
+def _layer_slider(layers: list[int], value: int, description: str = "layer") -> widgets.Widget:
+    """An IntSlider when the layers are evenly spaced (editable readout), else a
+    SelectionSlider."""
+    steps = {b - a for a, b in zip(layers[:-1], layers[1:])}
+    if len(layers) == 1 or len(steps) == 1:
+        step = steps.pop() if steps else 1
+        return widgets.IntSlider(value=value, min=layers[0], max=max(layers[-1], layers[0]),
+                                 step=step, description=description, continuous_update=False)
+    return widgets.SelectionSlider(options=layers, value=value, description=description,
+                                   continuous_update=False)
