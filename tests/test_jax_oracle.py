@@ -1,7 +1,9 @@
 """The jax backend against transformers' Llama 4 (the numerical oracle), fp32, <= 2e-4 rel.
 
 Each case compiles two variants (attention patterns captured: explicit softmax path; nothing
-captured: fused/blockwise path) with the default XLA options, and reuses them.
+captured: fused/blockwise path) and reuses them. They are compiled at XLA optimisation level 0,
+about twice as fast to compile; it moves fp32 results by ~1e-6 (bf16: not at all). The
+multimodal test runs with the default options.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def case(request, tmp_path_factory):
     seq = 23 if name != "long_temp" else 31  # chunk 5/8 < seq; floor_scale 3/4 < seq
     ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, seq))
     model = wb.load(path, backend="jax")
+    model.compiler_options["xla_backend_optimization_level"] = 0
     explicit = model.run(ids, capture=CAPTURE)
     plain = model.run(ids)
     return name, cfg, hf_run(hf, ids), model, explicit, plain
@@ -68,7 +71,9 @@ def test_multimodal_wrapper_checkpoint(tmp_path):
     assert wb.Checkpoint.open(path).config.multimodal
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 17))
     logits, routers, _ = hf_run(hf, ids)
-    out = wb.load(path, backend="jax").run(ids, capture="*.moe.router_logits")
+    model = wb.load(path, backend="jax")
+    assert not model.compiler_options  # the default XLA options
+    out = model.run(ids, capture="*.moe.router_logits")
     assert rel(out.logits, logits) <= TOL
     assert np.array_equal(out.logits.argmax(-1), logits.argmax(-1))
     for layer, r in zip(cfg.moe_layers, routers):

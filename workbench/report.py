@@ -17,6 +17,7 @@ only the trace.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import sys
@@ -54,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json (or its dir) for a trace whose checkpoint is elsewhere")
     p.add_argument("--no-causal", action="store_true", help="skip the expert-ablation runs")
     p.add_argument("--dpi", type=int, default=120, help="PNG resolution (default 120)")
+    p.add_argument("--figures", default=None, metavar="GLOBS",
+                   help="draw only the figures whose names match these comma-separated globs, "
+                        "e.g. 'load_*,attention_*' (metrics are always complete)")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -62,10 +66,10 @@ def run_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         if target.is_dir():
-            rep = _Report(out, args.dpi)
+            rep = _Report(out, args.dpi, args.figures)
             _checkpoint_report(rep, target, args)
         elif target.is_file():
-            rep = _Report(out, args.dpi)
+            rep = _Report(out, args.dpi, args.figures)
             _trace_report(rep, target, args)
         else:
             raise _Usage(f"{target}: no such checkpoint directory or trace file")
@@ -84,9 +88,10 @@ class _Usage(Exception):
 class _Report:
     """Collects figures (written at once) and metrics."""
 
-    def __init__(self, out: Path, dpi: int):
+    def __init__(self, out: Path, dpi: int, only: str | None = None):
         self.out = out
         self.dpi = dpi
+        self.only = [g.strip() for g in only.split(",") if g.strip()] if only else None
         self.files: list[str] = []
         self.skipped: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
@@ -96,6 +101,8 @@ class _Report:
     def figure(self, name: str, make: Callable[[], Any]) -> None:
         """Draw and write ``name``.png; a figure whose data is missing is skipped and noted."""
         from .plots import save
+        if self.only is not None and not any(fnmatch.fnmatchcase(name, g) for g in self.only):
+            return
         try:
             fig = make()
         except (ValueError, KeyError) as e:
@@ -245,6 +252,10 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
     if args.layer is not None and args.layer not in moe:
         raise _Usage(f"--layer {args.layer} is not an MoE layer; MoE layers: {moe}")
     layer = args.layer if args.layer is not None else moe[len(moe) // 2]
+    top_id = max(max(i["ids"]) for i in inputs)
+    if top_id >= cfg.vocab_size:
+        raise _Usage(f"the tokenizer produced id {top_id}, outside the model's vocabulary of "
+                     f"{cfg.vocab_size}; pass the model's own --tokenizer")
     attn = _pattern_layers(cfg)
     capture = ["*.moe.*"] + [f"layers.{i}.attn.pattern" for i in attn]
     traces = _run_all(model, inputs, capture)
@@ -285,6 +296,8 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
     if not args.no_causal:
         by_dom = _stacked_by_domain(inputs)
         if min(a.shape[1] for a in by_dom.values()) >= 2:
+            print(f"ablating each of {cfg.num_local_experts} experts at layer {layer} "
+                  f"({len(by_dom)} domain(s)) ...", flush=True)
             res = an.expert_ablation(model, by_dom, layer, mode="ban")
             rep.metrics["causal"] = {"layer": layer, "mode": res.mode,
                                      "base_loss": dict(zip(res.domains, res.base_loss)),
@@ -315,6 +328,8 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
                    if (p / "config.json").is_file())
     if steps:
         stab: dict[str, list[dict[str, Any]]] = {}
+        print(f"routing stability against {len(steps)} intermediate checkpoint(s) ...",
+              flush=True)
         for sp in steps:
             m = wb.load(sp, backend=args.backend)
             other = _run_all(m, inputs, ["*.moe.topk_indices", "*.moe.router_logits"])

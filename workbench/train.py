@@ -312,3 +312,42 @@ def main(ns: argparse.Namespace) -> int:
     print(f"done: val loss {m['final_val_loss']:.4f} (unigram {m['unigram_val_loss']:.4f})"
           f" in {m['elapsed_s']:.0f} s -> {a.out}")
     return 0
+
+
+def routing_structure(model: Any, tok: Any, corpus: Path = DEFAULT_CORPUS, docs_per_domain: int = 8,
+                      length: int = 128, seed: int = 0) -> dict[str, Any]:
+    """How much a model's routing is structured, on held-out text (the model card's numbers).
+
+    For every MoE layer: normalised mutual information between each token's top-1 expert and
+    (a) its document's domain, (b) its token category (workbench.tokenizer.token_category);
+    plus validation loss. Deterministic for a given model and seed.
+    """
+    from .analysis import normalised_mutual_information as nmi
+    from .analysis import routing_table
+    docs = load_corpus(corpus, "val")
+    rng = np.random.default_rng(seed)
+    by_dom: dict[str, list[str]] = {}
+    for d in docs:
+        by_dom.setdefault(d["domain"], []).append(d["text"])
+    traces, domains, cats, losses = [], [], [], []
+    for dom in sorted(by_dom):
+        texts = by_dom[dom]
+        pick = rng.choice(len(texts), size=min(docs_per_domain, len(texts)), replace=False)
+        for j in sorted(pick):
+            ids = tok.encode(texts[j])[: length + 1]
+            out = model.run(np.array([ids[:-1]]), capture="*.moe.topk_indices")
+            lg = out.logits[0].astype(np.float64)
+            lg -= lg.max(-1, keepdims=True)
+            lp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+            losses.extend(-lp[np.arange(len(ids) - 1), ids[1:]])
+            traces.append(out.trace)
+            domains.extend([dom] * (len(ids) - 1))
+            cats.extend(tok.categories(ids[:-1]))
+    result: dict[str, Any] = {"tokens": len(domains), "val_loss": float(np.mean(losses)),
+                              "layers": {}}
+    for layer in model.config.moe_layers:
+        top1 = np.concatenate([t[f"layers.{layer}.moe.topk_indices"][0, :, 0] for t in traces])
+        result["layers"][str(layer)] = {"nmi_domain": nmi(top1, np.array(domains)),
+                                        "nmi_category": nmi(top1, np.array(cats))}
+    result["routing_table"] = routing_table(traces)
+    return result

@@ -33,10 +33,11 @@ _MARKERS = "osD^v<>pP*Xh"
 # --------------------------------------------------------------------------- parity
 @styled
 def parity_errors(report: Any, tol: float | None = None, ax: Axes | None = None,
-                  floor: float = 1e-12) -> Figure:
+                  floor: float | None = None) -> Figure:
     """Relative error max|Δ| / max|ref| of every hook, one point per hook: x = layer (hooks
     outside layers at the ends), marker and colour by hook kind, failing hooks outlined red,
-    the tolerance as a dashed line, log y (exact zeros drawn at ``floor``).
+    the tolerance as a dashed line, log y. Exact matches (error 0) are drawn on a dotted line
+    at ``floor`` (default: 1/30 of the smallest non-zero error or tolerance).
 
     ``report``: a ParityReport (its ``tol``, labels and flips are used) or its ``records()``.
     """
@@ -44,6 +45,9 @@ def parity_errors(report: Any, tol: float | None = None, ax: Axes | None = None,
     if not records:
         raise ValueError("parity_errors: the report has no hooks")
     tol = getattr(report, "tol", None) if tol is None else tol
+    nonzero = [float(r["rel"]) for r in records if float(r["rel"]) > 0]
+    if floor is None:
+        floor = min(nonzero + ([tol] if tol else []) or [1.0]) / 30.0
     layers = sorted({r["layer"] for r in records if r["layer"] is not None})
     last = (layers[-1] + 1) if layers else 0
 
@@ -67,6 +71,8 @@ def parity_errors(report: Any, tol: float | None = None, ax: Axes | None = None,
                    linewidths=1.4, label=kind, zorder=3)
     if tol is not None:
         ax.axhline(tol, color=WARN, ls="--", lw=1.0, label=f"tolerance {tol:g}")
+    if len(nonzero) < len(records):
+        ax.axhline(floor, color=REFERENCE, ls=":", lw=0.8, label="exact (error 0)")
     ticks = ([-1.0] if any(r["name"] == "embed" for r in records) else []) + \
         [float(i) for i in layers] + \
         ([float(last)] if any(r["layer"] is None and r["name"] != "embed" for r in records)
@@ -94,15 +100,15 @@ def parity_errors(report: Any, tol: float | None = None, ax: Axes | None = None,
 def ablation_bars(result: an.ExpertAblation, metric: str = "delta_loss",
                   ax: Axes | None = None) -> Figure:
     """Effect of removing each expert, per domain (grouped bars coloured by domain), against
-    the random-expert null (dashed line per domain, ± one std shaded). Experts whose z-score
-    exceeds 2 get a star. ``metric``: ``delta_loss`` (nats), ``flip_rate`` or
+    the random-expert null (dashed line per domain; ± one std shaded for one domain). Experts
+    whose z-score exceeds 2 get a star. ``metric``: ``delta_loss`` (nats), ``flip_rate`` or
     ``delta_accuracy``. One bar per (domain, expert)."""
     if metric not in ("delta_loss", "flip_rate", "delta_accuracy"):
         raise ValueError(f"metric must be delta_loss, flip_rate or delta_accuracy, got {metric!r}")
     vals = np.asarray(getattr(result, metric), dtype=np.float64)  # (D, X)
     D, X = vals.shape
     colors = category_colors(result.domains)
-    fig, ax = figure_and_axes(ax, (min(14.0, max(6.0, 0.35 * X * D + 3.0)), 3.9))
+    fig, ax = figure_and_axes(ax, (min(12.0, max(6.0, 0.2 * X * D + 3.5)), 3.9))
     x = np.arange(X)
     w = 0.8 / D
     for d, dom in enumerate(result.domains):
@@ -111,7 +117,8 @@ def ablation_bars(result: an.ExpertAblation, metric: str = "delta_loss",
         if metric == "delta_loss":
             m, s = float(result.null_mean[d]), float(result.null_std[d])
             ax.axhline(m, color=colors[dom], ls="--", lw=0.9)
-            ax.axhspan(m - s, m + s, color=colors[dom], alpha=0.08, lw=0)
+            if D == 1:
+                ax.axhspan(m - s, m + s, color=colors[dom], alpha=0.1, lw=0)
             for p, v, z in zip(pos, vals[d], result.z[d]):
                 if np.isfinite(z) and z > 2:
                     ax.text(p, v, "*", ha="center", va="bottom", fontsize=FONT_SIZES["label"])
@@ -132,17 +139,38 @@ def ablation_bars(result: an.ExpertAblation, metric: str = "delta_loss",
 
 
 # --------------------------------------------------------------------------- training
+def moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over ``window`` points, ignoring NaNs (NaN where the window holds
+    no value); ``window <= 1`` returns ``y``."""
+    y = np.asarray(y, dtype=np.float64)
+    if window <= 1 or y.size == 0:
+        return y
+    ok = np.isfinite(y)
+    k = np.ones(int(window))
+    num = np.convolve(np.where(ok, y, 0.0), k, mode="same")
+    den = np.convolve(ok.astype(np.float64), k, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
 @styled
 def training_curves_plot(curves: an.TrainingCurves | str | os.PathLike | Mapping[str, Any],
-                         layers: Sequence[int] | None = None) -> Figure:
+                         layers: Sequence[int] | None = None, smooth: int | None = None
+                         ) -> Figure:
     """Routing over training: loss and validation loss, per-layer load CV, and per-layer router
     entropy (normalised load entropy when the log has no router entropy) against step.
-    ``curves``: TrainingCurves, or a training log (path or dict)."""
+    ``curves``: TrainingCurves, or a training log (path or dict). Per-step curves are drawn
+    as a centred moving average over ``smooth`` steps (default: 1/50 of the run; the raw
+    training loss stays visible, faint)."""
     c = curves if isinstance(curves, an.TrainingCurves) else an.training_curves(curves)
     sel = [b for b, i in enumerate(c.layers) if layers is None or i in layers]
+    w = max(1, c.steps.size // 50) if smooth is None else int(smooth)
     fig = new_figure((13.0, 3.7))
     ax_loss, ax_cv, ax_ent = fig.subplots(1, 3)
-    ax_loss.plot(c.steps, c.loss, color="#4c72b0", lw=1.2, label="train")
+    if w > 1:
+        ax_loss.plot(c.steps, c.loss, color="#4c72b0", lw=0.6, alpha=0.3)
+    ax_loss.plot(c.steps, moving_average(c.loss, w), color="#4c72b0", lw=1.2,
+                 label="train" + (f" ({w}-step mean)" if w > 1 else ""))
     ok = np.isfinite(c.val_loss)
     if ok.any():
         ax_loss.plot(c.steps[ok], c.val_loss[ok], "o-", color="#dd8452", ms=3, label="val")
@@ -155,8 +183,8 @@ def training_curves_plot(curves: an.TrainingCurves | str | os.PathLike | Mapping
     ent = c.router_entropy if use_router else c.entropy_norm
     for col, b in zip(colors, sel):
         lab = layer_label(c.layers[b])
-        ax_cv.plot(c.steps, c.cv[:, b], color=col, lw=1.2, label=lab)
-        ax_ent.plot(c.steps, ent[:, b], color=col, lw=1.2, label=lab)
+        ax_cv.plot(c.steps, moving_average(c.cv[:, b], w), color=col, lw=1.2, label=lab)
+        ax_ent.plot(c.steps, moving_average(ent[:, b], w), color=col, lw=1.2, label=lab)
     ax_cv.axhline(0, color=REFERENCE, ls=":", lw=0.8)
     ax_cv.set_xlabel("step")
     ax_cv.set_ylabel("load CV (0 = balanced)")

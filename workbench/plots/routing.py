@@ -13,6 +13,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, PathPatch, Rectangle
 from matplotlib.path import Path as MPath
+from matplotlib.ticker import MaxNLocator
 
 from .. import analysis as an
 from ..analysis._common import Traces, indices
@@ -29,6 +30,7 @@ from .style import (
     expert_ticks,
     figure_and_axes,
     layer_colors,
+    new_figure,
     styled,
     text_color_on,
 )
@@ -134,7 +136,8 @@ def token_routing_text(trace: Trace, layer: int | None = None, tokenizer: Any = 
     ids = ids[batch] if ids.ndim == 2 else ids.ravel()
     r = trace.routing(layer)
     top1 = np.asarray(r.indices)[batch, :, 0].astype(np.int64)
-    n = min(len(ids), max_tokens)
+    total = len(ids)
+    n = min(total, max_tokens)
     ids, top1 = ids[:n], top1[:n]
     labels = token_labels(ids, tokenizer, tokens)[:n]
     near = np.zeros(n, dtype=bool)
@@ -148,9 +151,10 @@ def token_routing_text(trace: Trace, layer: int | None = None, tokenizer: Any = 
     w_in, h_text = width * char_in + 0.6, lines * line_in
     ncol = max(1, min(len(present) + int(near.any()), int(w_in / 1.15)))
     legend_rows = int(np.ceil((len(present) + int(near.any())) / ncol))
+    own = ax is None
     if ax is None:
         h_in = h_text + 0.45 + 0.22 * legend_rows + 0.15
-        fig = Figure(figsize=(w_in, h_in))
+        fig = new_figure((w_in, h_in), layout=None)
         ax = fig.add_axes((0.3 / w_in, (0.22 * legend_rows + 0.15) / h_in,
                            width * char_in / w_in, h_text / h_in))
     else:
@@ -174,11 +178,14 @@ def token_routing_text(trace: Trace, layer: int | None = None, tokenizer: Any = 
     if near.any():
         handles.append(Patch(facecolor="white", edgecolor=WARN, ls="--",
                              label=f"near-tie <{eps:g}"))
-    fig.legend(handles=handles, loc="lower center", ncol=ncol,
-               fontsize=FONT_SIZES["legend"], frameon=False, handlelength=1.2,
-               columnspacing=1.0)
-    more = f" (first {n} of {len(trace.input_ids.reshape(-1))})" if n < ids.size else ""
-    ax.set_title(f"Layer {layer}: tokens coloured by top-1 expert{more}",
+    where = fig if own else ax
+    where.legend(handles=handles, loc="lower center" if own else "upper center",
+                 bbox_to_anchor=None if own else (0.5, 0.0), ncol=ncol,
+                 fontsize=FONT_SIZES["legend"], frameon=False, handlelength=1.2,
+                 columnspacing=1.0)
+    more = f" (first {n} of {total})" if n < total else ""
+    dom = f" ({trace.meta['domain']})" if trace.meta.get("domain") else ""
+    ax.set_title(f"Layer {layer}{dom}: tokens coloured by top-1 expert{more}",
                  fontsize=FONT_SIZES["title"], loc="left")
     return fig
 
@@ -204,7 +211,7 @@ def margin_histogram(traces: Traces, layers: Sequence[int] | None = None,
     layers = layers_or_default(traces, layers)
     ms = [an.logit_margin(traces, i) for i in layers]
     edges = _margin_bins(ms, eps, bins)
-    fig, ax = figure_and_axes(ax, (6.4, 3.8))
+    fig, ax = figure_and_axes(ax, (7.2, 3.8))
     ax.axvspan(edges[0], eps, color=WARN, alpha=0.12, lw=0, gid="near-tie")
     ax.axvline(eps, color=WARN, ls="--", lw=1.0, gid="near-tie-eps",
                label=f"near-tie: margin < {eps:g}")
@@ -232,19 +239,24 @@ def margin_histogram(traces: Traces, layers: Sequence[int] | None = None,
 def gate_histogram(traces: Traces, layers: Sequence[int] | None = None,
                    eps: float = an.NEAR_TIE_EPS, bins: int = 25,
                    ax: Axes | None = None) -> Figure:
-    """Distribution of the first-choice gate σ(z) per layer, near-tie tokens marked in red.
+    """Distribution of the first-choice gate σ(z) per layer (x range fitted to the gates, in
+    steps of 0.05), near-tie tokens marked in red.
 
     With one layer the histogram is stacked (other tokens / near-ties); with several, each layer
     is a step line and the near-tie tokens of all layers are a red filled histogram (label
     ``near-tie tokens``). Near-ties need ``router_logits``.
     """
     layers = layers_or_default(traces, layers)
-    fig, ax = figure_and_axes(ax, (6.4, 3.8))
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    fig, ax = figure_and_axes(ax, (7.2, 3.8))
+    gates = {i: an.gate_values(traces, i)[:, 0] for i in layers}
+    allg = np.concatenate(list(gates.values()))
+    lo = max(0.0, np.floor(allg.min() * 20) / 20) if allg.size else 0.0
+    hi = min(1.0, np.ceil(allg.max() * 20) / 20) if allg.size else 1.0
+    edges = np.linspace(lo, max(hi, lo + 0.05), bins + 1)
     colors = layer_colors(len(layers))
     tie_gates = []
     for i, c in zip(layers, colors):
-        g = an.gate_values(traces, i)[:, 0]
+        g = gates[i]
         try:
             tie = an.near_tie_mask(traces, i, eps)
         except ValueError:
@@ -258,8 +270,8 @@ def gate_histogram(traces: Traces, layers: Sequence[int] | None = None,
     if len(layers) > 1:
         pooled = np.concatenate(tie_gates) if tie_gates else np.zeros(0)
         ax.hist(pooled, edges, color=WARN, alpha=0.6,
-                label=f"near-tie tokens (margin < {eps:g}), all layers: {pooled.size}")
-    ax.set_xlim(0, 1)
+                label=f"near-ties (margin < {eps:g}): {pooled.size}")
+    ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("first-choice gate σ(z)")
     ax.set_ylabel("tokens")
     ax.set_title("Router gate values")
@@ -314,6 +326,9 @@ def run_length_plot(traces: Traces, layer: int | None = None, ax: Axes | None = 
     ax.bar(L, obs, 0.7, color="#4c72b0", label="observed runs")
     ax.plot(L, geo, "o--", color=REFERENCE, ms=3, lw=1.0, label=f"chance (repeat p = {q:.3f})")
     ax.set_yscale("log")
+    if (obs > 0).any():
+        ax.set_ylim(bottom=float(obs[obs > 0].min()) / 5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("run length (tokens on the same top-1 expert)")
     ax.set_ylabel("fraction of runs")
     ax.set_title(f"Layer {layer}: expert run lengths")

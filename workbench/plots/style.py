@@ -9,6 +9,7 @@ pyplot's global state), so they render headless and display in notebooks.
 from __future__ import annotations
 
 import colorsys
+import io
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
@@ -112,9 +113,10 @@ def layer_colors(n: int) -> list[tuple[float, float, float, float]]:
 
 
 def category_colors(names: Sequence[str]) -> dict[str, tuple[float, float, float, float]]:
-    """Distinct colours (Dark2, then Set1) for a few categories such as domains or layer types."""
+    """Distinct colours (Dark2, then tab10) for a few categories such as domains or layer
+    types."""
     pool = [mpl.colormaps["Dark2"](i) for i in range(8)] + \
-        [mpl.colormaps["Set1"](i) for i in range(9)]
+        [mpl.colormaps["tab10"](i) for i in range(10)]
     return {str(n): pool[i % len(pool)] for i, n in enumerate(names)}
 
 
@@ -125,9 +127,20 @@ def text_color_on(background: Any) -> str:
     return "black" if lum > 0.5 else "white"
 
 
-def new_figure(figsize: tuple[float, float] = (6.4, 4.0)) -> Figure:
-    """A standalone Figure with constrained layout (no pyplot state)."""
-    return Figure(figsize=figsize, layout="constrained")
+class WorkbenchFigure(Figure):
+    """A matplotlib Figure that also displays itself in Jupyter when pyplot's inline backend
+    was never activated (it renders a PNG through ``_repr_png_``)."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100, facecolor="white")
+        return buf.getvalue()
+
+
+def new_figure(figsize: tuple[float, float] = (6.4, 4.0), layout: str | None = "constrained"
+               ) -> Figure:
+    """A standalone Figure (constrained layout by default; no pyplot state)."""
+    return WorkbenchFigure(figsize=figsize, layout=layout)
 
 
 def root_figure(ax: Axes) -> Figure:
@@ -151,11 +164,12 @@ def annotate_cells(ax: Axes, values: np.ndarray, fmt: str = "{:.2f}", image: Any
                    max_cells: int = 400) -> None:
     """Write each cell's value on a heatmap (skipped above ``max_cells``); text colour follows
     the cell colour of ``image`` when given."""
-    v = np.asarray(values)
+    mask = np.ma.getmaskarray(values)
+    v = np.ma.getdata(values)
     if v.size > max_cells:
         return
     for (i, j), x in np.ndenumerate(v):
-        if np.ma.is_masked(x) or not np.isfinite(x):
+        if mask[i, j] or not np.isfinite(x):
             continue
         color = "black"
         if image is not None:

@@ -28,8 +28,8 @@ MODEL_ENV = "WORKBENCH_MODEL"
 
 #: One short prompt per corpus domain (the prompt picker's choices).
 PROMPTS: dict[str, str] = {
-    "code": "def read_config(path):\n    \"\"\"Read a configuration file.\"\"\"\n    with open(path)"
-            " as f:\n        return json.load(f)\n",
+    "code": "def read_config(path):\n    \"\"\"Read a configuration file.\"\"\"\n"
+            "    with open(path) as f:\n        return json.load(f)\n",
     "prose": "The interpreter reads the source file and converts each statement into a sequence "
              "of bytecode instructions, which the virtual machine then executes one by one.",
     "legal": "Permission is hereby granted, free of charge, to any person obtaining a copy of "
@@ -62,14 +62,23 @@ def resolve_model(model: Any = None, backend: str = "torch", dtype: str = "float
 
 
 def resolve_tokenizer(tokenizer: Any, model: Any) -> Any:
-    """``tokenizer``, or the tokenizer.json beside the model's checkpoint (None if absent)."""
+    """``tokenizer``, or the tokenizer.json beside the model's checkpoint (None if absent:
+    text boxes then take token ids)."""
     if tokenizer is not None:
         return tokenizer
-    for root in (getattr(model, "path", None), bundled_path()):
-        if root is not None and (Path(root) / "tokenizer.json").exists():
-            from ..tokenizer import Tokenizer
-            return Tokenizer.from_pretrained(root)
+    root = getattr(model, "path", None)
+    if root is not None and (Path(root) / "tokenizer.json").exists():
+        from ..tokenizer import Tokenizer
+        return Tokenizer.from_pretrained(root)
     return None
+
+
+def default_text(tokenizer: Any, vocab_size: int, prompt: str, n_ids: int = 48) -> str:
+    """``prompt`` when there is a tokenizer, else ``n_ids`` fixed token ids as text."""
+    if tokenizer is not None:
+        return prompt
+    rng = np.random.default_rng(0)
+    return " ".join(str(int(i)) for i in rng.integers(0, vocab_size, n_ids))
 
 
 def encode(tokenizer: Any, text: str, vocab_size: int, max_tokens: int) -> np.ndarray:

@@ -50,7 +50,7 @@ class Explorer(widgets.VBox):
     @staticmethod
     def image(width: str | None = None) -> widgets.Image:
         """An empty PNG image widget for a figure."""
-        layout = widgets.Layout(max_width="100%", height="auto")
+        layout = widgets.Layout(max_width="100%", height="auto", align_self="flex-start")
         if width:
             layout.width = width
         return widgets.Image(format="png", layout=layout)
@@ -62,10 +62,11 @@ class Explorer(widgets.VBox):
 
     # ----------------------------------------------------------------- progress and errors
     def report(self, fraction: float, message: str) -> None:
-        """Progress callback handed to the states: fraction in [0, 1] and a message."""
-        self.progress.layout.visibility = "visible"
+        """Progress callback handed to the states: fraction in [0, 1] and a message; the bar
+        hides again at 1."""
         self.progress.value = int(round(100 * max(0.0, min(1.0, fraction))))
-        self.status.value = status_html(message, busy=True)
+        self.progress.layout.visibility = "visible" if fraction < 1 else "hidden"
+        self.status.value = status_html(message, busy=fraction < 1)
 
     def guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` as the explorer's reaction to a user action (module doc: errors)."""

@@ -21,6 +21,7 @@ from ._common import (
     Progress,
     check_choice,
     check_position,
+    default_text,
     encode,
     resolve_model,
     resolve_tokenizer,
@@ -39,7 +40,7 @@ class AttentionState:
     is first shown (O(T²) per head), and cached until the text changes."""
 
     def __init__(self, model: Any = None, tokenizer: Any = None, text: str | None = None,
-                 layer: int | None = None, head: int | None = None, max_tokens: int = 128,
+                 layer: int | None = None, head: int | None = None, max_tokens: int = 96,
                  max_labels: int = 96, progress: Progress | None = None):
         self.model = resolve_model(model)
         self.tokenizer = resolve_tokenizer(tokenizer, self.model)
@@ -56,11 +57,14 @@ class AttentionState:
         self.ids = np.zeros((1, 0), np.int64)
         self.tokens: list[str] = []
         self._traces: dict[int, Any] = {}
-        self.set_text(DEFAULT_TEXT if text is None else text)
+        self.text = default_text(self.tokenizer, cfg.vocab_size, DEFAULT_TEXT, 80) \
+            if text is None else text
+        self.set_text(self.text)
 
     # ----------------------------------------------------------------- state changes
     def set_text(self, text: str) -> None:
         """Tokenise and run ``text``; the query focus moves to the last token."""
+        self.text = text
         self.set_ids(encode(self.tokenizer, text, self.model.config.vocab_size,
                             self.max_tokens))
 
@@ -144,29 +148,29 @@ class AttentionState:
         return fig
 
     def render_query(self) -> Figure:
-        """Bars: the focus query's attention over the keys; chunk boundaries dashed, the most
-        attended keys labelled."""
+        """Bars: the focus query's attention over the keys up to itself; chunk boundaries
+        dashed, the most attended keys labelled."""
         w = self.query_weights()
         T = len(w)
         q = T - 1 if self.query is None else self.query
-        fig = new_figure((min(12.0, max(6.0, 0.08 * T + 3.0)), 2.8))
+        w = w[:q + 1]
+        fig = new_figure((min(12.0, max(6.0, 0.08 * (q + 1) + 3.0)), 2.8))
         ax = fig.add_subplot()
-        colors = ["#6a51a3" if k <= q else "#dddddd" for k in range(T)]
-        ax.bar(range(T), w, color=colors, width=0.85)
-        for b in chunk_boundaries(T, self.chunk):
+        ax.bar(range(q + 1), w, color="#6a51a3", width=0.85)
+        for b in chunk_boundaries(q + 1, self.chunk):
             ax.axvline(b - 0.5, color=BOUNDARY, ls="--", lw=1.0, gid="chunk-boundary")
         for k, s, wk in self.top_keys(5):
             ax.annotate(s, (k, wk), xytext=(0, 2), textcoords="offset points", ha="center",
                         va="bottom", fontsize=FONT_SIZES["annotation"], family="monospace",
                         rotation=60, parse_math=False)
         ax.axvline(q, color=WARN, lw=1.0, ls=":")
-        ax.set_xlim(-0.5, T - 0.5)
+        ax.set_xlim(-0.5, q + 0.5)
         ax.set_ylim(0, max(float(w.max()) * 1.35, 1e-6))
         ax.set_xlabel("key position")
         ax.set_ylabel("attention")
         who = "mean of heads" if self.head is None else f"head {self.head}"
-        ax.set_title(f"Layer {self.layer} ({self.layer_type()}), {who}: query {q} "
-                     f"{self.tokens[q]!r}", fontsize=FONT_SIZES["title"] - 1)
+        ax.set_title(f"Layer {self.layer}, {self.layer_type()}, {who}: query {q} "
+                     f"{self.tokens[q]!r} over keys 0..{q}", fontsize=FONT_SIZES["title"] - 1)
         return fig
 
 
@@ -180,7 +184,7 @@ class AttentionExplorer(Explorer):
         self.state = AttentionState(model, tokenizer, text, layer, progress=self.report,
                                     **kwargs)
         s = self.state
-        self.text = widgets.Textarea(value=DEFAULT_TEXT if text is None else text,
+        self.text = widgets.Textarea(value=s.text,
                                      layout=widgets.Layout(width="100%", height="70px"),
                                      continuous_update=False)
         self.run_button = widgets.Button(description="Run", button_style="primary",
@@ -216,7 +220,15 @@ class AttentionExplorer(Explorer):
         return [("(none)", None)] + [(f"{p}: {t}", p) for p, t in enumerate(self.state.tokens)]
 
     def refresh(self) -> None:
+        """Set the controls from the state and redraw (also after driving ``state`` from
+        code)."""
         s = self.state
+        with self.quiet():
+            self.text.value = s.text
+            self.layer_slider.value = s.layer
+            self.head_picker.value = -1 if s.head is None else s.head
+            self.query_picker.options = self._query_options()
+            self.query_picker.value = s.query
         kind = s.layer_type()
         color = "#1f77b4" if "chunked" in kind else "#d62728"
         self.layer_type.value = (f"layer {s.layer}: <b style='color:{color}'>{kind}</b>"
@@ -228,9 +240,6 @@ class AttentionExplorer(Explorer):
 
     def _on_run(self) -> None:
         self.state.set_text(self.text.value)
-        with self.quiet():
-            self.query_picker.options = self._query_options()
-            self.query_picker.value = self.state.query
         self.refresh()
 
     def _on_layer(self) -> None:

@@ -22,6 +22,7 @@ from ._common import (
     PROMPTS,
     Progress,
     check_choice,
+    default_text,
     encode,
     outline,
     resolve_model,
@@ -92,7 +93,9 @@ class InterventionState:
         self._base: Any = None
         self.out: Any = None
         self.effect: Effect | None = None
-        self.set_text(PROMPTS["prose"] if text is None else text)
+        self.text = default_text(self.tokenizer, cfg.vocab_size, PROMPTS["prose"]) \
+            if text is None else text
+        self.set_text(self.text)
 
     # ----------------------------------------------------------------- toggles
     def _expert(self, layer: int, expert: int) -> tuple[int, int]:
@@ -171,6 +174,7 @@ class InterventionState:
     # ----------------------------------------------------------------- running
     def set_text(self, text: str) -> None:
         """Tokenise ``text``, run the clean model once (cached) and update the effect."""
+        self.text = text
         self.ids = encode(self.tokenizer, text, self.model.config.vocab_size, self.max_tokens)
         self._step(0.2, "clean run")
         self._base = self.model.run(self.ids, capture=CAPTURE)
@@ -281,7 +285,7 @@ class InterventionExplorer(Explorer):
         self.state = InterventionState(model, tokenizer, text, layer, progress=self.report,
                                        **kwargs)
         s = self.state
-        self.text = widgets.Textarea(value=PROMPTS["prose"] if text is None else text,
+        self.text = widgets.Textarea(value=s.text,
                                      layout=widgets.Layout(width="100%", height="60px"),
                                      continuous_update=False)
         self.run_button = widgets.Button(description="Run", button_style="primary",
@@ -336,7 +340,12 @@ class InterventionExplorer(Explorer):
                 t.value = (s.layer, h) in s.ablated
 
     def refresh(self) -> None:
+        """Set the controls from the state and redraw (also after driving ``state`` from
+        code)."""
         s = self.state
+        with self.quiet():
+            self.text.value = s.text
+            self.layer_slider.value = s.layer
         self.sync_toggles()
         self.summary.value = s.summary_html()
         self.show(self.effect_image, s.render_effect())

@@ -8,6 +8,7 @@ for.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import ipywidgets as widgets
@@ -21,6 +22,7 @@ from ._common import (
     PROMPTS,
     Progress,
     check_choice,
+    default_text,
     encode,
     resolve_model,
     resolve_tokenizer,
@@ -34,15 +36,22 @@ DTYPES = ("float32", "bfloat16")
 
 
 class ParityState:
-    """Compare ``model_a`` with ``model_b`` (in the chosen dtype) on one text."""
+    """Compare ``model_a`` with ``model_b`` (in the chosen dtype) on one text.
+
+    ``variants``: the second model already loaded in other dtypes (else loaded on demand).
+    """
 
     def __init__(self, model_a: Any = None, model_b: Any = None, tokenizer: Any = None,
                  text: str | None = None, dtype: str | None = None, max_tokens: int = 128,
-                 progress: Progress | None = None):
+                 variants: Sequence[Any] = (), progress: Progress | None = None):
         self.model_a = resolve_model(model_a, backend="torch")
         b = resolve_model(model_b, backend="jax")
         self.tokenizer = resolve_tokenizer(tokenizer, self.model_a)
         self._models: dict[str, Any] = {b.dtype: b}
+        for v in variants:
+            if v.backend != b.backend or v.config.summary() != b.config.summary():
+                raise ValueError("variants must be the second model in other dtypes")
+            self._models.setdefault(v.dtype, v)
         self.backend_b = b.backend
         self.path_b = getattr(b, "path", None)
         self.layers = [int(i) for i in self.model_a.config.moe_layers]
@@ -50,8 +59,10 @@ class ParityState:
         self.max_tokens = max_tokens
         self.progress = progress
         self.dtype = b.dtype if dtype is None else check_choice(dtype, DTYPES, "dtype")
-        self.ids = encode(self.tokenizer, PROMPTS["code"] if text is None else text,
-                          self.model_a.config.vocab_size, max_tokens)
+        vocab = self.model_a.config.vocab_size
+        self.text = default_text(self.tokenizer, vocab, PROMPTS["code"]) if text is None \
+            else text
+        self.ids = encode(self.tokenizer, self.text, vocab, max_tokens)
         self.report: Any = None
         self.trace_a: Any = None
         self.update()
@@ -71,6 +82,7 @@ class ParityState:
         return self._models[self.dtype]
 
     def set_text(self, text: str) -> None:
+        self.text = text
         self.ids = encode(self.tokenizer, text, self.model_a.config.vocab_size,
                           self.max_tokens)
         self.update()
@@ -173,7 +185,7 @@ class ParityExplorer(Explorer):
         self.state = ParityState(torch_model, jax_model, tokenizer, text,
                                  progress=self.report, **kwargs)
         s = self.state
-        self.text = widgets.Textarea(value=PROMPTS["code"] if text is None else text,
+        self.text = widgets.Textarea(value=s.text,
                                      layout=widgets.Layout(width="100%", height="60px"),
                                      continuous_update=False)
         self.run_button = widgets.Button(description="Compare", button_style="primary",
@@ -202,7 +214,14 @@ class ParityExplorer(Explorer):
         self.guard("drawing", self.refresh)
 
     def refresh(self) -> None:
+        """Set the controls from the state and redraw (also after driving ``state`` from
+        code)."""
         s = self.state
+        with self.quiet():
+            self.text.value = s.text
+            self.dtype_toggle.value = s.dtype
+            if s.layers:
+                self.layer_slider.value = s.layer
         self.show(self.errors_image, s.render_errors())
         self.show(self.flips_image, s.render_flips())
         self.flips_table.value = s.flips_html()

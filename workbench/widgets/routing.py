@@ -20,6 +20,7 @@ from ._common import (
     Progress,
     check_choice,
     check_position,
+    default_text,
     encode,
     outline,
     resolve_model,
@@ -60,7 +61,8 @@ class RoutingState:
         self.text = ""
         self.trace: Any = None
         self.tokens: list[str] = []
-        self.set_text(PROMPTS["code"] if text is None else text)
+        self.set_text(default_text(self.tokenizer, self.model.config.vocab_size,
+                                   PROMPTS["code"]) if text is None else text)
 
     # ----------------------------------------------------------------- state changes
     def set_text(self, text: str) -> None:
@@ -74,7 +76,7 @@ class RoutingState:
             self.progress(0.2, f"running the model on {np.asarray(ids).shape[-1]} tokens")
         out = self.model.run(ids, capture=CAPTURE)
         self.trace = out.trace
-        self.text = text if text is not None else ""
+        self.text = text if text is not None else " ".join(str(int(i)) for i in self.ids)
         self.tokens = token_strings(self.tokenizer, self.ids)
         self.position = len(self.tokens) - 1
         if self.progress:
@@ -241,8 +243,14 @@ class RoutingExplorer(Explorer):
         self.guard("drawing", self.refresh)
 
     def refresh(self) -> None:
-        """Redraw every figure from the state."""
+        """Set the controls from the state and redraw every figure (call it after driving
+        ``explorer.state`` from code)."""
         s = self.state
+        with self.quiet():
+            self.text.value = s.text
+            self.layer_slider.value = s.layer
+            self.token_picker.options = s.token_options()
+            self.token_picker.value = s.position
         self.show(self.tokens_image, s.render_tokens())
         self.refresh_token()
 
@@ -259,9 +267,6 @@ class RoutingExplorer(Explorer):
 
     def _on_run(self) -> None:
         self.state.set_text(self.text.value)
-        with self.quiet():
-            self.token_picker.options = self.state.token_options()
-            self.token_picker.value = self.state.position
         self.refresh()
 
     def _on_layer(self) -> None:
