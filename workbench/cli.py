@@ -112,6 +112,11 @@ def cmd_train(args) -> int:
     return train_main(args)
 
 
+def cmd_report(args) -> int:
+    from .report import run_report
+    return run_report(args)
+
+
 def cmd_bench(args) -> int:
     import runpy
     here = Path(__file__).resolve().parent.parent / "benchmarks" / "moe_forward.py"
@@ -155,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import add_arguments
     add_arguments(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("report", help="the research figure set and metrics.json")
+    from .report import add_arguments as report_args
+    report_args(p)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("bench", help="run benchmarks/moe_forward.py")
     p.add_argument("rest", nargs=argparse.REMAINDER)
