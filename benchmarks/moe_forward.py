@@ -70,7 +70,7 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
 
     from workbench.interventions import Plan
     from workbench.model import CaptureSpec
-    from workbench.torch.hooks import Recorder
+    from workbench.torch.hooks import Recorder, to_numpy
     from workbench.torch.model import TorchModel, forward
     cfg = ModelConfig.mini(num_local_experts=E)
     if quick:
@@ -99,7 +99,7 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
 
     def uninstrumented():
         with torch.inference_mode():
-            forward(p, cfg, tids, Plan(), bare, ours.inv_freq)
+            to_numpy(forward(p, cfg, tids, Plan(), bare, ours.inv_freq))
 
     row["uninstrumented_s"] = timed(uninstrumented, repeats)
     row["capture_none_s"] = t_ours
@@ -151,7 +151,7 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
         row["max_rel_err_vs_hf"] = float(np.abs(ours.run(ids).logits - ref).max()
                                          / np.abs(ref).max())
         del hf, sd
-    del ours, tensors
+    ours = tensors = None  # free the weights before the next configuration
     gc.collect()
     return row
 

@@ -315,7 +315,8 @@ the chunk boundaries, grey cells are masked.
         code('''
 plots.attention_pattern(trace, layer=0)'''),
         md('''
-Layer 3 (global NoPE): the full causal triangle.
+Layer 3 (global NoPE): the full causal triangle. The dashed lines still mark where the chunked
+layers' chunks start — the global layer attends straight across them.
 '''),
         code('''
 plots.attention_pattern(trace, layer=3)'''),
@@ -542,7 +543,7 @@ training log and the intermediate checkpoints.
         code(LOAD),
         code(CORPUS),
         code('''
-batches = corpus_batches(tok, n_docs=4, length=128)
+batches = corpus_batches(tok, n_docs=4, length=96)
 
 
 def domain_traces(m):
@@ -645,9 +646,11 @@ if log.exists():
 else:
     print("no training log beside", MODEL)'''),
         md('''
-Re-running the same documents through the intermediate checkpoints shows when the routing
-settled: the share of tokens whose expert matches the final model's (routing stability), and
-how domain specialisation grew.
+Re-running the same documents through the intermediate checkpoints shows how the routing
+settled: the share of tokens whose expert at a checkpoint is the one the final model picks
+(routing stability; chance is 1/E), and how domain specialisation evolved. With a
+load-balancing loss pushing every expert towards 1/E of the tokens, specialisation by domain
+need not grow: watch which way it goes.
 '''),
         code('''
 steps = sorted((MODEL / "checkpoints").glob("step-*")) if (MODEL / "checkpoints").exists() \\
@@ -667,15 +670,17 @@ else:
         code('''
 from workbench.plots.style import layer_colors, new_figure
 
-fig = new_figure((5.5, 3.4))
-ax = fig.add_subplot()
-names = list(js)
-for li, (layer, color) in enumerate(zip(layers, layer_colors(len(layers)))):
-    ax.plot(range(len(names)), [js[n][li] for n in names], "o-", color=color, label=f"L{layer}")
-ax.set_xticks(range(len(names)), names)
-ax.set_ylabel("mean domain JS (bits)")
-ax.set_title("Domain specialisation over training")
-ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+with plots.use_style():  # the look of every workbench figure
+    fig = new_figure((5.5, 3.4))
+    ax = fig.add_subplot()
+    names = list(js)
+    for li, (layer, color) in enumerate(zip(layers, layer_colors(len(layers)))):
+        ax.plot(range(len(names)), [js[n][li] for n in names], "o-", color=color,
+                label=f"L{layer}")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("mean domain JS (bits)")
+    ax.set_title("Domain specialisation over training")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
 keep("specialisation_over_training", fig)'''),
         md('''
 ## Save the set

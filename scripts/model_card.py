@@ -50,7 +50,9 @@ def card(model_dir: Path, m: dict) -> str:
     def row(name: str, r: dict) -> str:
         cells = " | ".join(f"{v['nmi_domain']:.3f} / {v['nmi_category']:.3f}"
                            for v in r["layers"].values())
-        return f"| {name} | {r['val_loss']:.3f} | {cells} |"
+        sm = r["summary"]
+        return (f"| {name} | {r['val_loss']:.3f} | {cells} | {sm['nmi_domain']:.3f} / "
+                f"{sm['nmi_category']:.3f} / {sm['nmi_next_layer']:.3f} |")
 
     layers = list(m["trained"]["layers"])
     lines = [
@@ -102,11 +104,13 @@ def card(model_dir: Path, m: dict) -> str:
         "",
         "Routing structure: normalised mutual information between each token's top-1 expert and "
         "its domain / its token category (whitespace, digit, punctuation, keyword, word, ...), "
-        "per MoE layer (`workbench.train.routing_structure`):",
+        "per MoE layer, and the mean over layers of those two and of the NMI between a token's "
+        "expert in one layer and in the next (consistent expert paths; "
+        "`workbench.train.routing_structure`):",
         "",
         "| model | val loss | " + " | ".join(f"layer {i} NMI domain / category" for i in layers)
-        + " |",
-        "|---|---|" + "---|" * len(layers),
+        + " | mean NMI domain / category / next layer |",
+        "|---|---|" + "---|" * (len(layers) + 1),
         row("untrained (same init)", m["untrained"]),
     ]
     for name, r in m["checkpoints"].items():

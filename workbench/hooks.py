@@ -97,3 +97,17 @@ def hook_shape(cfg: ModelConfig, name: str, batch: int, seq: int,
 
 def hook_dtype(name: str, model_dtype: np.dtype) -> np.dtype:
     return np.dtype(np.int32) if name.endswith("topk_indices") else np.dtype(model_dtype)
+
+
+def estimate_capture_bytes(cfg: ModelConfig, capture: str | Iterable[str] | None, batch: int,
+                           seq: int, capture_dtype: np.dtype | None = None) -> int:
+    """Bytes a trace of these hooks takes for a (batch, seq) input; needs only the config.
+
+    Floats are stored as float32 unless ``capture_dtype`` says otherwise; indices as int32.
+    """
+    item = np.dtype(capture_dtype or np.float32).itemsize
+    total = 0
+    for n in resolve(cfg, capture):
+        size = 4 if n.endswith("topk_indices") else item
+        total += int(np.prod(hook_shape(cfg, n, batch, seq), dtype=np.int64)) * size
+    return total

@@ -8,7 +8,6 @@ behave identically.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,12 +79,12 @@ class Model(ABC):
 
     def check_ids(self, input_ids: Any, start: int = 0) -> np.ndarray:
         """Validate token ids and return them as int64 (batch, seq); 1-D input gets batch 1."""
+        if hasattr(input_ids, "detach"):  # a torch tensor, possibly on a GPU or with grad
+            input_ids = input_ids.detach().cpu().numpy()
         try:
             ids = np.asarray(input_ids)
         except Exception as e:  # noqa: BLE001 - anything numpy cannot read is an input error
             raise InputError(f"input_ids could not be read as an array: {e}") from None
-        if hasattr(input_ids, "detach"):
-            ids = np.asarray(input_ids.detach().cpu().numpy())
         if ids.ndim == 1:
             ids = ids[None, :]
         if ids.ndim != 2:
@@ -136,14 +135,8 @@ class Model(ABC):
     def estimate_capture_bytes(self, capture: str | Iterable[str] | None, batch: int, seq: int,
                                capture_dtype: Any = None) -> int:
         """Bytes a trace of these hooks would take for a (batch, seq) input, before running."""
-        names = hk.resolve(self.config, capture)
-        item = np.dtype(_np_dtype(capture_dtype) or np.float32).itemsize
-        total = 0
-        for n in names:
-            shape = hk.hook_shape(self.config, n, batch, seq)
-            size = 4 if n.endswith("topk_indices") else item
-            total += math.prod(shape) * size
-        return total
+        return hk.estimate_capture_bytes(self.config, capture, batch, seq,
+                                         _np_dtype(capture_dtype))
 
     # ----------------------------------------------------------------- generation
     def generate(self, input_ids: Any, max_new_tokens: int, *, temperature: float = 1.0,

@@ -33,7 +33,7 @@ class HookError:
     layer: int | None
     max_abs: float
     rel: float
-    excluded: int  # values excluded as downstream of a routing flip
+    excluded: int  # values excluded as downstream of a routing flip (all: max_abs/rel are NaN)
     ok: bool
 
 
@@ -84,7 +84,7 @@ class ParityReport:
 
     @property
     def worst(self) -> HookError | None:
-        return max(self.hooks, key=lambda h: h.rel, default=None)
+        return max((h for h in self.hooks if h.rel == h.rel), key=lambda h: h.rel, default=None)
 
     def summary(self, max_rows: int = 60) -> str:
         """A text table: hooks (worst first when long), routing per layer, flips."""
@@ -92,10 +92,14 @@ class ParityReport:
                  f"near-tie margin {self.near_tie:g})"]
         hooks = self.hooks
         if len(hooks) > max_rows:
-            hooks = sorted(hooks, key=lambda h: -h.rel)[:max_rows]
+            hooks = sorted(hooks, key=lambda h: -h.rel if h.rel == h.rel else 0.0)[:max_rows]
             lines.append(f"{len(self.hooks)} hooks; the {max_rows} worst:")
         lines.append(f"{'hook':40s} {'max |Δ|':>10s} {'rel':>10s} {'excluded':>8s}  ok")
         for h in hooks:
+            if h.rel != h.rel:
+                lines.append(f"{h.name:40s} {'—':>10s} {'—':>10s} {h.excluded:8d}  all values "
+                             "downstream of a flip")
+                continue
             lines.append(f"{h.name:40s} {h.max_abs:10.3e} {h.rel:10.3e} {h.excluded:8d}  "
                          f"{'yes' if h.ok else 'NO'}")
         if self.routing:
@@ -210,6 +214,10 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
         keep = (pos[None, :] < row[:, None]).reshape(shape)
         keep = np.broadcast_to(keep, a.shape)
         excluded = int((~keep).sum())
+        if excluded == a.size:
+            # every value sits downstream of a flip: nothing comparable, say so (NaN, not 0)
+            rep.hooks.append(HookError(name, layer, float("nan"), float("nan"), excluded, True))
+            continue
         diff = np.where(keep, np.abs(a - b), 0.0)
         ref = np.where(keep, np.abs(b), 0.0)
         max_abs = float(diff.max()) if diff.size else 0.0

@@ -319,11 +319,12 @@ def routing_structure(model: Any, tok: Any, corpus: Path = DEFAULT_CORPUS, docs_
     """How much a model's routing is structured, on held-out text (the model card's numbers).
 
     For every MoE layer: normalised mutual information between each token's top-1 expert and
-    (a) its document's domain, (b) its token category (workbench.tokenizer.token_category);
-    plus validation loss. Deterministic for a given model and seed.
+    (a) its document's domain, (b) its token category (workbench.tokenizer.token_category),
+    (c) its top-1 expert in the next MoE layer (consistent expert paths); their means over
+    layers in ``summary``; plus validation loss. Deterministic for a given model and seed.
     """
+    from .analysis import layer_nmi, routing_table
     from .analysis import normalised_mutual_information as nmi
-    from .analysis import routing_table
     docs = load_corpus(corpus, "val")
     rng = np.random.default_rng(seed)
     by_dom: dict[str, list[str]] = {}
@@ -349,5 +350,11 @@ def routing_structure(model: Any, tok: Any, corpus: Path = DEFAULT_CORPUS, docs_
         top1 = np.concatenate([t[f"layers.{layer}.moe.topk_indices"][0, :, 0] for t in traces])
         result["layers"][str(layer)] = {"nmi_domain": nmi(top1, np.array(domains)),
                                         "nmi_category": nmi(top1, np.array(cats))}
+    layers = model.config.moe_layers
+    for a, b in zip(layers, layers[1:]):
+        result["layers"][str(a)]["nmi_next_layer"] = layer_nmi(traces, a, b)
+    result["summary"] = {
+        key: float(np.mean([v[key] for v in result["layers"].values() if key in v]))
+        for key in ("nmi_domain", "nmi_category", "nmi_next_layer")}
     result["routing_table"] = routing_table(traces)
     return result

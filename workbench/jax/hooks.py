@@ -23,6 +23,8 @@ from ..model import seq_axis
 
 
 class Recorder:
+    """Captures (``names``), patches and hook functions (``plan``) during one traced forward."""
+
     def __init__(self, names: frozenset[str], plan: Plan, patches: Mapping[str, jax.Array],
                  positions: slice | None = None):
         self.want = names

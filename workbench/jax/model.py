@@ -1,8 +1,13 @@
 """The Llama 4 text model in JAX: a params pytree from a Checkpoint, a pure jitted forward.
 
-``JaxModel`` compiles one ``jax.jit`` variant per (intervention plan structure, captured names,
-capture positions, expert bucket sizes, KV-cache layout) and reuses it; jit itself specialises
-on input shapes. Capturing nothing compiles a graph without any hook outputs.
+``JaxModel`` compiles one ``jax.jit`` variant of ``forward`` per (intervention plan structure,
+captured names, capture positions, expert bucket sizes, KV-cache layout) and reuses it; jit
+itself specialises on input shapes. Capturing nothing compiles a graph without hook outputs.
+
+Expert buckets are dropless: each MoE layer's bucket is a static power of two guessed on the
+host (twice the mean load, or what was needed the last time for this token count and plan);
+the graph returns every MoE layer's largest load, and if one exceeds its bucket the forward is
+rerun with larger buckets before anything is returned.
 """
 
 from __future__ import annotations

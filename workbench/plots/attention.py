@@ -50,7 +50,8 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
     attention chunk boundaries drawn as lines (gid ``"chunk-boundary"``) and the layer's type
     (chunked RoPE / global NoPE) in the title. Masked (zero) entries are grey. Token labels
     are shown when the sequence has at most ``max_labels`` tokens and a tokenizer or tokens
-    are given. ``chunk`` defaults to the trace config's chunk size."""
+    are given. ``chunk`` defaults to the config's chunk size on chunked layers and to none on
+    global layers (pass one to draw reference lines there)."""
     name = f"layers.{layer}.attn.pattern"
     if name not in trace:
         raise ValueError(f"attention_pattern needs the hook {name!r}; re-run with "
@@ -61,7 +62,8 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
         raise ValueError(f"head {head} out of range: layer {layer} has {H} heads")
     p = a.mean(axis=0) if head is None else a[head]
     q0 = Tk - Tq
-    chunk = trace.config.get("chunk") if chunk is None else chunk
+    if chunk is None:  # boundaries only where the layer's mask has them (chunked RoPE layers)
+        chunk = trace.config.get("chunk") if an.layer_type(trace, layer) == "chunked" else None
     size = min(9.0, max(4.5, 0.12 * Tk + 3.0))
     fig, ax = figure_and_axes(ax, (size + 1.2, size))
     cmap = mpl.colormaps[ATTENTION].with_extremes(bad=MASKED)
