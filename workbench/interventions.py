@@ -161,7 +161,9 @@ def plan(cfg: ModelConfig, interventions: Sequence[Intervention] | None,
     p = Plan()
     if interventions is not None and not isinstance(interventions, list | tuple):
         interventions = [interventions]  # a single intervention needs no list
-    for iv in interventions or ():
+    # top-k changes first: a topk_indices patch is checked against the k in force
+    ordered = sorted(interventions or (), key=lambda iv: not isinstance(iv, SetTopK))
+    for iv in ordered:
         what = f"{getattr(iv, 'kind', type(iv).__name__)}{_fmt(iv)}"
         if isinstance(iv, BanExpert):
             _layer(cfg, iv.layer, what, True)
