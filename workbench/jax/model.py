@@ -7,7 +7,9 @@ itself specialises on input shapes. Capturing nothing compiles a graph without h
 Expert buckets are dropless: each MoE layer's bucket is a static power of two guessed on the
 host (twice the mean load, or what was needed the last time for this token count and plan);
 the graph returns every MoE layer's largest load, and if one exceeds its bucket the forward is
-rerun with larger buckets before anything is returned.
+rerun with larger buckets before anything is returned. A bucket that would be mostly padding
+(many experts) is replaced by the tiled dispatch (``moe.capacity`` returns tokens*k for it),
+which holds any load and so never reruns.
 """
 
 from __future__ import annotations
