@@ -284,3 +284,19 @@ def test_torch_backend_runs_without_jax(tiny_ckpt):
         print("ok")
     """)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_tiled_dispatch_matches_torch(scout, monkeypatch):
+    """The large-E tiled path (forced here on a small model) equals torch, with interventions."""
+    import workbench.jax.moe as jmoe
+    monkeypatch.setattr(jmoe, "MIN_TILED_ROWS", 0)
+    cfg, path, ids, tm, _, _ = scout
+    jm = jax_model(path)
+    from workbench.interventions import Plan
+    from workbench.jax.model import initial_caps
+    caps = initial_caps(cfg, Plan(), *ids.shape)
+    assert all(jmoe.tiled(ids.size * cfg.num_experts_per_tok, cfg.num_local_experts, c)
+               for c in caps.values()), caps
+    _both(tm, jm, ids, capture=["*.moe.*", "logits"])
+    _both(tm, jm, ids, [wb.set_top_k(2), wb.zero_expert(1, 3), wb.ban_expert(2, 0)],
+          capture=["*.moe.topk_indices", "*.moe.routed_out"])
