@@ -95,7 +95,8 @@ def cmd_parity(args) -> int:
     a = wb.load(path, backend=args.backend_a, dtype="float32" if args.dtype_a is None
                 else args.dtype_a)
     b = wb.load(path, backend=args.backend_b, dtype=args.dtype)
-    report = wb.compare(a, b, ids, capture=args.capture)
+    report = wb.compare(a, b, ids, capture=args.capture, tol=args.tol,
+                        near_tie=args.near_tie)
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", default=None, help="token ids, e.g. '1 5 9'")
     p.add_argument("--length", type=int, default=32, help="random ids of this length")
     p.add_argument("--capture", default="*")
+    p.add_argument("--tol", type=float, default=None,
+                   help="relative tolerance per hook (default 2e-4 fp32, 5e-2 with bf16)")
+    p.add_argument("--near-tie", type=float, default=None,
+                   help="router margin under which a flip counts as a near-tie")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(fn=cmd_parity)
 

@@ -49,6 +49,7 @@ class Flip:
     margin_b: float
     logit_error: float  # max |router_logits_a - router_logits_b| at this token
     near_tie: bool
+    downstream: bool = False  # at/after an earlier layer's flip in the same row: a consequence
 
 
 @dataclass
@@ -75,7 +76,8 @@ class ParityReport:
 
     @property
     def all_flips_near_ties(self) -> bool:
-        return all(f.near_tie for f in self.flips)
+        """Every flip not caused by an earlier flip sits at a near-tie."""
+        return all(f.near_tie or f.downstream for f in self.flips)
 
     @property
     def ok(self) -> bool:
@@ -115,7 +117,9 @@ class ParityReport:
             for f in self.flips[:20]:
                 lines.append(f"  L{f.layer} b{f.batch} t{f.position} id {f.token}: "
                              f"{f.experts_a} -> {f.experts_b}  margin {f.margin_a:.2e} / "
-                             f"{f.margin_b:.2e}  {'near-tie' if f.near_tie else 'WIDE MARGIN'}")
+                             f"{f.margin_b:.2e}  " + ("near-tie" if f.near_tie else
+                                                      "downstream of a flip" if f.downstream
+                                                      else "WIDE MARGIN"))
             if len(self.flips) > 20:
                 lines.append(f"  ... {len(self.flips) - 20} more")
         lines.append("")
@@ -169,6 +173,7 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
     B, T = ids.shape
     # routing and the first flip per row: taint[(layer)] -> per row, first tainted position
     first_flip = np.full((model_a.config.num_hidden_layers + 1, B), T, dtype=np.int64)
+    seen = np.full(B, T, dtype=np.int64)  # first flipped position per row, earlier layers
     for layer in model_a.config.moe_layers:
         ia = ta[f"layers.{layer}.moe.topk_indices"]
         ib = tb[f"layers.{layer}.moe.topk_indices"]
@@ -182,14 +187,15 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
         near = 0
         for b, t in np.argwhere(~set_ok):
             err = float(np.abs(la[b, t].astype(np.float64) - lb[b, t]).max())
-            # a flip is a near-tie if the choice was within eps (or the observed logit error)
-            k = ia.shape[-1]
-            nt = _near_tie(la[b, t], lb[b, t], k, max(near_tie, 2 * err))
+            # a flip is a near-tie if, in either model, the choice was within eps
+            nt = _near_tie(la[b, t], lb[b, t], ia.shape[-1], near_tie)
             rep.flips.append(Flip(layer, int(b), int(t), int(ids[b, t]), ia[b, t].tolist(),
-                                  ib[b, t].tolist(), float(ma[b, t]), float(mb[b, t]), err, nt))
+                                  ib[b, t].tolist(), float(ma[b, t]), float(mb[b, t]), err, nt,
+                                  bool(t >= seen[b])))
             flips += 1
             near += nt
             first_flip[layer, b] = min(first_flip[layer, b], t)
+        seen = np.minimum(seen, first_flip[layer])
         rep.routing.append(LayerRouting(layer, B * T, float(top1_ok.mean()),
                                         float(set_ok.mean()), flips, near))
     # a flip at layer i taints later layers too
