@@ -183,7 +183,7 @@ def test_attention_pattern_chunk_lines_and_layer_type(env):
     chunk = env["cfg"].attention_chunk_size
     expected = [b - 0.5 for b in range(chunk, T, chunk)]
     assert expected                                                # the input crosses a chunk
-    for layer, kind in ((0, "chunked RoPE"), (3, "global NoPE")):
+    for layer, kind, want in ((0, "chunked RoPE", expected), (3, "global NoPE", [])):
         fig = P.attention_pattern(tr, layer, tokenizer=env["tok"])
         ax = fig.axes[0]
         assert kind in ax.get_title()
@@ -192,13 +192,16 @@ def test_attention_pattern_chunk_lines_and_layer_type(env):
                     and ln.get_transform() == ax.get_xaxis_transform())
         ys = sorted(ln.get_ydata()[0] for ln in bounds if ln.get_transform()
                     == ax.get_yaxis_transform())
-        assert xs == pytest.approx(expected) and ys == pytest.approx(expected)
+        assert xs == pytest.approx(want) and ys == pytest.approx(want)
         assert _images(fig)[0].get_array().shape == (T, T)
         assert len(ax.get_xticklabels()) == T                     # token labels
     head = P.attention_pattern(tr, 0, head=1)
     assert "head 1" in head.axes[0].get_title()
     fig = P.attention_by_layer_type(env["traces"])
     assert len(fig.axes) == 4 and "NoPE" in fig.get_suptitle()
+    # on a global layer, boundaries can still be drawn as a reference when asked for
+    ref = P.attention_pattern(tr, 3, chunk=chunk)
+    assert any(ln.get_gid() == "chunk-boundary" for ln in ref.axes[0].lines)
 
 
 def test_parity_one_point_per_hook(env):

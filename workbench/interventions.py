@@ -14,7 +14,7 @@ Semantics (identical in torch and jax):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -246,6 +246,8 @@ def _layer_of(name: str) -> int | None:
 def _fmt(iv: Any) -> str:
     if isinstance(iv, Patch):
         return f"(name={iv.name!r})"
+    if not is_dataclass(iv):
+        return f"({iv!r})"
     d = {f.name: getattr(iv, f.name) for f in fields(iv) if f.name != "kind"}
     return "(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
 
