@@ -65,6 +65,32 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+    """Best wall time of each fn, calling them round-robin so drift hits all alike."""
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Read bandwidth (GB/s): best time to sum a large float32 array with torch."""
+    import torch
+    a = torch.ones(nbytes // 4)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
 def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dict:
     import torch
 
@@ -101,10 +127,19 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
         with torch.inference_mode():
             to_numpy(forward(p, cfg, tids, Plan(), bare, ours.inv_freq))
 
-    row["uninstrumented_s"] = timed(uninstrumented, repeats)
-    row["capture_none_s"] = t_ours
-    row["capture_router_s"] = timed(lambda: ours.run(ids, capture="*.moe.*"), repeats)
-    row["capture_patterns_s"] = timed(lambda: ours.run(ids, capture="*.attn.pattern"), repeats)
+    cost = timed_interleaved({
+        "uninstrumented_s": uninstrumented,
+        "capture_none_s": lambda: ours.run(ids),
+        "capture_router_s": lambda: ours.run(ids, capture="*.moe.*"),
+        "capture_patterns_s": lambda: ours.run(ids, capture="*.attn.pattern"),
+    }, max(3, repeats + 2))
+    row.update(cost)
+    # Expert weights a forward must read at least once: every expert hit by some token.
+    hit = 0
+    for i in cfg.moe_layers:
+        idx = ours.run(ids, capture=f"layers.{i}.moe.topk_indices").trace
+        hit += len(np.unique(idx[f"layers.{i}.moe.topk_indices"]))
+    row["expert_weight_bytes"] = hit * 3 * cfg.hidden_size * cfg.intermediate_size * 4
 
     try:
         import jax  # noqa: F401
@@ -167,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import torch
     rate = matmul_rate(256 if a.quick else 1024)
+    bw = memory_bandwidth(64 * 2**20 if a.quick else 512 * 2**20)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured fp32 matmul "
-          f"rate {rate:.1f} GFLOP/s")
+          f"rate {rate:.1f} GFLOP/s, memory read bandwidth {bw:.1f} GB/s")
     rows = []
     for E in a.experts:
         row = bench_one(E, a.seq, a.repeats, a.quick, a.skip_hf)
@@ -200,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  E={r['experts']}: jax compile {r['jax_compile_s']:.2f} s (first call "
                   f"{r['jax_first_call_s']:.2f} s); jax router capture "
                   f"{r['jax_capture_router_s'] / r['jax_capture_none_s']:.3f}x")
+        floor = r["expert_weight_bytes"] / (bw * 1e9)
+        print(f"  E={r['experts']}: expert weights touched {r['expert_weight_bytes'] / 2**30:.2f} "
+              f"GiB -> bandwidth floor {floor:.3f} s/forward ({r["seq"] / floor:.0f} tok/s "
+              f"at most), torch forward {r['capture_none_s']:.3f} s")
         if "max_rel_err_vs_hf" in r:
             print(f"  E={r['experts']}: max relative logit error vs transformers "
                   f"{r['max_rel_err_vs_hf']:.2e}")
