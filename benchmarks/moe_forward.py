@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['jax_capture_router_s'] / r['jax_capture_none_s']:.3f}x")
         floor = r["expert_weight_bytes"] / (bw * 1e9)
         print(f"  E={r['experts']}: expert weights touched {r['expert_weight_bytes'] / 2**30:.2f} "
-              f"GiB -> bandwidth floor {floor:.3f} s/forward ({r["seq"] / floor:.0f} tok/s "
+              f"GiB -> bandwidth floor {floor:.3f} s/forward ({r['seq'] / floor:.0f} tok/s "
               f"at most), torch forward {r['capture_none_s']:.3f} s")
         if "max_rel_err_vs_hf" in r:
             print(f"  E={r['experts']}: max relative logit error vs transformers "
