@@ -225,10 +225,11 @@ def test_layer_subset_reads_only_that_layer(ours, hf_ckpts, which):
         ck["layers.0.self_attn.q_proj.weight"]
 
 
-def test_torch_backend_needs_every_layer(ours):
+def test_backend_needs_every_layer(ours):
     from workbench.torch import load
-    with pytest.raises(ValueError, match="layers"):
-        load(ours[0], layers=[0])
+    subset = Checkpoint.open(ours[0], layers=[0])
+    with pytest.raises(CheckpointError, match="every layer"):
+        load(ours[0], checkpoint=subset)
 
 
 # ----------------------------------------------------------------------------- saving

@@ -301,6 +301,13 @@ class Checkpoint(Mapping[str, np.ndarray]):
             return arr.astype(np.dtype(dtype))
         return arr.copy()
 
+    def model_tensors(self) -> dict[str, np.ndarray]:
+        """Every weight a forward pass needs, by canonical name (what a backend loads)."""
+        if self.layers is not None:
+            raise CheckpointError("a full forward pass needs every layer; open the checkpoint "
+                                  "without layers= to run it (use layers= to inspect weights)")
+        return {n: self.get(n) for n in expected_shapes(self.config) if n in self._infos}
+
     def close(self) -> None:
         for mm in self._maps.values():
             mm.close()

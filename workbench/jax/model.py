@@ -15,7 +15,7 @@ which holds any load and so never reruns.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ..checkpoint import Checkpoint, expected_shapes
+from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..interventions import Plan
 from ..model import CaptureSpec, Model, _store, seq_axis
@@ -267,14 +267,8 @@ class JaxModel(Model):
         return {n: to_numpy(a) for n, a in self.params.items()}
 
 
-def load(path: str | Path, dtype: str = "float32", layers: Iterable[int] | None = None,
+def load(path: str | Path, dtype: str = "float32",
          checkpoint: Checkpoint | None = None) -> JaxModel:
     """Load a checkpoint directory into the jax backend (bf16 weights go straight to jnp)."""
-    ck = checkpoint or Checkpoint.open(path, layers=layers)
-    cfg = ck.config
-    if ck.layers is not None:
-        raise ValueError("a full forward pass needs every layer; open the checkpoint without "
-                         "layers= to run it (use layers= to inspect weights)")
-    names = [n for n in expected_shapes(cfg) if n in ck]
-    tensors = {n: ck.get(n) for n in names}
-    return JaxModel(cfg, tensors, dtype, str(path))
+    ck = checkpoint or Checkpoint.open(path)
+    return JaxModel(ck.config, ck.model_tensors(), dtype, str(path))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, expected_shapes
+from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..interventions import Plan
 from ..model import CaptureSpec, Model
@@ -120,15 +120,9 @@ class _TensorRecorder(Recorder):
         return x
 
 
-def load(path: str | Path, dtype: str = "float32", layers: Iterable[int] | None = None,
+def load(path: str | Path, dtype: str = "float32",
          checkpoint: Checkpoint | None = None) -> TorchModel:
     """Load a checkpoint directory into the torch backend."""
-    ck = checkpoint or Checkpoint.open(path, layers=layers)
-    cfg = ck.config
-    if ck.layers is not None:
-        raise ValueError("a full forward pass needs every layer; open the checkpoint without "
-                         "layers= to run it (use layers= to inspect weights)")
-    names = [n for n in expected_shapes(cfg) if n in ck]
-    tensors = {n: ck.get(n) for n in names}
-    return TorchModel(cfg, tensors, dtype, str(path))
+    ck = checkpoint or Checkpoint.open(path)
+    return TorchModel(ck.config, ck.model_tensors(), dtype, str(path))
 
