@@ -66,12 +66,16 @@ def timed(fn, repeats: int) -> float:
 
 
 def timed_interleaved(fns: dict, repeats: int) -> dict:
-    """Best wall time of each fn, calling them round-robin so drift hits all alike."""
+    """Best wall time of each fn, called round-robin with the order rotated every round, so
+    drift and cache state left by the previous call (which matters when memory-bound) hit all
+    alike."""
     for fn in fns.values():
         fn()
     best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    keys = list(fns)
+    for r in range(repeats):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            fn = fns[k]
             t = time.perf_counter()
             fn()
             best[k] = min(best[k], time.perf_counter() - t)
@@ -132,7 +136,7 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
         "capture_none_s": lambda: ours.run(ids),
         "capture_router_s": lambda: ours.run(ids, capture="*.moe.*"),
         "capture_patterns_s": lambda: ours.run(ids, capture="*.attn.pattern"),
-    }, max(3, repeats + 2))
+    }, max(8, 4 * repeats))
     row.update(cost)
     # Expert weights a forward must read at least once: every expert hit by some token.
     hit = 0
