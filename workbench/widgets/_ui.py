@@ -47,6 +47,13 @@ class Explorer(widgets.VBox):
     def footer(self) -> list[widgets.Widget]:
         return [self.error_box, self.log_output]
 
+    def text_controls(self, text: str, height: str = "60px", label: str = "Run") -> None:
+        """The prompt box and its run button, shared by every explorer."""
+        self.text = widgets.Textarea(value=text, continuous_update=False,
+                                     layout=widgets.Layout(width="100%", height=height))
+        self.run_button = widgets.Button(description=label, button_style="primary",
+                                         icon="play")
+
     @staticmethod
     def image(width: str | None = None) -> widgets.Image:
         """An empty PNG image widget for a figure."""

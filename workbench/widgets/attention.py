@@ -184,11 +184,7 @@ class AttentionExplorer(Explorer):
         self.state = AttentionState(model, tokenizer, text, layer, progress=self.report,
                                     **kwargs)
         s = self.state
-        self.text = widgets.Textarea(value=s.text,
-                                     layout=widgets.Layout(width="100%", height="70px"),
-                                     continuous_update=False)
-        self.run_button = widgets.Button(description="Run", button_style="primary",
-                                         icon="play")
+        self.text_controls(s.text, "70px")
         self.layer_slider = _layer_slider(s.layers, s.layer)
         self.head_picker = widgets.Dropdown(
             options=[("mean of heads", -1)] + [(f"head {h}", h) for h in range(s.heads)],

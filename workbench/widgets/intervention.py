@@ -285,11 +285,7 @@ class InterventionExplorer(Explorer):
         self.state = InterventionState(model, tokenizer, text, layer, progress=self.report,
                                        **kwargs)
         s = self.state
-        self.text = widgets.Textarea(value=s.text,
-                                     layout=widgets.Layout(width="100%", height="60px"),
-                                     continuous_update=False)
-        self.run_button = widgets.Button(description="Run", button_style="primary",
-                                         icon="play")
+        self.text_controls(s.text)
         self.clear_button = widgets.Button(description="Clear all", icon="times")
         self.layer_slider = _layer_slider(s.layers, s.layer)
         self.mode = widgets.ToggleButtons(options=list(MODES), value="ban",

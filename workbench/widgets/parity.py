@@ -185,11 +185,7 @@ class ParityExplorer(Explorer):
         self.state = ParityState(torch_model, jax_model, tokenizer, text,
                                  progress=self.report, **kwargs)
         s = self.state
-        self.text = widgets.Textarea(value=s.text,
-                                     layout=widgets.Layout(width="100%", height="60px"),
-                                     continuous_update=False)
-        self.run_button = widgets.Button(description="Compare", button_style="primary",
-                                         icon="play")
+        self.text_controls(s.text, label="Compare")
         self.dtype_toggle = widgets.ToggleButtons(options=list(DTYPES), value=s.dtype,
                                                   description="model b")
         self.layer_slider = _layer_slider(s.layers, s.layer) if s.layers else \

@@ -214,11 +214,7 @@ class RoutingExplorer(Explorer):
         s = self.state
         self.prompt = widgets.Dropdown(options=["(custom)", *PROMPTS], value="(custom)",
                                        description="prompt")
-        self.text = widgets.Textarea(value=s.text, layout=widgets.Layout(width="100%",
-                                                                         height="70px"),
-                                     continuous_update=False)
-        self.run_button = widgets.Button(description="Run", button_style="primary",
-                                         icon="play")
+        self.text_controls(s.text, "70px")
         self.layer_slider = _layer_slider(s.layers, s.layer)
         self.token_picker = widgets.Dropdown(options=s.token_options(), value=s.position,
                                              description="token")
