@@ -102,6 +102,19 @@ class Explorer(widgets.VBox):
                 self.guard(what, fn)
         return run
 
+    def bind(self, widget: widgets.Widget, what: str, setter: str) -> None:
+        """On a change of ``widget``'s value, pass it to the state method named ``setter`` and
+        redraw with :meth:`refresh`, guarded like every callback."""
+        def apply() -> None:
+            getattr(self.state, setter)(widget.value)
+            self.refresh()
+        widget.observe(self.callback(what, apply), "value")
+
+    def run_text(self) -> None:
+        """Run the state on the prompt box's text and redraw (the run button's action)."""
+        self.state.set_text(self.text.value)
+        self.refresh()
+
     @contextmanager
     def quiet(self) -> Iterator[None]:
         """Change controls programmatically without triggering their callbacks."""

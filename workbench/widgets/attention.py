@@ -195,11 +195,10 @@ class AttentionExplorer(Explorer):
         self.pattern_image = self.image()
         self.query_image = self.image()
         self.keys_table = widgets.HTML()
-        self.run_button.on_click(self.callback("running the model", self._on_run))
-        self.layer_slider.observe(self.callback("changing the layer", self._on_layer), "value")
-        self.head_picker.observe(self.callback("changing the head", self._on_head), "value")
-        self.query_picker.observe(self.callback("focusing the query", self._on_query),
-                                  "value")
+        self.run_button.on_click(self.callback("running the model", self.run_text))
+        self.bind(self.layer_slider, "changing the layer", "set_layer")
+        self.bind(self.head_picker, "changing the head", "set_head")
+        self.bind(self.query_picker, "focusing the query", "set_query")
         self.children = [
             self.header(),
             widgets.HBox([self.run_button]),
@@ -234,18 +233,3 @@ class AttentionExplorer(Explorer):
         self.show(self.query_image, s.render_query())
         self.keys_table.value = s.top_keys_html()
 
-    def _on_run(self) -> None:
-        self.state.set_text(self.text.value)
-        self.refresh()
-
-    def _on_layer(self) -> None:
-        self.state.set_layer(self.layer_slider.value)
-        self.refresh()
-
-    def _on_head(self) -> None:
-        self.state.set_head(self.head_picker.value)
-        self.refresh()
-
-    def _on_query(self) -> None:
-        self.state.set_query(self.query_picker.value)
-        self.refresh()

@@ -300,7 +300,7 @@ class InterventionExplorer(Explorer):
         self.effect_image = self.image()
         self.tokens_image = self.image()
         self.predictions = widgets.HTML()
-        self.run_button.on_click(self.callback("running the model", self._on_run))
+        self.run_button.on_click(self.callback("running the model", self.run_text))
         self.clear_button.on_click(self.callback("clearing interventions", self._on_clear))
         self.layer_slider.observe(self.callback("changing the layer", self._on_layer), "value")
         self.mode.observe(self.callback("changing the mode", self.sync_toggles), "value")
@@ -361,10 +361,6 @@ class InterventionExplorer(Explorer):
             self.state.update()
             self.refresh()
         return run
-
-    def _on_run(self) -> None:
-        self.state.set_text(self.text.value)
-        self.refresh()
 
     def _on_clear(self) -> None:
         self.state.clear()

@@ -193,9 +193,8 @@ class ParityExplorer(Explorer):
         self.errors_image = self.image()
         self.flips_image = self.image()
         self.flips_table = widgets.HTML()
-        self.run_button.on_click(self.callback("comparing", self._on_run))
-        self.dtype_toggle.observe(self.callback("switching the dtype", self._on_dtype),
-                                  "value")
+        self.run_button.on_click(self.callback("comparing", self.run_text))
+        self.bind(self.dtype_toggle, "switching the dtype", "set_dtype")
         self.layer_slider.observe(self.callback("changing the layer", self._on_layer), "value")
         self.children = [
             self.header(),
@@ -221,14 +220,6 @@ class ParityExplorer(Explorer):
         self.show(self.errors_image, s.render_errors())
         self.show(self.flips_image, s.render_flips())
         self.flips_table.value = s.flips_html()
-
-    def _on_run(self) -> None:
-        self.state.set_text(self.text.value)
-        self.refresh()
-
-    def _on_dtype(self) -> None:
-        self.state.set_dtype(self.dtype_toggle.value)
-        self.refresh()
 
     def _on_layer(self) -> None:
         self.state.set_layer(self.layer_slider.value)

@@ -223,7 +223,7 @@ class RoutingExplorer(Explorer):
         self.load_image = self.image()
         self.path_table = widgets.HTML()
         self.prompt.observe(self.callback("loading the prompt", self._on_prompt), "value")
-        self.run_button.on_click(self.callback("running the model", self._on_run))
+        self.run_button.on_click(self.callback("running the model", self.run_text))
         self.layer_slider.observe(self.callback("changing the layer", self._on_layer), "value")
         self.token_picker.observe(self.callback("selecting the token", self._on_token), "value")
         self.children = [
@@ -259,11 +259,7 @@ class RoutingExplorer(Explorer):
     def _on_prompt(self) -> None:
         if self.prompt.value in PROMPTS:
             self.text.value = PROMPTS[self.prompt.value]
-            self._on_run()
-
-    def _on_run(self) -> None:
-        self.state.set_text(self.text.value)
-        self.refresh()
+            self.run_text()
 
     def _on_layer(self) -> None:
         self.state.set_layer(self.layer_slider.value)
