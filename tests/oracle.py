@@ -80,3 +80,17 @@ def hf_run(model, ids: np.ndarray):
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b| (the DESIGN.md relative error)."""
     return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def make_case(name: str, directory: Path):
+    """One named oracle case: (config, transformers model, sharded checkpoint path, batch-2 ids).
+
+    Sequences are longer than the chunk (5 or 8) and than floor_scale (3 or 4), so chunked
+    masks and temperature tuning are both exercised.
+    """
+    cfg = ModelConfig.tiny(**CASES[name])
+    hf = build_hf(cfg, seed=1)
+    path = save_hf(hf, directory)
+    seq = 23 if name != "long_temp" else 31
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, seq))
+    return cfg, hf, path, ids

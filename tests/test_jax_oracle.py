@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("jax")
-from oracle import CASES, build_hf, hf_run, rel, save_hf  # noqa: E402
+from oracle import CASES, build_hf, hf_run, make_case, rel, save_hf  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from workbench.config import ModelConfig  # noqa: E402
@@ -24,11 +24,7 @@ CAPTURE = ["*.moe.router_logits", "*.moe.topk_indices", "*.attn.pattern"]
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     name = request.param
-    cfg = ModelConfig.tiny(**CASES[name])
-    hf = build_hf(cfg, seed=1)
-    path = save_hf(hf, tmp_path_factory.mktemp(name))
-    seq = 23 if name != "long_temp" else 31  # chunk 5/8 < seq; floor_scale 3/4 < seq
-    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, seq))
+    cfg, hf, path, ids = make_case(name, tmp_path_factory.mktemp(name))
     model = wb.load(path, backend="jax")
     model.compiler_options["xla_backend_optimization_level"] = 0
     explicit = model.run(ids, capture=CAPTURE)

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("jax")
 pytest.importorskip("torch")
-from oracle import CASES, build_hf, rel, save_hf  # noqa: E402
+from oracle import CASES, build_hf, make_case, rel, save_hf  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from workbench.config import ModelConfig  # noqa: E402
@@ -38,10 +38,7 @@ def jax_model(path: Path, dtype: str = "float32") -> wb.Model:
 @pytest.fixture(scope="module", params=sorted(CASES))
 def pair(request, tmp_path_factory):
     name = request.param
-    cfg = ModelConfig.tiny(**CASES[name])
-    path = save_hf(build_hf(cfg, seed=1), tmp_path_factory.mktemp(name))
-    seq = 23 if name != "long_temp" else 31
-    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, seq))
+    cfg, _, path, ids = make_case(name, tmp_path_factory.mktemp(name))
     return name, cfg, path, ids
 
 

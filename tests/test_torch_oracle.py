@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracle import CASES, build_hf, hf_run, rel, save_hf
+from oracle import CASES, build_hf, hf_run, make_case, rel, save_hf
 
 import workbench as wb
 from workbench.config import ModelConfig
@@ -16,12 +16,7 @@ TOL = 2e-4
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
     name = request.param
-    cfg = ModelConfig.tiny(**CASES[name])
-    hf = build_hf(cfg, seed=1)
-    path = save_hf(hf, tmp_path_factory.mktemp(name))
-    seq = 23 if name != "long_temp" else 31  # chunk 5/8 < seq; floor_scale 3/4 < seq
-    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, seq))
-    return name, cfg, hf, path, ids
+    return (name, *make_case(name, tmp_path_factory.mktemp(name)))
 
 
 def test_sharded_save_is_what_we_read(case):
