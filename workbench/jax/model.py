@@ -1,15 +1,15 @@
 """The Llama 4 text model in JAX: a params pytree from a Checkpoint, a pure jitted forward.
 
 ``JaxModel`` compiles one ``jax.jit`` variant of ``forward`` per (intervention plan structure,
-captured names, capture positions, expert bucket sizes, KV-cache layout) and reuses it; jit
-itself specialises on input shapes. Capturing nothing compiles a graph without hook outputs.
+captured names, capture positions, KV-cache layout) and reuses it; jit itself specialises on
+input shapes. Capturing nothing compiles a graph without hook outputs. Expert dispatch is
+dropless with static shapes (``moe.expert_tiles``), so routing never causes a recompile.
 
-Expert buckets are dropless: each MoE layer's bucket is a static power of two guessed on the
-host (twice the mean load, or what was needed the last time for this token count and plan);
-the graph returns every MoE layer's largest load, and if one exceeds its bucket the forward is
-rerun with larger buckets before anything is returned. A bucket that would be mostly padding
-(many experts) is replaced by the tiled dispatch (``moe.capacity`` returns tokens*k for it),
-which holds any load and so never reruns.
+The params pytree maps canonical names to arrays, except the routed experts: each MoE layer's
+stacked ``experts.gate_up_proj`` (E, D, 2I) / ``experts.down_proj`` (E, I, D) are held as one
+nn.Linear-layout array per expert, ``experts.{e}.gate_up_proj`` (2I, D) and
+``experts.{e}.down_proj`` (D, I), which the dispatch reads in place (see ``moe``).
+``state_dict_numpy`` restacks them into checkpoint layout.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..model import CaptureSpec, Model, _store, seq_axis
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from .attention import CacheEntry, Pos, attention, keep_from, linear, rms_norm
 from .hooks import Recorder, patch_array, to_numpy
-from .moe import capacity, mlp, moe
+from .moe import expert_params, mlp, moe, stacked_experts
 
 JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
@@ -42,19 +42,15 @@ _MIN_KV_CAP = 16
 
 def forward(p: Params, cfg: ModelConfig, ids: jax.Array, plan: Plan, rec: Recorder,
             rope: tuple[jax.Array, jax.Array], temp: jax.Array | None, start: Pos = 0,
-            cache: dict[int, CacheEntry] | None = None,
-            caps: dict[int, int] | None = None) -> tuple[jax.Array, jax.Array]:
-    """Logits (B, S, V) for ids (B, S) at absolute positions start..start+S-1, and the largest
-    expert load of each MoE layer (int32, in ``cfg.moe_layers`` order).
+            cache: dict[int, CacheEntry] | None = None) -> jax.Array:
+    """Logits (B, S, V) for ids (B, S) at absolute positions start..start+S-1.
 
     Unlike torch's ``forward``, the RoPE tables and query temperatures for these positions are
     arguments (computed on the host by ``workbench.numerics``; ``start`` may be traced while
-    decoding), and ``caps`` gives each MoE layer's static expert bucket size.
+    decoding).
     """
-    B, S = ids.shape
     h = rec("embed", jnp.take(p["embed_tokens.weight"], ids, axis=0))
     eps = cfg.rms_norm_eps
-    loads = []
     for i in range(cfg.num_hidden_layers):
         pre = f"layers.{i}."
         h = rec(pre + "resid_pre", h)
@@ -62,37 +58,11 @@ def forward(p: Params, cfg: ModelConfig, ids: jax.Array, plan: Plan, rec: Record
                       temp, start, cache, rec, plan.ablate.get(i))
         h = rec(pre + "resid_mid", h + a)
         x = rms_norm(h, p[pre + "post_attention_layernorm.weight"], eps)
-        if cfg.is_moe(i):
-            k = plan.k(cfg, i)
-            cap = caps[i] if caps else capacity(B * S, k, cfg.num_local_experts)
-            f, load = moe(p, x, i, cfg, plan, rec, cap)
-            loads.append(load)
-        else:
-            f = mlp(p, x, i, rec)
+        f = moe(p, x, i, cfg, plan, rec) if cfg.is_moe(i) else mlp(p, x, i, rec)
         h = rec(pre + "resid_post", h + f)
     h = rec("final_norm", rms_norm(h, p["norm.weight"], eps))
     head = p["embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
-    logits = rec("logits", linear(h, head))
-    return logits, jnp.stack(loads) if loads else jnp.zeros((0,), jnp.int32)
-
-
-def initial_caps(cfg: ModelConfig, plan: Plan, batch: int, seq: int) -> dict[int, int]:
-    """First guess of each MoE layer's expert bucket for a (batch, seq) input: twice the mean
-    load, or the load an intervention implies (forced experts, patched expert indices)."""
-    E, T = cfg.num_local_experts, batch * seq
-    caps = {}
-    for i in cfg.moe_layers:
-        k = plan.k(cfg, i)
-        cap = capacity(T, k, E)
-        for _, pos in plan.force.get(i, ()):
-            forced = T if pos is None else batch * len(pos) + 2 * -(-T * k // E)
-            cap = max(cap, capacity(T, k, E, forced))
-        patched = plan.patches.get(f"layers.{i}.moe.topk_indices")
-        if patched is not None:
-            load = int(np.bincount(np.asarray(patched).ravel(), minlength=E).max())
-            cap = max(cap, capacity(T, k, E, load))
-        caps[i] = cap
-    return caps
+    return rec("logits", linear(h, head))
 
 
 @dataclass
@@ -154,11 +124,10 @@ class JaxModel(Model):
                  dtype: str = "float32", path: str | None = None):
         super().__init__(config, dtype, path)
         np_dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
-        self.params: Params = {n: jnp.asarray(np.asarray(a).astype(np_dt, copy=False))
-                               for n, a in tensors.items()}
+        self.params: Params = {n: jnp.asarray(a.astype(np_dt, copy=False))
+                               for n, a in to_params(config, tensors).items()}
         self.inv_freq = rope_inv_freq(config)
         self._variants: OrderedDict[tuple, Callable] = OrderedDict()
-        self._caps: OrderedDict[tuple, dict[int, int]] = OrderedDict()
         # extra XLA options for every compiled variant, e.g. {"xla_backend_optimization_level":
         # 0} compiles about twice as fast, for small models where compiling dominates
         self.compiler_options: dict[str, Any] = {}
@@ -174,13 +143,13 @@ class JaxModel(Model):
 
     @property
     def compiled_variants(self) -> int:
-        """How many forward variants (plan x capture x buckets x cache layout) are compiled."""
+        """How many forward variants (plan x capture x cache layout) are compiled."""
         return len(self._variants)
 
     def new_cache(self, batch: int) -> KVCache:
         return KVCache(batch)
 
-    def _variant(self, plan: Plan, spec: CaptureSpec, caps: dict[int, int], mode: str,
+    def _variant(self, plan: Plan, spec: CaptureSpec, mode: str,
                  kv_caps: tuple[int, ...]) -> Callable:
         pos = spec.positions
         pos_key = None if pos is None else (pos.start, pos.stop, pos.step)
@@ -189,8 +158,7 @@ class JaxModel(Model):
             # forbid XLA from keeping fp32 intermediates across casts, so rounding happens
             # where torch rounds (after each op in the model dtype)
             opts.setdefault("xla_allow_excess_precision", False)
-        key = (plan.key(), spec.names, pos_key, tuple(sorted(caps.items())), mode, kv_caps,
-               tuple(sorted(opts.items())))
+        key = (plan.key(), spec.names, pos_key, mode, kv_caps, tuple(sorted(opts.items())))
         fn = self._variants.get(key)
         if fn is not None:
             self._variants.move_to_end(key)
@@ -208,10 +176,9 @@ class JaxModel(Model):
                 start = offsets[0]
                 cache = {i: CacheEntry(kv[i][0], kv[i][1], offsets[1][i], c)
                          for i, c in enumerate(kv_caps)}
-            logits, loads = forward(params, cfg, ids, plan, rec, (cos, sin), temp, start,
-                                    cache, caps)
+            logits = forward(params, cfg, ids, plan, rec, (cos, sin), temp, start, cache)
             new_kv = None if cache is None else {i: (e.k, e.v) for i, e in cache.items()}
-            return logits, rec.out, new_kv, loads
+            return logits, rec.out, new_kv
 
         fn = jax.jit(run, compiler_options=opts or None)
         self._variants[key] = fn
@@ -232,25 +199,9 @@ class JaxModel(Model):
             mode, kv_caps, kv, offsets = "none", (), None, None
         else:
             mode, kv_caps, kv, offsets = cache.prepare(cfg, S)
-        E, T = cfg.num_local_experts, B * S
-        load_key = (T, plan.key())
-        caps = self._caps.get(load_key) or initial_caps(cfg, plan, B, S)
-        ids32 = np.asarray(ids, np.int32)
-        while True:
-            fn = self._variant(plan, spec, caps, mode, kv_caps)
-            logits, out, new_kv, loads = fn(self.params, ids32, cos, sin, temp, patches, kv,
-                                            offsets)
-            loads = np.asarray(loads)
-            over = {i: int(n) for i, n in zip(cfg.moe_layers, loads) if n > caps[i]}
-            if not over:
-                break
-            # an overflowing bucket dropped tokens: grow it to the observed load and rerun
-            caps = {i: capacity(T, plan.k(cfg, i), E, over[i]) if i in over else c
-                    for i, c in caps.items()}
-        self._caps[load_key] = caps
-        self._caps.move_to_end(load_key)
-        while len(self._caps) > 4 * MAX_VARIANTS:
-            self._caps.popitem(last=False)
+        fn = self._variant(plan, spec, mode, kv_caps)
+        logits, out, new_kv = fn(self.params, np.asarray(ids, np.int32), cos, sin, temp, patches,
+                                 kv, offsets)
         if cache is not None:
             cache.commit(cfg, new_kv, S)
         store = CaptureSpec(spec.names, spec.dtype, None)  # positions were kept inside jit
@@ -263,8 +214,42 @@ class JaxModel(Model):
         return to_numpy(logits), arrays, cache
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
-        """Weights as float32 numpy arrays by canonical name (for Checkpoint.save)."""
-        return {n: to_numpy(a) for n, a in self.params.items()}
+        """Weights as float32 numpy arrays by canonical name, experts restacked (for
+        Checkpoint.save)."""
+        return from_params(self.config, {n: to_numpy(a) for n, a in self.params.items()})
+
+
+def _expert_names(layer: int) -> tuple[str, str]:
+    pre = f"layers.{layer}.feed_forward.experts."
+    return pre + "gate_up_proj", pre + "down_proj"
+
+
+def to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Checkpoint tensors -> this backend's params layout: each MoE layer's stacked experts
+    split into one nn.Linear-layout array per expert (``experts.{e}.gate_up_proj`` (2I, D),
+    ``experts.{e}.down_proj`` (D, I)); every other tensor as it is."""
+    out = dict(tensors)
+    for i in cfg.moe_layers:
+        gu_name, dn_name = _expert_names(i)
+        gus, dns = expert_params(np.asarray(out.pop(gu_name)), np.asarray(out.pop(dn_name)))
+        pre = gu_name[: -len("gate_up_proj")]
+        for e, (gu, dn) in enumerate(zip(gus, dns)):
+            out[f"{pre}{e}.gate_up_proj"] = gu
+            out[f"{pre}{e}.down_proj"] = dn
+    return out
+
+
+def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of ``to_params``: canonical checkpoint names and layouts."""
+    out = dict(params)
+    for i in cfg.moe_layers:
+        gu_name, dn_name = _expert_names(i)
+        pre = gu_name[: -len("gate_up_proj")]
+        E = cfg.num_local_experts
+        gus = [out.pop(f"{pre}{e}.gate_up_proj") for e in range(E)]
+        dns = [out.pop(f"{pre}{e}.down_proj") for e in range(E)]
+        out[gu_name], out[dn_name] = stacked_experts(gus, dns)
+    return out
 
 
 def load(path: str | Path, dtype: str = "float32",

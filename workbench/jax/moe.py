@@ -1,30 +1,28 @@
 """Llama 4 feed-forward (jax): sigmoid top-k router, sparse expert dispatch, shared expert.
 
-Dispatch is sparse and dropless with static shapes, by one of two paths chosen from the static
-bucket size C (a host-side argument, see ``capacity``/``tiled``):
+Dispatch is sparse, dropless and static-shaped, so one compiled graph serves any routing:
+assignments are sorted by expert (stable argsort); each expert's rows are cut into tiles of
+``tile_rows`` rows, and a loop runs over the tiles in use only (at most ceil(A/T) + E for A
+assignments), each tile one ``lax.switch`` branch per expert: (T, D) x (D, 2I), SwiGLU,
+(T, I) x (I, D) with that expert's own weights. Rows of a tile past its expert's count belong
+to the next expert and are written by a later tile. Cost grows with the experts used, not E.
 
-* bucketed: assignments are sorted by expert (stable argsort) into a buffer (E, C, D) of fixed
-  capacity C (a power of two, at most tokens*k), one einsum per expert runs over it, and each
-  assignment's output is gathered back. ``moe`` also returns the largest expert load so the
-  host can verify ``max load <= C`` and rerun with a bigger bucket: no token is ever dropped.
-* tiled: used when the bucket buffer would be mostly padding (E*C > 2*tokens*k and E*C >=
-  ``MIN_TILED_ROWS``; ``capacity`` then returns tokens*k, so the layer never reruns). The sorted
-  assignments are cut per expert into tiles of ``TILE`` rows, and a loop runs over the tiles in
-  use only (at most ceil(tokens*k/TILE) + E), each a (TILE, D) x (D, 2I) product with its
-  expert's weights, like torch's per-expert loop. Same ops per row, so the same numerics.
-
-Measured on this 2-core CPU (mini config: hidden 1024, expert width 1024, 512 tokens, random
-router; ms per MoE layer including routing, range of three runs on a shared machine), fp32:
-E=16 (max load 42, C=64): bucketed 137-336, ``jax.lax.ragged_dot`` 967-2052, dense all-experts
-904-1051; E=128 (max load 10, C=16): bucketed 783-1502, ragged_dot 8836-9317, dense 7424-9337.
-XLA:CPU lowers ragged_dot to a dense masked dot (E times the FLOPs), so the bucket is used.
-Dispatch alone, same shapes (best of 3): E=16, C=64: bucketed 110, tiles of 8/16/32 rows
-266/152/138 (so E=16 keeps the bucket); E=128, max load 9, C=16: bucketed 591, tiles of
-8/16/32 rows 531/500/752. With the benchmark's router (E=128, max load ~36) the bucket needs
-C=64, i.e. 8192 rows for 512 tokens, which the tiles avoid.
+Why this form (measured on this 2-core CPU, fp32, hidden 1024, expert width 1024, 512 tokens):
+* XLA:CPU lowers ``jax.lax.ragged_dot`` to a dense masked dot (E times the FLOPs: 967-2052 ms
+  per layer at E=16, 8836-9317 ms at E=128), and its batched dots (E, C, D) x (E, D, O) run at
+  25-54 GFLOP/s, so a capacity bucket costs 137-336 ms at E=16 and 783-1502 ms at E=128.
+* Indexing a stacked (E, ...) weight inside the loop (``w[e]``) materialises an 8 MB copy per
+  tile (~0.9 ms); one array per expert selected by ``lax.switch`` is read in place.
+* A skinny (T <= 32 rows) product reads its weight 2x faster with the weight in nn.Linear
+  layout (out, in), contracting the last axes (702 vs 1193 us for 8 x 1024 x 2048), so
+  ``expert_params`` stores each expert's projections that way (as torch's oneDNN: 654 us).
+Per MoE layer this runs 36-40 ms at E=16 (torch ``_grouped_mm`` 31-35 ms for the same routed
+part) and 120-150 ms at E=128 (torch 98-140 ms), down from 94 ms / 243 ms with buckets.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +30,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..interventions import Plan
-from .attention import PRECISION, linear
+from .attention import linear
 from .hooks import Recorder
 
 
@@ -46,28 +44,27 @@ def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax
     return linear(silu(linear(x, gate)) * linear(x, up), down)
 
 
-TILE = 16  # rows per tile of the tiled dispatch
-MIN_TILED_ROWS = 2048  # a bucket buffer E*C smaller than this is never replaced by tiles
+def tile_rows(assignments: int, experts: int) -> int:
+    """Rows per tile: half the mean expert load as a power of two, clamped to [8, 128].
 
-
-def tiled(assignments: int, experts: int, cap: int) -> bool:
-    """Whether ``dispatch`` runs the tiled path for this static bucket size (see ``capacity``)."""
-    return cap >= assignments and experts > 2 and experts * cap >= MIN_TILED_ROWS
-
-
-def capacity(n: int, k: int, experts: int, load: int | None = None) -> int:
-    """Bucket size C for n tokens routed to k experts each: a power of two, at most n*k.
-
-    Without an observed ``load`` the guess is twice the mean load (at least 32). When the
-    bucket buffer would hold more than twice the assignments (E*C > 2*n*k, and at least
-    ``MIN_TILED_ROWS`` rows) the result is n*k, which selects the tiled dispatch: it holds any
-    load, so such a layer never overflows and never reruns.
+    Small tiles waste few rows on lightly loaded experts (large E); large tiles keep the
+    products efficient when every expert gets many rows (large batches).
     """
-    need = max(2 * -(-n * k // experts), 32) if load is None else max(int(load), 1)
-    cap = min(n * k, 1 << (need - 1).bit_length())
-    if experts * cap > 2 * n * k and experts * cap >= MIN_TILED_ROWS and experts > 2:
-        return n * k
-    return cap
+    half = max(assignments // (2 * experts), 1)
+    return int(min(max(1 << (half.bit_length() - 1), 8), 128))
+
+
+def expert_params(gate_up: np.ndarray, down: np.ndarray) -> tuple[list, list]:
+    """Checkpoint-layout stacks (E, D, 2I) and (E, I, D) -> per-expert nn.Linear-layout
+    matrices (2I, D) and (D, I), the layout ``expert_tiles`` reads fastest."""
+    return ([np.ascontiguousarray(w.T) for w in gate_up],
+            [np.ascontiguousarray(w.T) for w in down])
+
+
+def stacked_experts(gate_up: list, down: list) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of ``expert_params``: back to the checkpoint's stacked layout."""
+    return (np.stack([np.asarray(w).T for w in gate_up]),
+            np.stack([np.asarray(w).T for w in down]))
 
 
 def select_experts(logits: jax.Array, k: int, layer: int, plan: Plan, seq: int) -> jax.Array:
@@ -89,23 +86,17 @@ def select_experts(logits: jax.Array, k: int, layer: int, plan: Plan, seq: int) 
     return jax.lax.top_k(sel, k)[1]
 
 
-def expert_matmul(buf: jax.Array, w: jax.Array) -> jax.Array:
-    """Each expert's bucket times that expert's matrix: (E, C, In) x (E, In, Out) -> (E, C, Out)."""
-    return jnp.einsum("eci,eio->eco", buf, w, precision=PRECISION)
-
-
-def tiled_experts(xs: jax.Array, counts: jax.Array, offsets: jax.Array, gate_up: jax.Array,
-                  down: jax.Array, tile: int) -> jax.Array:
+def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
+                 experts: list[tuple[jax.Array, jax.Array]], tile: int) -> jax.Array:
     """Expert outputs (A, D) for expert-sorted inputs xs (A, D), in tiles of ``tile`` rows.
 
     Expert e's rows xs[offsets[e] : offsets[e] + counts[e]] are cut into ceil(counts[e]/tile)
-    tiles; a loop runs only over the tiles in use (at most ceil(A/tile) + min(E, A)), each one
-    (tile, D) x (D, 2I) and (tile, I) x (I, D) with that expert's weights, and keeps the rows
-    of the tile that belong to its expert (the rest, the next expert's, are written by a later
-    tile). Every assignment's row is computed exactly once and nothing is dropped.
+    tiles; a loop runs only over the tiles in use, each computing its rows with expert e's
+    (gate_up (2I, D), down (D, I)) and keeping the rows that belong to e. Every assignment's
+    row is computed exactly once and nothing is dropped.
     """
     A, D = xs.shape
-    E = gate_up.shape[0]
+    E = len(experts)
     n_max = -(-A // tile) + min(E, A)
     per = (counts + tile - 1) // tile  # tiles per expert
     end = jnp.cumsum(per)
@@ -117,13 +108,18 @@ def tiled_experts(xs: jax.Array, counts: jax.Array, offsets: jax.Array, gate_up:
     xs = jnp.concatenate([xs, jnp.zeros((tile, D), xs.dtype)])  # a slice never clamps
     rows = jnp.arange(tile)[:, None]
 
+    def ffn(gate_up: jax.Array, down: jax.Array) -> Callable[[jax.Array], jax.Array]:
+        def run(xt: jax.Array) -> jax.Array:
+            gu = linear(xt, gate_up)
+            inter = gu.shape[-1] // 2
+            return linear(gu[:, inter:] * silu(gu[:, :inter]), down)
+        return run
+
+    branches = [ffn(gu, dn) for gu, dn in experts]
+
     def body(i, y):
         s = start[i]
-        xt = jax.lax.dynamic_slice_in_dim(xs, s, tile)
-        gu = expert_matmul(xt[None], gate_up[te[i]][None])
-        inter = gu.shape[-1] // 2
-        act = gu[..., inter:] * silu(gu[..., :inter])
-        yt = expert_matmul(act, down[te[i]][None])[0]
+        yt = jax.lax.switch(te[i], branches, jax.lax.dynamic_slice_in_dim(xs, s, tile))
         old = jax.lax.dynamic_slice_in_dim(y, s, tile)
         return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(rows < valid[i], yt, old), s, 0)
 
@@ -131,62 +127,34 @@ def tiled_experts(xs: jax.Array, counts: jax.Array, offsets: jax.Array, gate_up:
     return y[:A]
 
 
-def dispatch(xf: jax.Array, idx: jax.Array, scores: jax.Array, gate_up: jax.Array,
-             down: jax.Array, cap: int, zero: list[int] | None) -> tuple[jax.Array, jax.Array]:
+def dispatch(xf: jax.Array, idx: jax.Array, scores: jax.Array,
+             experts: list[tuple[jax.Array, jax.Array]], zero: list[int] | None) -> jax.Array:
     """Routed expert outputs (N, D) for tokens xf (N, D) with choices idx/scores (N, k).
 
     Each assignment's input is ``x * score`` in the model dtype (HF scales the expert input);
-    with k > 1 the outputs are summed in fp32 and cast once. Returns also the largest load.
+    with k > 1 the outputs are summed in fp32 and cast once.
     """
     N, D = xf.shape
-    E = gate_up.shape[0]
+    E = len(experts)
     k = idx.shape[1]
     flat = idx.reshape(-1)
     A = flat.shape[0]
     order = jnp.argsort(flat, stable=True)
     counts = jnp.bincount(flat, length=E)
     offsets = jnp.cumsum(counts) - counts
-    if tiled(A, E, cap):
-        xs = xf[order // k] * scores.reshape(-1)[order][:, None]
-        y = tiled_experts(xs, counts, offsets, gate_up, down, TILE)
-        out = jnp.zeros_like(y).at[order].set(y)
-    else:
-        out = bucketed_experts(xf, order, flat, counts, offsets, scores, gate_up, down, cap, k)
+    xs = xf[order // k] * scores.reshape(-1)[order][:, None]
+    y = expert_tiles(xs, counts, offsets, experts, tile_rows(A, E))
+    out = jnp.zeros_like(y).at[order].set(y)
     if zero:
         out = out * (~jnp.isin(flat, np.asarray(zero)))[:, None].astype(out.dtype)
     if k == 1:
-        routed = out
-    else:
-        routed = out.reshape(N, k, D).astype(jnp.float32).sum(1).astype(xf.dtype)
-    return routed, counts.max()
-
-
-def bucketed_experts(xf: jax.Array, order: jax.Array, flat: jax.Array, counts: jax.Array,
-                     offsets: jax.Array, scores: jax.Array, gate_up: jax.Array,
-                     down: jax.Array, cap: int, k: int) -> jax.Array:
-    """Expert outputs (A, D) per assignment via the bucket buffer (E, C, D); zero if dropped."""
-    A = flat.shape[0]
-    E, _, D = down.shape
-    slot = jnp.arange(cap)
-    src = order[jnp.minimum(offsets[:, None] + slot[None, :], A - 1)]  # (E, C) assignments
-    valid = slot[None, :] < counts[:, None]
-    buf = xf[src // k] * scores.reshape(-1)[src][..., None]
-    buf = jnp.where(valid[..., None], buf, jnp.zeros((), xf.dtype))
-    gu = expert_matmul(buf, gate_up)
-    inter = gu.shape[-1] // 2
-    act = gu[..., inter:] * silu(gu[..., :inter])
-    y = expert_matmul(act, down).reshape(E * cap, D)
-    rank = jnp.zeros(A, jnp.int32).at[order].set(jnp.arange(A, dtype=jnp.int32)
-                                                 - offsets[flat[order]].astype(jnp.int32))
-    return jnp.take(y, flat * cap + rank, axis=0, mode="fill", fill_value=0)
+        return out
+    return out.reshape(N, k, D).astype(jnp.float32).sum(1).astype(xf.dtype)
 
 
 def moe(p: dict[str, jax.Array], x: jax.Array, layer: int, cfg: ModelConfig, plan: Plan,
-        rec: Recorder, cap: int) -> tuple[jax.Array, jax.Array]:
-    """MoE block on normalised input x (B, S, D): shared(x) + sum_k expert_k(sigmoid(r_k) * x).
-
-    ``cap`` is the static bucket size; returns the output and the largest expert load.
-    """
+        rec: Recorder) -> jax.Array:
+    """MoE block on normalised input x (B, S, D): shared(x) + sum_k expert_k(sigmoid(r_k) * x)."""
     B, S, D = x.shape
     E = cfg.num_local_experts
     k = plan.k(cfg, layer)
@@ -199,14 +167,15 @@ def moe(p: dict[str, jax.Array], x: jax.Array, layer: int, cfg: ModelConfig, pla
     idx = rec(h + "topk_indices", idx.reshape(B, S, k)).reshape(-1, k).astype(jnp.int32)
     scores = jax.nn.sigmoid(jnp.take_along_axis(logits, idx, axis=1).astype(jnp.float32))
     scores = rec(h + "topk_scores", scores.astype(x.dtype).reshape(B, S, k)).reshape(-1, k)
-    routed, load = dispatch(xf, idx, scores, p[pre + "experts.gate_up_proj"],
-                            p[pre + "experts.down_proj"], cap, plan.zero.get(layer))
+    experts = [(p[f"{pre}experts.{e}.gate_up_proj"], p[f"{pre}experts.{e}.down_proj"])
+               for e in range(E)]
+    routed = dispatch(xf, idx, scores, experts, plan.zero.get(layer))
     routed = rec(h + "routed_out", routed.reshape(B, S, D))
     shared = swiglu(x, p[pre + "shared_expert.gate_proj.weight"],
                     p[pre + "shared_expert.up_proj.weight"],
                     p[pre + "shared_expert.down_proj.weight"])
     shared = rec(h + "shared_out", shared)
-    return shared + routed, load
+    return shared + routed
 
 
 def mlp(p: dict[str, jax.Array], x: jax.Array, layer: int, rec: Recorder) -> jax.Array:
