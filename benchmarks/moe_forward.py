@@ -214,11 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     bw = memory_bandwidth(64 * 2**20 if a.quick else 512 * 2**20)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured fp32 matmul "
           f"rate {rate:.1f} GFLOP/s, memory read bandwidth {bw:.1f} GB/s")
-    rows = []
-    for E in a.experts:
-        row = bench_one(E, a.seq, a.repeats, a.quick, a.skip_hf)
+    rows = [bench_one(E, a.seq, a.repeats, a.quick, a.skip_hf) for E in a.experts]
+    # the machine is shared: a second measurement after the runs, and the better one is used
+    rate = max(rate, matmul_rate(256 if a.quick else 1024))
+    bw = max(bw, memory_bandwidth(64 * 2**20 if a.quick else 512 * 2**20))
+    print(f"after the runs: fp32 matmul rate {rate:.1f} GFLOP/s, bandwidth {bw:.1f} GB/s "
+          "(best of before and after, used below)")
+    for row in rows:
         row["matmul_gflops"] = rate
-        rows.append(row)
+        row["bandwidth_gb_s"] = bw
     print()
     hdr = (f"{'E':>4s} {'ours torch tok/s':>16s} {'ours jax tok/s':>14s} {'HF tok/s':>9s} "
            f"{'torch/HF':>8s} {'jax/HF':>7s} {'jax/torch':>9s} {'GFLOP/s':>8s} {'% matmul':>8s}")

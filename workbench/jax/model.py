@@ -15,7 +15,7 @@ nn.Linear-layout array per expert, ``experts.{e}.gate_up_proj`` (2I, D) and
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from ..model import CaptureSpec, Model, _store, seq_axis
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from .attention import CacheEntry, Pos, attention, keep_from, linear, rms_norm
 from .hooks import Recorder, patch_array, to_numpy
-from .moe import expert_params, mlp, moe, stacked_experts
+from .moe import mlp, moe
 
 JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
@@ -125,7 +125,7 @@ class JaxModel(Model):
         super().__init__(config, dtype, path)
         np_dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
         self.params: Params = {n: jnp.asarray(a.astype(np_dt, copy=False))
-                               for n, a in to_params(config, tensors).items()}
+                               for n, a in to_params(config, tensors)}
         self.inv_freq = rope_inv_freq(config)
         self._variants: OrderedDict[tuple, Callable] = OrderedDict()
         # extra XLA options for every compiled variant, e.g. {"xla_backend_optimization_level":
@@ -224,19 +224,22 @@ def _expert_names(layer: int) -> tuple[str, str]:
     return pre + "gate_up_proj", pre + "down_proj"
 
 
-def to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Checkpoint tensors -> this backend's params layout: each MoE layer's stacked experts
-    split into one nn.Linear-layout array per expert (``experts.{e}.gate_up_proj`` (2I, D),
-    ``experts.{e}.down_proj`` (D, I)); every other tensor as it is."""
-    out = dict(tensors)
-    for i in cfg.moe_layers:
-        gu_name, dn_name = _expert_names(i)
-        gus, dns = expert_params(np.asarray(out.pop(gu_name)), np.asarray(out.pop(dn_name)))
-        pre = gu_name[: -len("gate_up_proj")]
-        for e, (gu, dn) in enumerate(zip(gus, dns)):
-            out[f"{pre}{e}.gate_up_proj"] = gu
-            out[f"{pre}{e}.down_proj"] = dn
-    return out
+def to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]
+              ) -> Iterator[tuple[str, np.ndarray]]:
+    """Checkpoint tensors -> (name, array) in this backend's params layout: each MoE layer's
+    stacked experts split into one nn.Linear-layout array per expert (``experts.{e}.gate_up_proj``
+    (2I, D), ``experts.{e}.down_proj`` (D, I)); every other tensor as it is. Lazy, so one
+    expert's transposed copy exists at a time while loading."""
+    split = {n for i in cfg.moe_layers for n in _expert_names(i)}
+    for n, a in tensors.items():
+        if n not in split:
+            yield n, np.asarray(a)
+        elif n.endswith("gate_up_proj"):
+            pre = n[: -len("gate_up_proj")]
+            down = np.asarray(tensors[pre + "down_proj"])
+            for e, w in enumerate(np.asarray(a)):
+                yield f"{pre}{e}.gate_up_proj", np.ascontiguousarray(w.T)
+                yield f"{pre}{e}.down_proj", np.ascontiguousarray(down[e].T)
 
 
 def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -246,9 +249,8 @@ def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np
         gu_name, dn_name = _expert_names(i)
         pre = gu_name[: -len("gate_up_proj")]
         E = cfg.num_local_experts
-        gus = [out.pop(f"{pre}{e}.gate_up_proj") for e in range(E)]
-        dns = [out.pop(f"{pre}{e}.down_proj") for e in range(E)]
-        out[gu_name], out[dn_name] = stacked_experts(gus, dns)
+        out[gu_name] = np.stack([out.pop(f"{pre}{e}.gate_up_proj").T for e in range(E)])
+        out[dn_name] = np.stack([out.pop(f"{pre}{e}.down_proj").T for e in range(E)])
     return out
 
 
