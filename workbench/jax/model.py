@@ -32,7 +32,7 @@ from ..model import CaptureSpec, Model, _store, seq_axis
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from .attention import CacheEntry, Pos, attention, keep_from, linear, rms_norm
 from .hooks import Recorder, patch_array, to_numpy
-from .moe import mlp, moe
+from .moe import expert_names, mlp, moe
 
 JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
@@ -219,38 +219,31 @@ class JaxModel(Model):
         return from_params(self.config, {n: to_numpy(a) for n, a in self.params.items()})
 
 
-def _expert_names(layer: int) -> tuple[str, str]:
-    pre = f"layers.{layer}.feed_forward.experts."
-    return pre + "gate_up_proj", pre + "down_proj"
-
-
 def to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]
               ) -> Iterator[tuple[str, np.ndarray]]:
     """Checkpoint tensors -> (name, array) in this backend's params layout: each MoE layer's
     stacked experts split into one nn.Linear-layout array per expert (``experts.{e}.gate_up_proj``
     (2I, D), ``experts.{e}.down_proj`` (D, I)); every other tensor as it is. Lazy, so one
     expert's transposed copy exists at a time while loading."""
-    split = {n for i in cfg.moe_layers for n in _expert_names(i)}
+    stacked = {n for i in cfg.moe_layers for n in expert_names(i)}
     for n, a in tensors.items():
-        if n not in split:
+        if n not in stacked:
             yield n, np.asarray(a)
-        elif n.endswith("gate_up_proj"):
-            pre = n[: -len("gate_up_proj")]
-            down = np.asarray(tensors[pre + "down_proj"])
-            for e, w in enumerate(np.asarray(a)):
-                yield f"{pre}{e}.gate_up_proj", np.ascontiguousarray(w.T)
-                yield f"{pre}{e}.down_proj", np.ascontiguousarray(down[e].T)
+    for i in cfg.moe_layers:
+        gate_up, down = (np.asarray(tensors[n]) for n in expert_names(i))
+        for e in range(cfg.num_local_experts):
+            gu_name, dn_name = expert_names(i, e)
+            yield gu_name, np.ascontiguousarray(gate_up[e].T)
+            yield dn_name, np.ascontiguousarray(down[e].T)
 
 
 def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Inverse of ``to_params``: canonical checkpoint names and layouts."""
     out = dict(params)
     for i in cfg.moe_layers:
-        gu_name, dn_name = _expert_names(i)
-        pre = gu_name[: -len("gate_up_proj")]
-        E = cfg.num_local_experts
-        out[gu_name] = np.stack([out.pop(f"{pre}{e}.gate_up_proj").T for e in range(E)])
-        out[dn_name] = np.stack([out.pop(f"{pre}{e}.down_proj").T for e in range(E)])
+        per_expert = zip(*(expert_names(i, e) for e in range(cfg.num_local_experts)))
+        for name, names in zip(expert_names(i), per_expert):
+            out[name] = np.stack([out.pop(n).T for n in names])
     return out
 
 

@@ -56,6 +56,13 @@ def tile_rows(assignments: int, experts: int) -> int:
     return int(min(max(1 << (half.bit_length() - 1), 8), 128))
 
 
+def expert_names(layer: int, expert: int | None = None) -> tuple[str, str]:
+    """Names of an MoE layer's (gate_up, down) weights: the checkpoint's stacked tensors, or,
+    given ``expert``, the per-expert nn.Linear-layout arrays of this backend's params."""
+    pre = f"layers.{layer}.feed_forward.experts." + ("" if expert is None else f"{expert}.")
+    return pre + "gate_up_proj", pre + "down_proj"
+
+
 def select_experts(logits: jax.Array, k: int, layer: int, plan: Plan, seq: int) -> jax.Array:
     """Top-k expert ids (N, k) after bans (-inf) and forcing (+inf); logits: (N, E), N = B*seq.
 
@@ -156,8 +163,7 @@ def moe(p: dict[str, jax.Array], x: jax.Array, layer: int, cfg: ModelConfig, pla
     idx = rec(h + "topk_indices", idx.reshape(B, S, k)).reshape(-1, k).astype(jnp.int32)
     scores = jax.nn.sigmoid(jnp.take_along_axis(logits, idx, axis=1).astype(jnp.float32))
     scores = rec(h + "topk_scores", scores.astype(x.dtype).reshape(B, S, k)).reshape(-1, k)
-    experts = [(p[f"{pre}experts.{e}.gate_up_proj"], p[f"{pre}experts.{e}.down_proj"])
-               for e in range(E)]
+    experts = [tuple(p[n] for n in expert_names(layer, e)) for e in range(E)]
     routed = dispatch(xf, idx, scores, experts, plan.zero.get(layer))
     routed = rec(h + "routed_out", routed.reshape(B, S, D))
     shared = swiglu(x, p[pre + "shared_expert.gate_proj.weight"],
