@@ -1,11 +1,12 @@
 """MoE forward benchmark: ours (torch, jax) vs transformers on the same weights, in one run.
 
 Mini config (issue #2): hidden 1024, 4 layers, 8 heads / 2 kv heads of 128, expert and shared
-width 1024, vocab 8192, seq 512, fp32, at E=16 and E=128. Prints tokens/s, ratios measured in
+width 1024, vocab 8192, seq 512, fp32 (or --dtype bfloat16), at E=16 and E=128. Prints tokens/s, ratios measured in
 this run, achieved GFLOP/s of *active* compute against the machine's measured matmul rate,
 JAX compile time separately, and the cost of capturing hooks.
 
     python benchmarks/moe_forward.py [--experts 16 128] [--seq 512] [--repeats 3] [--quick]
+                                     [--dtype float32|bfloat16] [--skip-hf] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def active_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return total + 2 * D * V
 
 
-def matmul_rate(n: int = 1024, repeats: int = 10) -> float:
-    """The machine's fp32 matmul rate (GFLOP/s) with torch on an n x n x n product."""
+def matmul_rate(n: int = 1024, repeats: int = 10, dtype: str = "float32") -> float:
+    """The machine's matmul rate (GFLOP/s) in ``dtype`` with torch on an n x n x n product."""
     import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     for _ in range(3):
         a @ b
     t = time.perf_counter()
@@ -95,7 +97,8 @@ def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dict:
+def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
+              dtype: str = "float32") -> dict:
     import torch
 
     from workbench.interventions import Plan
@@ -109,10 +112,10 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
     tensors = random_tensors(cfg, seed=0, router_std=0.5)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq))
     tok = seq
-    row: dict = {"experts": E, "seq": seq, "active_gflop_per_token":
+    row: dict = {"experts": E, "seq": seq, "dtype": dtype, "active_gflop_per_token":
                  active_flops_per_token(cfg, seq) / 1e9}
 
-    ours = TorchModel(cfg, tensors, "float32")
+    ours = TorchModel(cfg, tensors, dtype)
     try:
         import jax  # noqa: F401
 
@@ -123,7 +126,7 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
         t_ours = timed(lambda: ours.run(ids), repeats)
     else:
         # torch and jax timed round-robin in one loop, so machine drift hits both alike
-        jm = JaxModel(cfg, tensors, "float32")
+        jm = JaxModel(cfg, tensors, dtype)
         t0 = time.perf_counter()
         jm.run(ids)
         first = time.perf_counter() - t0
@@ -149,7 +152,7 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
         def __call__(self, name, x):
             return x
 
-    bare = _Bare(CaptureSpec(frozenset()), Plan(), torch.float32)
+    bare = _Bare(CaptureSpec(frozenset()), Plan(), getattr(torch, dtype))
 
     def uninstrumented():
         with torch.inference_mode():
@@ -167,7 +170,8 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
     for i in cfg.moe_layers:
         idx = ours.run(ids, capture=f"layers.{i}.moe.topk_indices").trace
         hit += len(np.unique(idx[f"layers.{i}.moe.topk_indices"]))
-    row["expert_weight_bytes"] = hit * 3 * cfg.hidden_size * cfg.intermediate_size * 4
+    itemsize = 2 if dtype == "bfloat16" else 4
+    row["expert_weight_bytes"] = hit * 3 * cfg.hidden_size * cfg.intermediate_size * itemsize
 
     if not skip_hf:
         import transformers
@@ -179,7 +183,8 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
         sd = {}
         for name, a in tensors.items():
             hfname = name if name.startswith("lm_head") else "model." + name
-            sd[hfname] = torch.from_numpy(a)  # shares memory with ours: one copy of weights
+            # fp32: shares memory with ours, one copy of the weights
+            sd[hfname] = torch.from_numpy(a).to(getattr(torch, dtype))
         hf.load_state_dict(sd, assign=True, strict=True)
         hf.model.rotary_emb.inv_freq = torch.from_numpy(ours.inv_freq.copy())
         hf.eval()
@@ -191,7 +196,7 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool) -> dic
         t_hf = timed(run_hf, max(1, repeats - 1))
         row["hf_tok_s"] = tok / t_hf
         with torch.inference_mode():
-            ref = hf(tids).logits.numpy()
+            ref = hf(tids).logits.float().numpy()
         row["max_rel_err_vs_hf"] = float(np.abs(ours.run(ids).logits - ref).max()
                                          / np.abs(ref).max())
         del hf, sd
@@ -207,18 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
     ap.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and activations of all three models")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     a = ap.parse_args(argv)
     import torch
-    rate = matmul_rate(256 if a.quick else 1024)
+    n = 256 if a.quick else 1024
+    rate = matmul_rate(n, dtype=a.dtype)
     bw = memory_bandwidth(64 * 2**20 if a.quick else 512 * 2**20)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured fp32 matmul "
-          f"rate {rate:.1f} GFLOP/s, memory read bandwidth {bw:.1f} GB/s")
-    rows = [bench_one(E, a.seq, a.repeats, a.quick, a.skip_hf) for E in a.experts]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured {a.dtype} "
+          f"matmul rate {rate:.1f} GFLOP/s, memory read bandwidth {bw:.1f} GB/s")
+    rows = [bench_one(E, a.seq, a.repeats, a.quick, a.skip_hf, a.dtype) for E in a.experts]
     # the machine is shared: a second measurement after the runs, and the better one is used
-    rate = max(rate, matmul_rate(256 if a.quick else 1024))
+    rate = max(rate, matmul_rate(n, dtype=a.dtype))
     bw = max(bw, memory_bandwidth(64 * 2**20 if a.quick else 512 * 2**20))
-    print(f"after the runs: fp32 matmul rate {rate:.1f} GFLOP/s, bandwidth {bw:.1f} GB/s "
+    print(f"after the runs: {a.dtype} matmul rate {rate:.1f} GFLOP/s, bandwidth {bw:.1f} GB/s "
           "(best of before and after, used below)")
     for row in rows:
         row["matmul_gflops"] = rate
