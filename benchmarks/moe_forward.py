@@ -1,9 +1,9 @@
 """MoE forward benchmark: ours (torch, jax) vs transformers on the same weights, in one run.
 
 Mini config (issue #2): hidden 1024, 4 layers, 8 heads / 2 kv heads of 128, expert and shared
-width 1024, vocab 8192, seq 512, fp32 (or --dtype bfloat16), at E=16 and E=128. Prints tokens/s, ratios measured in
-this run, achieved GFLOP/s of *active* compute against the machine's measured matmul rate,
-JAX compile time separately, and the cost of capturing hooks.
+width 1024, vocab 8192, seq 512, fp32 (or --dtype bfloat16), at E=16 and E=128. Prints tokens/s,
+ratios measured in this run, achieved GFLOP/s of *active* compute against the machine's
+measured matmul rate, JAX compile time separately, and the cost of capturing hooks.
 
     python benchmarks/moe_forward.py [--experts 16 128] [--seq 512] [--repeats 3] [--quick]
                                      [--dtype float32|bfloat16] [--skip-hf] [--json FILE]
