@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench.config import ModelConfig  # noqa: E402
-from workbench.init import random_tensors  # noqa: E402
+from workbench.random_weights import random_tensors  # noqa: E402
 
 
 def active_flops_per_token(cfg: ModelConfig, seq: int) -> float:
@@ -101,10 +101,9 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
               dtype: str = "float32") -> dict:
     import torch
 
+    from workbench.forward import Recorder
     from workbench.interventions import Plan
-    from workbench.model import CaptureSpec
-    from workbench.torch.hooks import Recorder, to_numpy
-    from workbench.torch.model import TorchModel, forward
+    from workbench.torch.model import TorchModel
     cfg = ModelConfig.mini(num_local_experts=E)
     if quick:
         cfg = cfg.replace(hidden_size=256, intermediate_size=256, head_dim=32,
@@ -145,18 +144,20 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
     row["torch_gflops"] = row["active_gflop_per_token"] * tok / t_ours
 
     # Hook cost: no capture vs a forward with the recorder bypassed entirely, vs routing capture.
-    p = ours.params.as_dict()
     tids = torch.from_numpy(ids)
 
     class _Bare(Recorder):
         def __call__(self, name, x):
             return x
 
-    bare = _Bare(CaptureSpec(frozenset()), Plan(), getattr(torch, dtype))
+        def wants(self, name):
+            return False
+
+    bare = _Bare(ours.ops, frozenset(), Plan())
 
     def uninstrumented():
         with torch.inference_mode():
-            to_numpy(forward(p, cfg, tids, Plan(), bare, ours.inv_freq))
+            ours.ops.to_numpy(ours._run(tids, Plan(), bare)[0])
 
     cost = timed_interleaved({
         "uninstrumented_s": uninstrumented,

@@ -719,7 +719,7 @@ print("checkpoint:", PATH, "(real Llama 4)" if REAL else "(bundled stand-in)")''
 
 `workbench inspect scout` (or `maverick`) prints the architecture from the published config,
 with parameter counts — no weights needed. In a notebook, the same text comes from
-`workbench.cli.inspect_text`.
+`workbench.describe.inspect_text`.
 '''),
         code('''
 import subprocess
@@ -750,7 +750,7 @@ for name, c in presets.items():
 reports the dtypes and the layer map.
 '''),
         code('''
-from workbench.cli import inspect_text
+from workbench.describe import inspect_text
 
 print(inspect_text(str(PATH)))'''),
         md('''
@@ -776,14 +776,14 @@ running. For a model you have not loaded, the same sum over `hook_shape` works o
 here for Scout at 8k tokens: routing is cheap, attention patterns are not.
 '''),
         code('''
-from workbench.hooks import hook_shape, resolve
+from workbench.hooks import hook_shape, parse, resolve
 
 
 def capture_bytes(cfg, capture, batch, seq, itemsize=4):
     """Bytes of a trace of `capture` for a (batch, seq) input, from the config alone."""
     total = 0
     for name in resolve(cfg, capture):
-        size = 4 if name.endswith("topk_indices") else itemsize
+        size = 4 if parse(name).site == "topk_indices" else itemsize  # int32 expert ids
         total += int(np.prod(hook_shape(cfg, name, batch, seq))) * size
     return total
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import workbench as wb  # noqa: E402
-from workbench.init import random_tensors  # noqa: E402
+from workbench.random_weights import random_tensors  # noqa: E402
 from workbench.torch.model import TorchModel  # noqa: E402
 from workbench.train import routing_structure  # noqa: E402
 

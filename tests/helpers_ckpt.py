@@ -25,7 +25,7 @@ from workbench.checkpoint import (
     write_safetensors,
 )
 from workbench.config import ModelConfig
-from workbench.init import random_tensors
+from workbench.random_weights import random_tensors
 
 # A vision tower small enough to build in milliseconds (the one tests/oracle.py uses).
 TINY_VISION: dict[str, Any] = dict(

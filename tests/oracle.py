@@ -78,7 +78,7 @@ def hf_run(model, ids: np.ndarray):
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| / max |b| (the DESIGN.md relative error)."""
+    """max |a - b| / max |b|: the relative error that the parity tolerances bound."""
     return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 

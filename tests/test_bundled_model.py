@@ -11,7 +11,7 @@ import torch
 from oracle import rel
 
 import workbench as wb
-from workbench.init import random_tensors
+from workbench.random_weights import random_tensors
 from workbench.torch.model import TorchModel
 from workbench.train import routing_structure
 

@@ -321,7 +321,7 @@ def test_sharding_above_max_shard_bytes(tmp_path, ours):
 
 
 def test_save_refuses_missing_and_misshaped(tmp_path):
-    from workbench.init import random_tensors
+    from workbench.random_weights import random_tensors
     t = random_tensors(TINY)
     t.pop("layers.1.self_attn.v_proj.weight")
     raises_with(CheckpointError, lambda: Checkpoint.save(tmp_path / "a", t, TINY),

@@ -1,4 +1,4 @@
-"""Tests for `workbench inspect` (workbench.cli.main / inspect_text)."""
+"""Tests for `workbench inspect` (workbench.cli.main / workbench.describe.inspect_text)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 from helpers_ckpt import TINY_VISION, copy_ckpt, raw_header, rewrite_file, save_random
 
 from workbench.checkpoint import SINGLE_FILE, expected_shapes
-from workbench.cli import inspect_text, main
+from workbench.cli import main
 from workbench.config import ModelConfig, human_bytes, human_count
+from workbench.describe import PRESETS, inspect_text
 
 REPO = Path(__file__).resolve().parent.parent
 MAV = ModelConfig.tiny_maverick()  # MoE at 1, 3; dense at 0, 2; NoPE at 3
@@ -159,3 +160,16 @@ def test_command_line_process(tmp_path, mav_ckpt):
     assert ok.returncode == 0 and "108.64B" in ok.stdout and "17.17B" in ok.stdout
     bad = subprocess.run(cmd + [str(d)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert bad.returncode == 2 and "truncated" in bad.stderr and bad.stdout == ""
+
+
+def test_describe_stands_alone():
+    """inspect_text lives in workbench.describe, which imports neither the command line nor
+    the demo (the demo imports it too: no cli <-> demo import circle)."""
+    code = ("import sys, workbench.describe, workbench.demo; "
+            "print(sorted(m for m in sys.modules if m in ('workbench.cli', 'torch', 'jax')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    assert set(PRESETS) == {"scout", "maverick"}
+    assert inspect_text("scout").startswith("preset: scout")

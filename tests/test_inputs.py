@@ -10,9 +10,9 @@ from helpers_ckpt import raises_with
 import workbench as wb
 from workbench.config import ModelConfig
 from workbench.hooks import HookError
-from workbench.init import write_random_checkpoint
 from workbench.interventions import InterventionError
 from workbench.model import InputError
+from workbench.random_weights import write_random_checkpoint
 
 MAX_POS = 16
 CFG = ModelConfig.tiny(max_position_embeddings=MAX_POS)  # vocab 512, 4 layers, 8 experts

@@ -10,7 +10,7 @@ from oracle import build_hf, hf_run, rel, save_hf
 import workbench as wb
 from workbench.config import ModelConfig
 from workbench.hooks import hook_shape
-from workbench.init import write_random_checkpoint
+from workbench.random_weights import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import workbench as wb
 from workbench.cli import main
 from workbench.config import ModelConfig
-from workbench.init import random_tensors, write_random_checkpoint
+from workbench.random_weights import random_tensors, write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

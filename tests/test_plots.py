@@ -15,8 +15,8 @@ from matplotlib.patches import PathPatch, Rectangle
 import workbench as wb
 from workbench import analysis as an
 from workbench import plots as P
-from workbench.init import write_random_checkpoint
 from workbench.plots import style
+from workbench.random_weights import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "data" / "tokenizer" / "tokenizer.json"

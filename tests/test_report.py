@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import workbench as wb
-from workbench.init import write_random_checkpoint
-from workbench.report import add_arguments, clean_json, run_report
+from workbench.random_weights import write_random_checkpoint
+from workbench.report import add_arguments, run_report
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "data" / "tokenizer" / "tokenizer.json"
@@ -115,8 +115,3 @@ def test_report_bad_inputs(ckpt, tmp_path, capsys):
     assert report(bad, "--out", tmp_path / "o") == 2
     assert "error:" in capsys.readouterr().err
 
-
-def test_clean_json():
-    x = {1: np.float32(1.5), "a": np.arange(3), "n": float("nan"), "t": (np.int64(2),)}
-    assert json.dumps(clean_json(x), allow_nan=False) == \
-        '{"1": 1.5, "a": [0, 1, 2], "n": null, "t": [2]}'

@@ -98,7 +98,7 @@ def test_bf16_error_no_worse_than_transformers_bf16(case):
     from transformers import Llama4ForCausalLM
     truth, _, _ = hf_run(hf, ids)
     ours = wb.load(path, dtype="bfloat16").run(ids).logits
-    # from_pretrained(dtype=bf16) keeps RoPE's inv_freq in fp32; `.to(bf16)` would not (spec §9)
+    # from_pretrained(dtype=bf16) keeps RoPE's inv_freq in fp32; `.to(bf16)` would round it too
     hf16 = Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     hf16.config._attn_implementation = "eager"
     with torch.no_grad():

@@ -22,7 +22,7 @@ from workbench.widgets.routing import _layer_slider  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from workbench.init import write_random_checkpoint
+    from workbench.random_weights import write_random_checkpoint
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), wb.ModelConfig.tiny(),
                                    seed=0, std=0.08, router_std=0.5)
 

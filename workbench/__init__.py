@@ -20,7 +20,7 @@ from .interventions import (
     set_top_k,
     zero_expert,
 )
-from .model import InputError, Model, Output
+from .model import DTYPES, DeviceError, InputError, Model, Output
 from .trace import Routing, Trace
 
 if TYPE_CHECKING:
@@ -31,15 +31,24 @@ __version__ = "0.1.0"
 BACKENDS = ("torch", "jax")
 
 
-def load(path: str | Path, backend: str = "torch", dtype: str = "float32") -> Model:
-    """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``."""
+def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
+         device: Any = None) -> Model:
+    """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``.
+
+    ``device``: torch takes "cpu", "cuda", "cuda:N", "mps" or a torch.device; jax takes a
+    ``jax.Device`` or a platform name ("cpu", "gpu", "tpu", optionally ":N"). The default is
+    the backend's default device. Weights are held once: on the CPU, tensors already in
+    ``dtype`` are used in place from the memory-mapped files.
+    """
     if backend == "torch":
         from .torch import load as _load
     elif backend == "jax":
         from .jax import load as _load
     else:
         raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
-    return _load(path, dtype=dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} not supported; choose one of {DTYPES}")
+    return _load(path, dtype=dtype, device=device)
 
 
 def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
@@ -63,9 +72,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BACKENDS", "Checkpoint", "CheckpointError", "ConfigError", "HookError", "InputError",
-    "InterventionError", "Model", "ModelConfig", "Output", "ParityReport", "Routing", "Tokenizer",
-    "Trace", "ablate_head",
+    "BACKENDS", "Checkpoint", "CheckpointError", "ConfigError", "DeviceError", "HookError",
+    "InputError", "InterventionError", "Model", "ModelConfig", "Output", "ParityReport", "Routing",
+    "Tokenizer", "Trace", "ablate_head",
     "ban_expert", "compare", "force_expert", "hook_names", "load", "patch", "set_top_k",
     "zero_expert",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig
+from .hooks import layer_of
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,14 +67,6 @@ def canonical_name(hf_name: str) -> str | None:
         if hf_name.startswith(prefix):
             return "lm_head." + hf_name[len(prefix):]
     return hf_name
-
-
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -286,31 +278,65 @@ class Checkpoint(Mapping[str, np.ndarray]):
         return f"no tensor {name!r} in {self.path}{sub}" + (f"; did you mean {close}?" if close
                                                            else "")
 
-    def get(self, name: str, dtype: np.dtype | str | None = None) -> np.ndarray:  # type: ignore[override]
-        """Read one tensor (a fresh array; bf16 stays ml_dtypes.bfloat16 unless ``dtype``)."""
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as fh:
+                # copy-on-write: arrays over the mapping are writable, the file never changes
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = mm
+        return mm
+
+    def view(self, name: str) -> np.ndarray:
+        """A zero-copy array over the memory-mapped file (bf16 as ml_dtypes.bfloat16).
+
+        Pages are read from disk when touched and count as file-backed memory; writing to the
+        array changes a private copy of the page, never the file.
+        """
+        info = self.info(name)
+        arr = np.frombuffer(self._map(info.file), dtype=_DTYPES[info.dtype],
+                            count=int(np.prod(info.shape)), offset=info.start)
+        self.bytes_read += info.nbytes
+        return arr.reshape(info.shape)
+
+    def evict(self, name: str) -> None:
+        """Drop the tensor's pages from this process's memory (they are re-read from the file
+        if touched again). Call it only while nothing has written to arrays over the file."""
         info = self.info(name)
         mm = self._maps.get(info.file)
-        if mm is None:
-            with open(info.file, "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[info.file] = mm
-        arr = np.frombuffer(mm, dtype=_DTYPES[info.dtype], count=int(np.prod(info.shape)),
-                            offset=info.start).reshape(info.shape)
-        self.bytes_read += info.nbytes
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        lo = info.start - info.start % page
+        hi = min(len(mm), -(-(info.start + info.nbytes) // page) * page)
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def get(self, name: str, dtype: np.dtype | str | None = None) -> np.ndarray:  # type: ignore[override]
+        """Read one tensor (a fresh array; bf16 stays ml_dtypes.bfloat16 unless ``dtype``)."""
+        arr = self.view(name)
         if dtype is not None:
             return arr.astype(np.dtype(dtype))
         return arr.copy()
 
-    def model_tensors(self) -> dict[str, np.ndarray]:
-        """Every weight a forward pass needs, by canonical name (what a backend loads)."""
+    def weight_names(self) -> list[str]:
+        """The canonical names of every weight a forward pass needs, in checkpoint order."""
         if self.layers is not None:
             raise CheckpointError("a full forward pass needs every layer; open the checkpoint "
                                   "without layers= to run it (use layers= to inspect weights)")
-        return {n: self.get(n) for n in expected_shapes(self.config) if n in self._infos}
+        return [n for n in expected_shapes(self.config) if n in self._infos]
+
+    def model_tensors(self) -> dict[str, np.ndarray]:
+        """Every weight a forward pass needs, by canonical name (what a backend loads)."""
+        return {n: self.get(n) for n in self.weight_names()}
 
     def close(self) -> None:
+        """Unmap the shards. A mapping that arrays still view stays until they are gone."""
         for mm in self._maps.values():
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:  # zero-copy arrays (e.g. a model's weights) still use it
+                pass
         self._maps.clear()
 
     # ----------------------------------------------------------------- summaries

@@ -388,7 +388,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def scout(cls, **overrides: Any) -> ModelConfig:
-        """Llama-4-Scout-17B-16E-Instruct (spec §1.3), as the multimodal checkpoint ships."""
+        """Llama-4-Scout-17B-16E-Instruct as its multimodal checkpoint ships: 16 experts in every
+        layer, QK-norm on RoPE layers, llama3 RoPE scaling (factor 16)."""
         base = dict(
             num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
             rope_scaling={"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0,
@@ -401,7 +402,8 @@ class ModelConfig:
 
     @classmethod
     def maverick(cls, **overrides: Any) -> ModelConfig:
-        """Llama-4-Maverick-17B-128E-Instruct (spec §1.3), as the multimodal checkpoint ships."""
+        """Llama-4-Maverick-17B-128E-Instruct as its multimodal checkpoint ships: 128 experts on
+        every other layer (dense layers between), no QK-norm, unscaled RoPE."""
         base = dict(
             num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
             rope_scaling=None, max_position_embeddings=1048576, bos_token_id=200000,
@@ -446,7 +448,9 @@ class ModelConfig:
 
 
 def vision_param_count(vc: dict[str, Any], text_hidden: int) -> int:
-    """Parameters of the Llama 4 vision tower + projector (spec §5/§6), from its config."""
+    """Parameters of the Llama 4 vision encoder, its adapter and the projector into the text
+    model, counted from the ``vision_config`` dict (absent fields take the sizes of the
+    released Scout/Maverick tower)."""
     h = vc.get("hidden_size", 1408)
     layers = vc.get("num_hidden_layers", 34)
     inter = vc.get("intermediate_size", 5632)

@@ -8,12 +8,13 @@ traces (safetensors) and a JSON summary to the output directory.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .jsonio import dumps
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "data" / "scout-mini"
@@ -48,11 +49,11 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
     if not (path / "config.json").exists():
         if model:
             raise FileNotFoundError(f"no checkpoint at {path}")
-        from workbench.init import write_random_checkpoint
+        from workbench.random_weights import write_random_checkpoint
         path = write_random_checkpoint(out_dir / "random-model", wb.ModelConfig.tiny(), seed=0,
                                        std=0.08, router_std=0.5)
         print(f"bundled model not found at {BUNDLED}; using a random checkpoint at {path}")
-    from workbench.cli import inspect_text
+    from workbench.describe import inspect_text
     print(inspect_text(str(path)))
     print()
     tok = wb.Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
@@ -126,7 +127,7 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
         "parity": parity, "figures": figures, "traces": saved,
         "elapsed_s": round(time.time() - prog.t0, 1),
     }
-    (out_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+    (out_dir / "summary.json").write_text(dumps(summary, indent=2) + "\n")
     prog.step(f"summary written to {out_dir / 'summary.json'}")
     return 0 if parity.get("ok", True) else 1
 
@@ -156,14 +157,3 @@ def _figures(out_dir: Path, traces: dict, tok: Any, layers: list[int], rep: Any,
         out.append(str(plots.save(fig, fig_dir / f"{name}.png")))
     return out
 
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x

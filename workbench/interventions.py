@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .config import ModelConfig
-from .hooks import check_name, hook_shape
+from .hooks import check_name, hook_shape, parse
 
 
 class InterventionError(ValueError):
@@ -204,17 +204,15 @@ def plan(cfg: ModelConfig, interventions: Sequence[Intervention] | None,
                 check_name(cfg, iv.name)
             except KeyError as e:
                 raise InterventionError(f"{what}: {e}") from None
-            if iv.name.endswith("attn.pattern"):
-                shape = hook_shape(cfg, iv.name, batch, seq)
-            else:
-                shape = hook_shape(cfg, iv.name, batch, seq,
-                                   top_k=p.k(cfg, _layer_of(iv.name) or 0))
+            hook = parse(iv.name)
+            top_k = p.k(cfg, hook.layer) if hook.block == "moe" else None
+            shape = hook_shape(cfg, iv.name, batch, seq, top_k=top_k)
             try:
                 val = np.broadcast_to(iv.value, shape)
             except ValueError:
                 raise InterventionError(f"{what}: value of shape {iv.value.shape} does not "
                                         f"broadcast to the hook's shape {shape}") from None
-            if iv.name.endswith("topk_indices"):
+            if (hook.block, hook.site) == ("moe", "topk_indices"):
                 if val.size and (val.min() < 0 or val.max() >= cfg.num_local_experts):
                     raise InterventionError(f"{what}: expert indices outside 0.."
                                             f"{cfg.num_local_experts - 1}")
@@ -236,11 +234,6 @@ def plan(cfg: ModelConfig, interventions: Sequence[Intervention] | None,
         p.records.append({"kind": "hook_fn", "name": name,
                           "fn": getattr(fn, "__qualname__", repr(fn))})
     return p
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "layers" else None
 
 
 def _fmt(iv: Any) -> str:

@@ -1,9 +1,9 @@
 """The backend-independent Model API: input checks, capture resolution, interventions, traces.
 
-A backend subclasses ``Model`` and implements ``_forward`` (one batched forward pass, optionally
-continuing a KV cache) plus tensor conversion. Everything a user touches — ``run``,
-``hook_names``, ``estimate_capture_bytes``, ``generate`` — is defined once here so torch and jax
-behave identically.
+A backend subclasses ``Model`` and implements ``_forward`` (one batched forward pass through the
+shared ``workbench.forward``, optionally continuing a KV cache) plus ``device``. Everything a
+user touches — ``run``, ``hook_names``, ``estimate_capture_bytes``, ``generate`` — is defined
+once here so torch and jax behave identically.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ class InputError(ValueError):
     """Token ids the model cannot take: wrong rank, empty, out of range, too long."""
 
 
+class DeviceError(ValueError):
+    """A device that does not exist, is not available, or that the backend cannot use."""
+
+
 class Output(NamedTuple):
-    logits: np.ndarray  # (B, T, V) float32
+    logits: np.ndarray | None  # (B, T, V) float32; None when run with stop_at_layer
     trace: Trace
 
 
@@ -55,12 +59,19 @@ class Model(ABC):
 
     # ----------------------------------------------------------------- to implement
     @abstractmethod
-    def _forward(self, ids: np.ndarray, plan: Plan, spec: CaptureSpec,
-                 cache: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray], Any]:
+    def _forward(self, ids: np.ndarray, plan: Plan, spec: CaptureSpec, cache: Any = None,
+                 stop_at_layer: int | None = None
+                 ) -> tuple[np.ndarray | None, dict[str, np.ndarray], Any]:
         """One forward pass over ``ids`` (B, S), continuing ``cache`` when given.
 
-        Returns float32 logits (B, S, V), the captured arrays, and the updated cache.
+        Returns float32 logits (B, S, V) (None with ``stop_at_layer``), the captured arrays
+        (numpy, after the capture spec), and the updated cache.
         """
+
+    @property
+    @abstractmethod
+    def device(self) -> Any:
+        """Where the weights live and the forward runs (the backend's device object)."""
 
     @abstractmethod
     def new_cache(self, batch: int) -> Any:
@@ -75,7 +86,7 @@ class Model(ABC):
         c = self.config
         return (f"<workbench {self.backend} model: {c.num_hidden_layers} layers, "
                 f"{c.num_local_experts} experts top-{c.num_experts_per_tok}, d={c.hidden_size}, "
-                f"{self.dtype}{', ' + str(self.path) if self.path else ''}>")
+                f"{self.dtype} on {self.device}{', ' + str(self.path) if self.path else ''}>")
 
     def check_ids(self, input_ids: Any, start: int = 0) -> np.ndarray:
         """Validate token ids and return them as int64 (batch, seq); 1-D input gets batch 1."""
@@ -110,19 +121,32 @@ class Model(ABC):
     def run(self, input_ids: Any, capture: str | Iterable[str] | None = None,
             interventions: Sequence[Intervention] | None = None,
             hooks: Mapping[str, Callable] | None = None, *, capture_dtype: Any = None,
-            positions: slice | Sequence[int] | None = None) -> Output:
+            positions: slice | Sequence[int] | None = None,
+            stop_at_layer: int | None = None) -> Output:
         """Run the model on ``input_ids`` (batch, seq), capturing hooks matching ``capture``.
 
         ``interventions`` (wb.ban_expert, ...) and ``hooks`` ({name: fn}, a function of the
         backend's array type returning a replacement) change the forward pass.
         ``capture_dtype`` stores captured floats in e.g. float16; ``positions`` keeps only those
-        sequence positions (a slice) of every captured hook.
+        sequence positions (a slice) of every captured hook. ``stop_at_layer=k`` runs only
+        layers 0..k-1 (hooks of later layers cannot be captured) and returns no logits.
         """
         ids = self.check_ids(input_ids)
         names = hk.resolve(self.config, capture)
+        L = self.config.num_hidden_layers
+        if stop_at_layer is not None:
+            if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int | np.integer) \
+                    or not 0 <= stop_at_layer <= L:
+                raise InputError(f"stop_at_layer={stop_at_layer!r} must be an int in 0..{L}")
+            stop_at_layer = int(stop_at_layer)
+            late = [n for n in names if (hk.layer_of(n) is None and n != "embed")
+                    or (hk.layer_of(n) or 0) >= stop_at_layer]
+            if late:
+                raise InputError(f"stop_at_layer={stop_at_layer}: cannot capture {late[:3]}, "
+                                 "which the shortened forward never reaches")
         p = plan(self.config, interventions, hooks, ids.shape[0], ids.shape[1])
         spec = CaptureSpec(frozenset(names), _np_dtype(capture_dtype), _as_slice(positions))
-        logits, arrays, _ = self._forward(ids, p, spec)
+        logits, arrays, _ = self._forward(ids, p, spec, None, stop_at_layer)
         trace = Trace({n: arrays[n] for n in names if n in arrays}, ids,
                       self._meta(names, p, capture))
         return Output(logits, trace)
@@ -157,7 +181,7 @@ class Model(ABC):
                              f"{top_p})")
         self.check_ids(np.zeros((1, 1), np.int64), start=ids.shape[1] + max_new_tokens - 1)
         names = hk.resolve(self.config, capture)
-        step_names = frozenset(n for n in names if not n.endswith("attn.pattern"))
+        step_names = frozenset(n for n in names if not hk.is_pattern(n))
         rng = np.random.default_rng(seed)
         B = ids.shape[0]
         cache = self.new_cache(B)
@@ -169,7 +193,7 @@ class Model(ABC):
         logits, arrays, cache = self._forward(ids, p, CaptureSpec(frozenset(names)), cache)
         pieces: dict[str, list[np.ndarray]] = {n: [a] for n, a in arrays.items()
                                                if n in step_names}
-        patterns = {n: [a] for n, a in arrays.items() if n.endswith("attn.pattern")}
+        patterns = {n: [a] for n, a in arrays.items() if hk.is_pattern(n)}
         new = np.zeros((B, 0), np.int64)
         eos = set(stop_ids or ())
         done = np.zeros(B, bool)
@@ -184,10 +208,9 @@ class Model(ABC):
             logits, arrays, cache = self._forward(tok[:, None], p,
                                                   CaptureSpec(frozenset(names)), cache)
             for n, a in arrays.items():
-                (patterns if n.endswith("attn.pattern") else pieces).setdefault(n, []).append(a)
+                (patterns if hk.is_pattern(n) else pieces).setdefault(n, []).append(a)
             last = logits[:, -1]
-        arrays = {n: np.concatenate(v, axis=2 if ".attn." in n and not n.endswith(".out")
-                                    else 1) for n, v in pieces.items()}
+        arrays = {n: np.concatenate(v, axis=hk.seq_axis(n)) for n, v in pieces.items()}
         full = np.concatenate([ids, new], axis=1)
         trace = Trace(arrays, full[:, : full.shape[1] - (1 if new.shape[1] else 0)],
                       self._meta(names, p, capture))
@@ -241,17 +264,9 @@ def _as_slice(positions: Any) -> slice | None:
     raise ValueError("positions must be a slice or a contiguous range of positions")
 
 
-def _store(a: np.ndarray, spec: CaptureSpec, seq_axis: int) -> np.ndarray:
-    """Apply the capture spec (position slice, storage dtype) to one captured array."""
-    if spec.positions is not None:
-        idx = [slice(None)] * a.ndim
-        idx[seq_axis] = spec.positions
-        a = a[tuple(idx)]
+def store(a: np.ndarray, spec: CaptureSpec) -> np.ndarray:
+    """A captured array as a trace keeps it: in the capture dtype, contiguous. (The position
+    slice was applied where the value was captured.)"""
     if spec.dtype is not None and a.dtype.kind == "f":
         a = a.astype(spec.dtype)
     return np.ascontiguousarray(a)
-
-
-def seq_axis(name: str) -> int:
-    """Axis of the sequence (query) dimension of a hook's array."""
-    return 2 if ".attn." in name and not name.endswith(".out") else 1

@@ -11,7 +11,7 @@ from .config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies (head_dim/2,) float32, with llama3 scaling when configured (spec §4.2).
+    """Inverse frequencies (head_dim/2,) float32, with llama3 scaling when configured.
 
     Mirrors HF ``_compute_llama3_parameters`` operation for operation in float32.
     """
@@ -43,7 +43,7 @@ def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarra
 
 
 def temperature_scales(positions: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """Query temperature per absolute 0-based position (spec §4.4), float32.
+    """Query temperature per absolute 0-based position, float32 (applied on NoPE layers).
 
     ``1 + attn_scale * log1p(floor((p + 1) / floor_scale))``; exactly 1 below floor_scale - 1.
     """
@@ -53,7 +53,11 @@ def temperature_scales(positions: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 
 def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, chunk: int | None) -> np.ndarray:
-    """Boolean (Tq, Tk) mask: causal, and within the same chunk when ``chunk`` is set (§4.5)."""
+    """Boolean (Tq, Tk) mask: causal, and within the same chunk when ``chunk`` is set.
+
+    Chunks are aligned to absolute positions: query q sees key k iff k <= q and, with a chunk,
+    k // chunk == q // chunk.
+    """
     q = np.asarray(q_pos)[:, None]
     k = np.asarray(k_pos)[None, :]
     m = k <= q

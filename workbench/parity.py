@@ -1,7 +1,8 @@
 """Cross-checks between two models on the same weights: PyTorch vs JAX, or fp32 vs bf16.
 
 ``compare`` runs both on the same ids with every hook captured and reports, per hook, the
-largest absolute and relative error (relative = max|a-b| / max|b|, DESIGN.md's bound), per MoE
+largest absolute and relative error (relative = max|a-b| / max|b|, the quantity the tolerance
+bounds: ``FP32_TOL`` when both models run in float32, ``BF16_TOL`` otherwise), per MoE
 layer the routing agreement, and every token whose expert choice differs, with its top-1/top-2
 router margin in both models. Top-k routing is discontinuous: a flip at a near-tie is expected
 rounding, a flip at a wide margin is a bug. Positions downstream of a flip (same row, later or
@@ -11,24 +12,24 @@ so one flip does not hide or fake an error elsewhere.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .model import Model, seq_axis
+from .hooks import HookName, parse, relative, seq_axis
+from .model import Model
 
 FP32_TOL = 2e-4
 BF16_TOL = 5e-2
 FP32_NEAR_TIE = 1e-3
 BF16_NEAR_TIE = 5e-2
 
-_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
-
 
 @dataclass
-class HookError:
+class HookDiff:
+    """How far one hook differs between the two models."""
+
     name: str
     layer: int | None
     max_abs: float
@@ -68,7 +69,7 @@ class ParityReport:
     label_b: str
     tol: float
     near_tie: float
-    hooks: list[HookError] = field(default_factory=list)
+    hooks: list[HookDiff] = field(default_factory=list)
     routing: list[LayerRouting] = field(default_factory=list)
     flips: list[Flip] = field(default_factory=list)
     logits_kl: float = 0.0  # mean per-token KL(a || b) of next-token distributions
@@ -85,7 +86,7 @@ class ParityReport:
         return all(h.ok for h in self.hooks) and self.all_flips_near_ties
 
     @property
-    def worst(self) -> HookError | None:
+    def worst(self) -> HookDiff | None:
         return max((h for h in self.hooks if h.rel == h.rel), key=lambda h: h.rel, default=None)
 
     def summary(self, max_rows: int = 60) -> str:
@@ -141,9 +142,8 @@ class ParityReport:
         """One row per hook (name, layer, kind, max_abs, rel, ok) for plots."""
         out = []
         for h in self.hooks:
-            m = _LAYER.match(h.name)
-            kind = m.group(2) if m else h.name
-            out.append({"name": h.name, "layer": h.layer, "kind": kind, "max_abs": h.max_abs,
+            out.append({"name": h.name, "layer": h.layer, "kind": relative(h.name),
+                        "max_abs": h.max_abs,
                         "rel": h.rel, "ok": h.ok})
         return out
 
@@ -203,15 +203,15 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
     for name in ta:
         if name not in tb:
             continue
-        if name.endswith("topk_indices"):
+        hook = parse(name)
+        if (hook.block, hook.site) == ("moe", "topk_indices"):
             continue
         a, b = ta[name].astype(np.float64), tb[name].astype(np.float64)
-        m = _LAYER.match(name)
-        layer = int(m.group(1)) if m else None
+        layer = hook.layer
         row = taint[layer if layer is not None else -1]
         if name == "embed":
             row = np.full(B, T)
-        elif layer is not None and not _after_routing(m.group(2)):
+        elif layer is not None and not _after_routing(hook):
             row = taint[layer - 1] if layer > 0 else np.full(B, T)
         ax = seq_axis(name)
         pos = np.arange(a.shape[ax])
@@ -222,14 +222,14 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
         excluded = int((~keep).sum())
         if excluded == a.size:
             # every value sits downstream of a flip: nothing comparable, say so (NaN, not 0)
-            rep.hooks.append(HookError(name, layer, float("nan"), float("nan"), excluded, True))
+            rep.hooks.append(HookDiff(name, layer, float("nan"), float("nan"), excluded, True))
             continue
         diff = np.where(keep, np.abs(a - b), 0.0)
         ref = np.where(keep, np.abs(b), 0.0)
         max_abs = float(diff.max()) if diff.size else 0.0
         denom = float(ref.max()) if ref.size else 0.0
         rel = max_abs / denom if denom > 0 else max_abs
-        rep.hooks.append(HookError(name, layer, max_abs, rel, excluded, rel <= tol))
+        rep.hooks.append(HookDiff(name, layer, max_abs, rel, excluded, rel <= tol))
     la = _logits(ta, model_a, ids)
     lb = _logits(tb, model_b, ids)
     pa, pb = _softmax(la), _softmax(lb)
@@ -238,9 +238,10 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
     return rep
 
 
-def _after_routing(rest: str) -> bool:
+def _after_routing(hook: HookName) -> bool:
     """Hooks of a layer that a routing flip in the same layer can change."""
-    return rest.startswith(("moe.routed", "moe.topk_scores")) or rest in ("resid_post",)
+    return (hook.block, hook.site) in (("moe", "routed_out"), ("moe", "topk_scores"),
+                                       (None, "resid_post"))
 
 
 def _near_tie(la: np.ndarray, lb: np.ndarray, k: int, eps: float) -> bool:

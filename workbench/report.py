@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .jsonio import dumps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = Path("data") / "corpus" / "val.jsonl"
@@ -115,7 +116,7 @@ class _Report:
         self.metrics["figures"] = list(self.files)
         self.metrics["skipped"] = dict(self.skipped)
         (self.out / "metrics.json").write_text(
-            json.dumps(clean_json(self.metrics), indent=1, allow_nan=False) + "\n",
+            dumps(self.metrics, indent=1) + "\n",
             encoding="utf-8")
         self.files.append("metrics.json")
         for line in self.summary:
@@ -125,26 +126,6 @@ class _Report:
         print(f"wrote {len(self.files)} files to {self.out}:")
         for f in self.files:
             print(f"  {f}")
-
-
-def clean_json(x: Any) -> Any:
-    """``x`` with numpy scalars/arrays as Python numbers/lists, tuples as lists, dataclasses as
-    dicts, keys as strings, and NaN/inf as None: safe for ``json.dumps(allow_nan=False)``."""
-    if is_dataclass(x) and not isinstance(x, type):
-        return clean_json(asdict(x))
-    if isinstance(x, Mapping):
-        return {str(k): clean_json(v) for k, v in x.items()}
-    if isinstance(x, list | tuple | set):
-        return [clean_json(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return clean_json(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 # --------------------------------------------------------------------------- inputs

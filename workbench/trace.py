@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import read_safetensors, write_safetensors
-
-_LAYER = re.compile(r"^layers\.(\d+)\.")
+from .hooks import HookError, HookName, layer_of, parse
+from .jsonio import dumps
 
 
 @dataclass(frozen=True)
@@ -73,13 +72,13 @@ class Trace(Mapping[str, np.ndarray]):
     @property
     def layers(self) -> list[int]:
         """Layer indices with at least one captured hook."""
-        return sorted({int(m.group(1)) for n in self._arrays if (m := _LAYER.match(n))})
+        return sorted({i for n in self._arrays if (i := layer_of(n)) is not None})
 
     @property
     def moe_layers(self) -> list[int]:
         """MoE layers whose routing (topk_indices) was captured."""
-        return sorted(int(_LAYER.match(n).group(1)) for n in self._arrays
-                      if n.endswith(".moe.topk_indices"))
+        return sorted(h.layer for h in map(_parsed, self._arrays)
+                      if h is not None and (h.block, h.site) == ("moe", "topk_indices"))
 
     @property
     def num_experts(self) -> int:
@@ -112,7 +111,7 @@ class Trace(Mapping[str, np.ndarray]):
         p.parent.mkdir(parents=True, exist_ok=True)
         arrays = dict(self._arrays)
         arrays["__input_ids__"] = self.input_ids.astype(np.int64)
-        write_safetensors(p, arrays, {"workbench_trace": json.dumps(_jsonable(self.meta))})
+        write_safetensors(p, arrays, {"workbench_trace": dumps(self.meta)})
         return p
 
     @classmethod
@@ -125,13 +124,9 @@ class Trace(Mapping[str, np.ndarray]):
                    json.loads(meta["workbench_trace"]))
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
+def _parsed(name: str) -> HookName | None:
+    """The parsed hook name, or None for an array whose name is not a hook name."""
+    try:
+        return parse(name)
+    except HookError:
+        return None

@@ -162,8 +162,8 @@ def train(a: TrainArgs, cfg: ModelConfig | None = None, progress: bool = True) -
     import torch
 
     from .analysis.training import new_training_log, training_log_entry
-    from .init import random_tensors
     from .interventions import Plan
+    from .random_weights import random_tensors
     from .tokenizer import Tokenizer
     from .torch.model import TorchModel
 

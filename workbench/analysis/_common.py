@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..hooks import HookError, absolute, parse
 from ..trace import Trace
 
 Traces = Trace | Sequence[Trace]
@@ -37,8 +38,7 @@ def need(trace: Trace, name: str, what: str) -> np.ndarray:
     """``trace[name]``, or a ValueError that names the hook and how to capture it."""
     if name in trace:
         return np.asarray(trace[name])
-    parts = name.split(".")
-    group = ".".join(parts[:3]) + ".*" if len(parts) > 3 else name
+    group = _block_glob(name)
     captured = list(trace.keys())
     shown = ", ".join(captured[:8]) + (" ..." if len(captured) > 8 else "")
     raise ValueError(
@@ -55,8 +55,18 @@ def moe_layers(traces: Traces) -> list[int]:
     return sorted(common)
 
 
+def _block_glob(name: str) -> str:
+    """``layers.{i}.{block}.*`` for a hook inside a layer block; the name itself otherwise."""
+    try:
+        h = parse(name)
+    except HookError:
+        return name
+    return absolute(h.layer, f"{h.block}.*") if h.block is not None else name
+
+
 def _routing_name(layer: int, leaf: str) -> str:
-    return f"layers.{layer}.moe.{leaf}"
+    """The hook name of one MoE routing leaf of ``layer``."""
+    return absolute(layer, f"moe.{leaf}")
 
 
 def indices_per_trace(traces: Traces, layer: int, what: str) -> list[np.ndarray]:

@@ -17,23 +17,30 @@ positions. Layer types come from the trace's config summary: a layer in ``nope_l
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from ..hooks import HookError, parse
 from ..trace import Trace
 from ._common import Traces, as_list, need
-
-_PATTERN = re.compile(r"^layers\.(\d+)\.attn\.pattern$")
 
 
 def pattern_layers(traces: Traces) -> list[int]:
     """Layers whose attention pattern was captured in every trace."""
     ts = as_list(traces)
-    sets = [{int(m.group(1)) for n in t if (m := _PATTERN.match(n))} for t in ts]
+    sets = [{layer for n in t if (layer := _pattern_layer(n)) is not None} for t in ts]
     return sorted(set.intersection(*sets))
+
+
+def _pattern_layer(name: str) -> int | None:
+    """The layer of a ``layers.{i}.attn.pattern`` name; None for any other name."""
+    try:
+        h = parse(name)
+    except HookError:
+        return None
+    return h.layer if (h.block, h.site) == ("attn", "pattern") else None
 
 
 def _patterns(traces: Traces, layer: int, what: str) -> list[tuple[np.ndarray, np.ndarray]]:

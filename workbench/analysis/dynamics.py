@@ -56,7 +56,8 @@ class SameExpertRate:
 
 
 def same_expert_rate(traces: Traces, layer: int) -> SameExpertRate:
-    """Consecutive-token same-expert rate against chance (Mixtral §5; see the dataclass)."""
+    """Consecutive-token same-expert rate against chance (the temporal-locality measure of
+    the Mixtral paper's routing analysis); the fields are described on :class:`SameExpertRate`."""
     per = indices_per_trace(traces, layer, "same_expert_rate")
     E = num_experts(traces, layer)
     k = per[0].shape[-1]

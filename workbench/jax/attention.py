@@ -1,4 +1,4 @@
-"""Llama 4 attention (jax): projections, interleaved RoPE, QK-norm, temperature, masks, KV cache.
+"""Attention kernels (jax): linear, RMSNorm, interleaved RoPE, masks, softmax attention, KV cache.
 
 Pure functions traced under ``jax.jit``. fp32 dots run at ``Precision.HIGHEST`` (no TF32/bf16
 passes on accelerators), so fp32 results match torch and transformers to rounding.
@@ -10,10 +10,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from ..config import ModelConfig
-from .hooks import Recorder
 
 PRECISION = jax.lax.Precision.HIGHEST
 Pos = int | jax.Array  # an absolute position: a Python int when static, a traced scalar otherwise
@@ -22,8 +18,8 @@ Pos = int | jax.Array  # an absolute position: a Python int when static, a trace
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w.T`` for an nn.Linear-layout weight (out, in), accumulated in fp32 and rounded
     once to x's dtype, as torch's CPU matmul does. Asking XLA:CPU for an fp32 result is also
-    what selects its fast bf16 kernels: a bf16-out dot runs 3-10x slower (8 x 1024 x 2048:
-    2568 vs 387 us; 512 rows: 11.8 vs 3.9 ms)."""
+    what selects its fast bf16 kernels (a bf16-out dot takes a several times slower path; the
+    benchmarks' README has the measurements)."""
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=PRECISION,
                                preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -38,11 +34,11 @@ def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Interleaved-pair (complex) RoPE in fp32, as HF: pairs (x[2i], x[2i+1]) times e^{i theta}.
 
-    x: (B, S, N, d); cos/sin: (S, d/2) float32 tables from ``workbench.numerics``.
+    x: (B, N, S, d); cos/sin: (S, d/2) float32 tables from ``workbench.numerics``.
     """
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
     xc = jax.lax.complex(xf[..., 0], xf[..., 1])
-    y = xc * jax.lax.complex(cos, sin)[None, :, None, :]
+    y = xc * jax.lax.complex(cos, sin)[None, None]
     return jnp.stack((y.real, y.imag), axis=-1).reshape(x.shape).astype(x.dtype)
 
 
@@ -66,46 +62,6 @@ def keep_from(start: Pos, n: int, chunk: int) -> Pos:
     return ((start + n - 1) // chunk) * chunk
 
 
-def attention(p: dict[str, jax.Array], x: jax.Array, layer: int, cfg: ModelConfig,
-              rope: tuple[jax.Array, jax.Array], temp: jax.Array | None, start: Pos,
-              cache: dict[int, CacheEntry] | None, rec: Recorder,
-              ablate: list[int] | None) -> jax.Array:
-    """One attention block on normalised input x (B, S, D); returns o_proj output (B, S, D).
-
-    ``cache`` (layer -> CacheEntry) is updated in place with this call's keys and values.
-    """
-    B, S, _ = x.shape
-    H, K, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    pre = f"layers.{layer}.self_attn."
-    q = linear(x, p[pre + "q_proj.weight"]).reshape(B, S, H, d)
-    k = linear(x, p[pre + "k_proj.weight"]).reshape(B, S, K, d)
-    v = linear(x, p[pre + "v_proj.weight"]).reshape(B, S, K, d)
-    if cfg.uses_rope(layer):
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cfg.uses_qk_norm(layer):
-            q, k = rms_norm(q, None, cfg.rms_norm_eps), rms_norm(k, None, cfg.rms_norm_eps)
-    elif temp is not None:
-        q = (q * temp[None, :, None, None]).astype(q.dtype)
-    h = f"layers.{layer}.attn."
-    q = rec(h + "q", q.transpose(0, 2, 1, 3))
-    k = rec(h + "k", k.transpose(0, 2, 1, 3))
-    v = rec(h + "v", v.transpose(0, 2, 1, 3))
-    chunk = cfg.chunk_size(layer)
-    if cache is not None:
-        k, v, k_start = cache_update(cache, layer, k, v, start, chunk)
-    else:
-        k_start = start
-    scale = d ** -0.5
-    if rec.wants(h + "pattern"):
-        o = _explicit(q, k, v, start, k_start, chunk, scale, rec, h + "pattern")
-    else:
-        o = _fused(q, k, v, start, k_start, chunk, scale)
-    if ablate:
-        o = o.at[:, np.asarray(ablate)].set(0)
-    o = o.transpose(0, 2, 1, 3).reshape(B, S, H * d)
-    return rec(h + "out", linear(o, p[pre + "o_proj.weight"]))
-
-
 def _mask(S: int, Tk: int, start: Pos, k_start: Pos, chunk: int | None) -> jax.Array:
     """(S, Tk) boolean mask, the rule of ``numerics.attention_mask`` built in the graph from
     iotas (no S x Tk constant is embedded; positions may be traced while decoding)."""
@@ -117,9 +73,10 @@ def _mask(S: int, Tk: int, start: Pos, k_start: Pos, chunk: int | None) -> jax.A
     return m
 
 
-def _explicit(q, k, v, start, k_start, chunk, scale, rec, name):
-    """Softmax attention with the probabilities materialised (B, H, S, Tk), as HF eager does:
-    scores and probabilities are rounded to the model dtype (softmax itself runs in fp32)."""
+def attention_probs(q: jax.Array, k: jax.Array, start: Pos, k_start: Pos, chunk: int | None,
+                    scale: float) -> jax.Array:
+    """Softmax probabilities (B, H, S, T) after the mask, as HF eager attention computes them:
+    scores and probabilities rounded to the model dtype (softmax itself runs in fp32)."""
     B, H, S, d = q.shape
     K, Tk = k.shape[1], k.shape[2]
     qg = q.reshape(B, K, H // K, S, d)
@@ -128,10 +85,16 @@ def _explicit(q, k, v, start, k_start, chunk, scale, rec, name):
     scores = scores.reshape(B, H, S, Tk)
     m = _mask(S, Tk, start, k_start, chunk)
     scores = jnp.where(m, scores, jnp.finfo(scores.dtype).min)
-    probs = rec(name, jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype))
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+
+
+def attend(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs (B, H, S, T) times v (B, K, T, d) per kv group, fp32 accumulation: (B, H, S, d)."""
+    B, H, S, Tk = probs.shape
+    K = v.shape[1]
     o = jnp.einsum("bkgst,bktd->bkgsd", probs.reshape(B, K, H // K, S, Tk), v,
                    precision=PRECISION, preferred_element_type=jnp.float32)
-    return o.astype(q.dtype).reshape(B, H, S, d)
+    return o.astype(v.dtype).reshape(B, H, S, v.shape[-1])
 
 
 def _sdpa(q, k, v, mask, scale):
@@ -151,7 +114,8 @@ def _sdpa(q, k, v, mask, scale):
     return o.astype(q.dtype).reshape(B, H, S, d)
 
 
-def _fused(q, k, v, start, k_start, chunk, scale):
+def fused(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
+          chunk: int | None, scale: float) -> jax.Array:
     """Attention without materialising a T x T buffer for chunked layers: a prefill from
     position 0 runs blockwise per chunk (B*n blocks of chunk x chunk); otherwise masked."""
     B, H, S, d = q.shape
@@ -173,30 +137,28 @@ def _fused(q, k, v, start, k_start, chunk, scale):
     return _sdpa(q, k, v, _mask(S, k.shape[2], start, k_start, chunk), scale)
 
 
-def cache_update(cache: dict[int, CacheEntry], layer: int, k: jax.Array, v: jax.Array,
-                 start: Pos, chunk: int | None) -> tuple[jax.Array, jax.Array, Pos]:
-    """Append new keys/values; chunked layers drop keys no future query can see.
+def cache_update(entry: CacheEntry, k: jax.Array, v: jax.Array, start: Pos,
+                 chunk: int | None) -> tuple[jax.Array, jax.Array, Pos, CacheEntry]:
+    """Append new keys/values; chunked layers drop keys no later query can see.
 
-    Returns the keys/values this call attends to and the position of their first slot, like
-    torch's ``cache_update``. Here the stored buffers keep a fixed capacity: the new entry is
-    the window starting at the kept position (the host grows ``cap`` beforehand if needed).
+    Returns the keys/values this call attends to, the position of their first slot, and the
+    new entry. The stored buffers keep a fixed capacity ``entry.cap``: the new entry is the
+    window starting at the kept position (the host grows ``cap`` beforehand if needed).
     """
-    e = cache[layer]
     S = k.shape[2]
-    if e.k is None:
+    if entry.k is None:
         ks, vs, k_start = k, v, start
     else:
-        k_start = e.k_start
+        k_start = entry.k_start
         pad = ((0, 0), (0, 0), (0, S), (0, 0))
         off = start - k_start
-        ks = jax.lax.dynamic_update_slice_in_dim(jnp.pad(e.k, pad), k, off, axis=2)
-        vs = jax.lax.dynamic_update_slice_in_dim(jnp.pad(e.v, pad), v, off, axis=2)
+        ks = jax.lax.dynamic_update_slice_in_dim(jnp.pad(entry.k, pad), k, off, axis=2)
+        vs = jax.lax.dynamic_update_slice_in_dim(jnp.pad(entry.v, pad), v, off, axis=2)
     keep = k_start
     if chunk is not None:
         # keys needed by the queries of this call are used above: trim after use
         keep = jnp.maximum(k_start, keep_from(start, S, chunk))
-    idx = (keep - k_start) + jnp.arange(e.cap)
-    cache[layer] = CacheEntry(jnp.take(ks, idx, axis=2, mode="fill", fill_value=0),
-                              jnp.take(vs, idx, axis=2, mode="fill", fill_value=0),
-                              keep, e.cap)
-    return ks, vs, k_start
+    idx = (keep - k_start) + jnp.arange(entry.cap)
+    new = CacheEntry(jnp.take(ks, idx, axis=2, mode="fill", fill_value=0),
+                     jnp.take(vs, idx, axis=2, mode="fill", fill_value=0), keep, entry.cap)
+    return ks, vs, k_start, new

@@ -1,12 +1,15 @@
-"""The Llama 4 text model in JAX: a params pytree from a Checkpoint, a pure jitted forward.
+"""The jax backend: params on a jax device, the shared forward with compiled steps.
 
-``JaxModel`` compiles one ``jax.jit`` variant of ``forward`` per (intervention plan structure,
-captured names, capture positions, KV-cache layout) and reuses it; jit itself specialises on
-input shapes. Capturing nothing compiles a graph without hook outputs. Expert dispatch is
+The forward loop (``workbench.forward``) runs on the host; each of its steps — the embedding,
+one decoder layer, the head — runs as a ``jax.jit`` function compiled once per distinct
+*kind* and reused: every layer with the same structure (MoE or dense, RoPE or NoPE, chunk,
+QK-norm, temperature), the same interventions, captured hooks and KV-cache layout calls the same
+compiled function with its own parameters as arguments. Compile time therefore depends on the
+number of distinct layer kinds (four or fewer for Llama 4), not on depth. Expert dispatch is
 dropless with static shapes (``moe.expert_tiles``), so routing never causes a recompile.
 
-The params pytree maps canonical names to arrays, except the routed experts: each MoE layer's
-stacked ``experts.gate_up_proj`` (E, D, 2I) / ``experts.down_proj`` (E, I, D) are held as one
+The params map canonical names to arrays, except the routed experts: each MoE layer's stacked
+``experts.gate_up_proj`` (E, D, 2I) / ``experts.down_proj`` (E, I, D) are held as one
 nn.Linear-layout array per expert, ``experts.{e}.gate_up_proj`` (2I, D) and
 ``experts.{e}.down_proj`` (D, I), which the dispatch reads in place (see ``moe``).
 ``state_dict_numpy`` restacks them into checkpoint layout.
@@ -15,54 +18,43 @@ nn.Linear-layout array per expert, ``experts.{e}.gate_up_proj`` (2I, D) and
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from .. import hooks as hk
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
+from ..forward import (
+    EMBED_HOOKS,
+    HEAD_HOOKS,
+    Context,
+    Executor,
+    LayerKind,
+    LayerPlan,
+    Recorder,
+    ResidentWeights,
+    embed_step,
+    forward,
+    head_step,
+    layer_step,
+)
 from ..interventions import Plan
-from ..model import CaptureSpec, Model, _store, seq_axis
+from ..model import CaptureSpec, Model, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
-from .attention import CacheEntry, Pos, attention, keep_from, linear, rms_norm
-from .hooks import Recorder, patch_array, to_numpy
-from .moe import expert_names, mlp, moe
+from .attention import CacheEntry, keep_from
+from .moe import expert_names
+from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
 
-JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
-MAX_VARIANTS = 64
+MAX_STEPS = 256
+_ALIGN = 64  # bytes: host buffers aligned so, jax's CPU client uses in place
 _MIN_KV_CAP = 16
-
-
-def forward(p: Params, cfg: ModelConfig, ids: jax.Array, plan: Plan, rec: Recorder,
-            rope: tuple[jax.Array, jax.Array], temp: jax.Array | None, start: Pos = 0,
-            cache: dict[int, CacheEntry] | None = None) -> jax.Array:
-    """Logits (B, S, V) for ids (B, S) at absolute positions start..start+S-1.
-
-    Unlike torch's ``forward``, the RoPE tables and query temperatures for these positions are
-    arguments (computed on the host by ``workbench.numerics``; ``start`` may be traced while
-    decoding).
-    """
-    h = rec("embed", jnp.take(p["embed_tokens.weight"], ids, axis=0))
-    eps = cfg.rms_norm_eps
-    for i in range(cfg.num_hidden_layers):
-        pre = f"layers.{i}."
-        h = rec(pre + "resid_pre", h)
-        a = attention(p, rms_norm(h, p[pre + "input_layernorm.weight"], eps), i, cfg, rope,
-                      temp, start, cache, rec, plan.ablate.get(i))
-        h = rec(pre + "resid_mid", h + a)
-        x = rms_norm(h, p[pre + "post_attention_layernorm.weight"], eps)
-        f = moe(p, x, i, cfg, plan, rec) if cfg.is_moe(i) else mlp(p, x, i, rec)
-        h = rec(pre + "resid_post", h + f)
-    h = rec("final_norm", rms_norm(h, p["norm.weight"], eps))
-    head = p["embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
-    return rec("logits", linear(h, head))
 
 
 @dataclass
@@ -71,8 +63,8 @@ class KVCache:
 
     Per layer, (k, v) buffers (B, K, cap, d) whose slot j holds absolute position
     ``k_start[layer] + j``; ``start`` counts the positions consumed. Chunked layers keep only
-    the current chunk (as torch's cache does); capacities grow in powers of two, so a decoding
-    loop recompiles only when a buffer doubles.
+    the current chunk; capacities grow in powers of two, so a decoding loop recompiles only
+    when a buffer doubles.
     """
 
     batch: int
@@ -80,9 +72,9 @@ class KVCache:
     kv: dict[int, tuple[jax.Array, jax.Array]] = field(default_factory=dict)
     k_start: dict[int, int] = field(default_factory=dict)
 
-    def prepare(self, cfg: ModelConfig, n: int) -> tuple[str, tuple[int, ...], Any, Any]:
-        """Grow buffers for n new positions: (mode, capacities, buffers, traced offsets)."""
-        caps = []
+    def prepare(self, cfg: ModelConfig, n: int) -> dict[int, CacheEntry]:
+        """Grow buffers for n new positions; the per-layer entries the forward continues."""
+        entries = {}
         for layer in range(cfg.num_hidden_layers):
             chunk = cfg.chunk_size(layer)
             ks = self.k_start.get(layer, 0)
@@ -93,16 +85,15 @@ class KVCache:
                 cap = 1 << (max(kept, _MIN_KV_CAP) - 1).bit_length()
                 if layer in self.kv:
                     pad = ((0, 0), (0, 0), (0, cap - have), (0, 0))
-                    self.kv[layer] = tuple(jnp.pad(t, pad) for t in self.kv[layer])
-            caps.append(cap)
-        if not self.kv:
-            return "fresh", tuple(caps), None, None
-        offsets = (np.int32(self.start),
-                   {layer: np.int32(self.k_start[layer]) for layer in self.kv})
-        return "continue", tuple(caps), dict(self.kv), offsets
+                    self.kv[layer] = tuple(jax.numpy.pad(t, pad) for t in self.kv[layer])
+            if layer in self.kv:
+                k, v = self.kv[layer]
+                entries[layer] = CacheEntry(k, v, np.int32(ks), cap)
+            else:
+                entries[layer] = CacheEntry(None, None, 0, cap)
+        return entries
 
-    def commit(self, cfg: ModelConfig, kv: dict[int, tuple[jax.Array, jax.Array]],
-               n: int) -> None:
+    def commit(self, cfg: ModelConfig, entries: dict[int, CacheEntry], n: int) -> None:
         """Store the buffers returned by a call over n new positions."""
         for layer in range(cfg.num_hidden_layers):
             chunk = cfg.chunk_size(layer)
@@ -111,26 +102,57 @@ class KVCache:
                 self.k_start[layer] = max(ks, keep_from(self.start, n, chunk))
             else:
                 self.k_start[layer] = 0
-        self.kv = dict(kv)
+            self.kv[layer] = (entries[layer].k, entries[layer].v)
         self.start += n
 
 
 class JaxModel(Model):
-    """``wb.load(path, backend="jax")``: the JAX backend."""
+    """``wb.load(path, backend="jax")``: the JAX backend.
+
+    ``tensors`` maps canonical names to numpy arrays (checkpoint layout); each is converted and
+    placed on the device one at a time. On the CPU, jax adopts a suitably aligned host array
+    without copying, so weights memory-mapped from a checkpoint in the model's dtype stay one
+    copy.
+    """
 
     backend = "jax"
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray],
-                 dtype: str = "float32", path: str | None = None):
+    def __init__(self, config: ModelConfig, tensors: Mapping[str, np.ndarray],
+                 dtype: str = "float32", path: str | None = None, device: Any = None, *,
+                 done: Callable[[str], None] | None = None):
         super().__init__(config, dtype, path)
+        self._device = resolve_device(device)
         np_dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
-        self.params: Params = {n: jnp.asarray(a.astype(np_dt, copy=False))
-                               for n, a in to_params(config, tensors)}
+        self.params: Params = {}
+        self.aliased = 0  # tensors adopted from host memory without a copy (CPU only)
+        cpu = self._device.platform == "cpu"
+        for n, a in to_params(config, tensors, done):
+            host = np.asarray(a)
+            if cpu and (host.dtype != np_dt or host.ctypes.data % _ALIGN
+                        or not host.flags.c_contiguous):
+                host = _aligned(host, np_dt)  # the one copy, which jax then adopts
+            elif host.dtype != np_dt:
+                host = host.astype(np_dt)
+            arr = jax.device_put(host, self._device)
+            if cpu and _pointer(arr) == host.ctypes.data:
+                self.aliased += 1
+            self.params[n] = arr
+            del host, a
+        self.ops = JaxOps(self._device)
+        E = config.num_local_experts
+        self.weights = ResidentWeights(config, self.params, lambda i: [
+            tuple(self.params[n] for n in expert_names(i, e)) for e in range(E)])
         self.inv_freq = rope_inv_freq(config)
-        self._variants: OrderedDict[tuple, Callable] = OrderedDict()
-        # extra XLA options for every compiled variant, e.g. {"xla_backend_optimization_level":
+        self._steps: OrderedDict[tuple, Callable] = OrderedDict()
+        self._signatures: set[tuple] = set()
+        # extra XLA options for every compiled step, e.g. {"xla_backend_optimization_level":
         # 0} compiles about twice as fast, for small models where compiling dominates
         self.compiler_options: dict[str, Any] = {}
+
+    @property
+    def device(self) -> jax.Device:
+        """The jax device holding the params and running the compiled steps."""
+        return self._device
 
     @property
     def module(self) -> Params:
@@ -143,98 +165,193 @@ class JaxModel(Model):
 
     @property
     def compiled_variants(self) -> int:
-        """How many forward variants (plan x capture x cache layout) are compiled."""
-        return len(self._variants)
+        """How many distinct forward variants (plan x capture x cache layout) have run."""
+        return len(self._signatures)
+
+    @property
+    def compiled_steps(self) -> int:
+        """How many compiled step functions (embedding, layer kinds, head) are cached."""
+        return len(self._steps)
 
     def new_cache(self, batch: int) -> KVCache:
         return KVCache(batch)
 
-    def _variant(self, plan: Plan, spec: CaptureSpec, mode: str,
-                 kv_caps: tuple[int, ...]) -> Callable:
-        pos = spec.positions
-        pos_key = None if pos is None else (pos.start, pos.stop, pos.step)
+    def _options(self) -> dict[str, Any]:
         opts = dict(self.compiler_options)
         if self.dtype == "bfloat16":
             # forbid XLA from keeping fp32 intermediates across casts, so rounding happens
             # where torch rounds (after each op in the model dtype)
             opts.setdefault("xla_allow_excess_precision", False)
-        key = (plan.key(), spec.names, pos_key, mode, kv_caps, tuple(sorted(opts.items())))
-        fn = self._variants.get(key)
+        return opts
+
+    def _step(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+        opts = self._options()
+        key = key + (tuple(sorted(opts.items())),)
+        fn = self._steps.get(key)
         if fn is not None:
-            self._variants.move_to_end(key)
+            self._steps.move_to_end(key)
             return fn
-        cfg = self.config
-        names = spec.names
-
-        def run(params, ids, cos, sin, temp, patches, kv, offsets):
-            rec = Recorder(names, plan, patches, pos)
-            start: Pos = 0
-            cache = None
-            if mode == "fresh":
-                cache = {i: CacheEntry(None, None, 0, c) for i, c in enumerate(kv_caps)}
-            elif mode == "continue":
-                start = offsets[0]
-                cache = {i: CacheEntry(kv[i][0], kv[i][1], offsets[1][i], c)
-                         for i, c in enumerate(kv_caps)}
-            logits = forward(params, cfg, ids, plan, rec, (cos, sin), temp, start, cache)
-            new_kv = None if cache is None else {i: (e.k, e.v) for i, e in cache.items()}
-            return logits, rec.out, new_kv
-
-        fn = jax.jit(run, compiler_options=opts or None)
-        self._variants[key] = fn
-        while len(self._variants) > MAX_VARIANTS:
-            self._variants.popitem(last=False)
+        fn = jax.jit(build(), compiler_options=opts or None)
+        self._steps[key] = fn
+        while len(self._steps) > MAX_STEPS:
+            self._steps.popitem(last=False)
         return fn
 
-    def _forward(self, ids, plan, spec: CaptureSpec, cache=None):
+    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
         cfg = self.config
-        B, S = ids.shape
+        S = ids.shape[1]
         start = 0 if cache is None else cache.start
         positions = np.arange(start, start + S)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         temp = temperature_scales(positions, cfg) if cfg.attn_temperature_tuning else None
-        patches = {n: patch_array(v) for n, v in plan.patches.items()}
+        entries = None if cache is None else cache.prepare(cfg, S)
+        continuing = cache is not None and bool(cache.kv)
+        ctx = Context(self.ops.asarray(cos), self.ops.asarray(sin),
+                      None if temp is None else self.ops.asarray(temp),
+                      np.int32(start) if continuing else 0)
         before = {} if cache is None else dict(cache.k_start)
-        if cache is None:
-            mode, kv_caps, kv, offsets = "none", (), None, None
-        else:
-            mode, kv_caps, kv, offsets = cache.prepare(cfg, S)
-        fn = self._variant(plan, spec, mode, kv_caps)
-        logits, out, new_kv = fn(self.params, np.asarray(ids, np.int32), cos, sin, temp, patches,
-                                 kv, offsets)
+        pos = spec.positions
+        self._signatures.add((plan.key(), spec.names, None if pos is None else
+                              (pos.start, pos.stop, pos.step),
+                              "none" if cache is None else "continue" if continuing else "fresh",
+                              None if entries is None else tuple(e.cap for e in
+                                                                 entries.values()),
+                              stop_at_layer))
+        ex = _CompiledSteps(self, plan, spec, {n: host_array(v) for n, v in
+                                               plan.patches.items()})
+        logits, _ = forward(ex, self.weights, self.ops.asarray(ids), ctx, entries,
+                            stop_at_layer)
         if cache is not None:
-            cache.commit(cfg, new_kv, S)
-        store = CaptureSpec(spec.names, spec.dtype, None)  # positions were kept inside jit
+            cache.commit(cfg, entries, S)
         arrays = {}
-        for n, a in out.items():
-            a = to_numpy(a)
-            if mode == "continue" and n.endswith("attn.pattern"):
-                a = a[..., : start + S - before[int(n.split(".")[1])]]
-            arrays[n] = _store(a, store, seq_axis(n))
-        return to_numpy(logits), arrays, cache
+        for n, a in ex.rec.out.items():
+            a = self.ops.to_numpy(a)
+            if continuing and hk.is_pattern(n):  # drop the buffer's unused slots
+                a = a[..., : start + S - before[hk.layer_of(n)]]
+            arrays[n] = store(a, spec)
+        return (None if logits is None else self.ops.to_numpy(logits)), arrays, cache
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
         """Weights as float32 numpy arrays by canonical name, experts restacked (for
         Checkpoint.save)."""
-        return from_params(self.config, {n: to_numpy(a) for n, a in self.params.items()})
+        return from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
+                                          self.params.items()})
 
 
-def to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]
-              ) -> Iterator[tuple[str, np.ndarray]]:
+class _CompiledSteps(Executor):
+    """Runs each step of the shared forward as a compiled function, one per step kind.
+
+    A step's key holds everything that shapes its graph: the layer kind and interventions,
+    the hooks captured or edited in its scope (by relative name), patch shapes, the capture
+    position slice and the KV-cache layout. jit adds the argument shapes. Captured values come
+    back as outputs and are merged into ``rec.out`` under their absolute names.
+    """
+
+    def __init__(self, model: JaxModel, plan: Plan, spec: CaptureSpec,
+                 patches: dict[str, np.ndarray]):
+        super().__init__(model.ops, model.config, plan, Recorder(model.ops, spec.names, plan))
+        self.model = model
+        self.spec = spec
+        self.patches = patches
+
+    def _call(self, key: tuple, layer: int | None, scope: Callable[[str], bool],
+              step: Callable[..., Any], *args: Any) -> Any:
+        rel = hk.relative if layer is not None else (lambda n: n)
+        want = frozenset(rel(n) for n in self.spec.names if scope(n))
+        fns = {rel(n): f for n, f in self.plan.fns.items() if scope(n)}
+        patches = {rel(n): v for n, v in self.patches.items() if scope(n)}
+        pos = self.spec.positions
+        full = key + (want, tuple(sorted((n, id(f)) for n, f in fns.items())),
+                      tuple(sorted((n, v.shape, v.dtype.str) for n, v in patches.items())),
+                      None if pos is None else (pos.start, pos.stop, pos.step))
+        ops = self.ops
+
+        def build() -> Callable:
+            def run(patch_values, *a):
+                rec = Recorder(ops, want, Plan(fns=fns), patch_values, pos)
+                return step(*a, rec), rec.out
+            return run
+
+        result, out = self.model._step(full, build)(patches, *args)
+        prefix = "" if layer is None else hk.absolute(layer, "")
+        for n, v in out.items():
+            self.rec.out[prefix + n] = v
+        return result
+
+    def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+        def step(table, ids, rec):
+            return embed_step(self.ops, table, ids, rec)
+        return self._call(("embedding",), None, EMBED_HOOKS.__contains__, step, table, ids)
+
+    def head(self, norm: jax.Array, head: jax.Array, h: jax.Array) -> jax.Array:
+        cfg = self.cfg
+
+        def step(norm, head, h, rec):
+            return head_step(self.ops, cfg, norm, head, h, rec)
+        return self._call(("head",), None, HEAD_HOOKS.__contains__, step, norm, head, h)
+
+    def layer(self, i: int, lp: dict[str, jax.Array], h: jax.Array, ctx: Context,
+              entry: CacheEntry | None) -> tuple[jax.Array, CacheEntry | None]:
+        cfg, ops = self.cfg, self.ops
+        kind, lplan = LayerKind.of(cfg, i), LayerPlan.of(cfg, self.plan, i)
+        mode = "none" if entry is None else "fresh" if entry.k is None else "continue"
+        cap = None if entry is None else entry.cap
+
+        def step(lp, h, cos, sin, temp, kv, start, rec):
+            c = Context(cos, sin, temp, start if mode == "continue" else 0)
+            e = None if mode == "none" else CacheEntry(kv[0], kv[1], kv[2], cap)
+            h, e = layer_step(ops, cfg, kind, lp, h, c, rec, lplan, e)
+            return h, None if e is None else (e.k, e.v, e.k_start)
+
+        kv = None if entry is None else (entry.k, entry.v, entry.k_start)
+        h, new = self._call(("layer", kind, lplan, mode, cap), i, lambda n: hk.layer_of(n) == i,
+                            step, lp, h, ctx.cos, ctx.sin, ctx.temp, kv,
+                            ctx.start if mode == "continue" else None)
+        return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
+
+
+def _aligned(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A C-contiguous copy of ``a`` in ``dtype`` whose data starts on an ``_ALIGN``-byte
+    boundary, which jax's CPU client adopts without copying again."""
+    n = int(np.prod(a.shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + _ALIGN, np.uint8)
+    off = (-buf.ctypes.data) % _ALIGN
+    out = buf[off:off + n].view(dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def _pointer(a: jax.Array) -> int | None:
+    try:
+        return a.unsafe_buffer_pointer()
+    except Exception:  # noqa: BLE001 - not every array type exposes its buffer
+        return None
+
+
+def to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
+              done: Callable[[str], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Checkpoint tensors -> (name, array) in this backend's params layout: each MoE layer's
     stacked experts split into one nn.Linear-layout array per expert (``experts.{e}.gate_up_proj``
-    (2I, D), ``experts.{e}.down_proj`` (D, I)); every other tensor as it is. Lazy, so one
-    expert's transposed copy exists at a time while loading."""
+    (2I, D), ``experts.{e}.down_proj`` (D, I), as transposed views); every other tensor as it
+    is. Lazy, so nothing is copied here; ``done(name)`` is called once a checkpoint tensor is
+    no longer needed."""
     stacked = {n for i in cfg.moe_layers for n in expert_names(i)}
-    for n, a in tensors.items():
+    for n in tensors:
         if n not in stacked:
-            yield n, np.asarray(a)
+            yield n, tensors[n]
+            if done:
+                done(n)
     for i in cfg.moe_layers:
-        gate_up, down = (np.asarray(tensors[n]) for n in expert_names(i))
+        names = expert_names(i)
+        gate_up, down = (tensors[n] for n in names)
         for e in range(cfg.num_local_experts):
             gu_name, dn_name = expert_names(i, e)
-            yield gu_name, np.ascontiguousarray(gate_up[e].T)
-            yield dn_name, np.ascontiguousarray(down[e].T)
+            yield gu_name, np.asarray(gate_up[e]).T  # a view; the loader makes the one copy
+            yield dn_name, np.asarray(down[e]).T
+        del gate_up, down
+        for n in names:
+            if done:
+                done(n)
 
 
 def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -247,8 +364,37 @@ def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np
     return out
 
 
-def load(path: str | Path, dtype: str = "float32",
-         checkpoint: Checkpoint | None = None) -> JaxModel:
-    """Load a checkpoint directory into the jax backend (bf16 weights go straight to jnp)."""
+def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
+         device: Any = None) -> JaxModel:
+    """Load a checkpoint directory into the jax backend, one tensor at a time.
+
+    Tensors are read from the memory-mapped shards and placed on the device one by one; a
+    tensor jax could not adopt in place has its file pages released once it is copied.
+    """
     ck = checkpoint or Checkpoint.open(path)
-    return JaxModel(ck.config, ck.model_tensors(), dtype, str(path))
+    views = _Views(ck)
+    model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done)
+    if model.aliased == 0:
+        ck.close()
+    return model
+
+
+class _Views(Mapping[str, np.ndarray]):
+    """A checkpoint's weights as zero-copy views, read lazily; ``done`` drops a tensor's file
+    pages from memory (pages jax adopted are read back from the file when next touched)."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+        self.names = ck.weight_names()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.ck.view(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def done(self, name: str) -> None:
+        self.ck.evict(name)

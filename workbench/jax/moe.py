@@ -1,4 +1,4 @@
-"""Llama 4 feed-forward (jax): sigmoid top-k router, sparse expert dispatch, shared expert.
+"""Mixture-of-experts kernels (jax): top-k selection, sparse expert dispatch, SwiGLU.
 
 Dispatch is sparse, dropless and static-shaped, so one compiled graph serves any routing:
 assignments are sorted by expert (stable argsort); each expert's rows are cut into tiles of
@@ -6,20 +6,16 @@ assignments are sorted by expert (stable argsort); each expert's rows are cut in
 assignments), each tile one ``lax.switch`` branch per expert: its (T, D) rows through that
 expert's gate_up (2I, D), SwiGLU and down (D, I). Rows of a tile past its expert's count
 belong to the next expert and are written by a later tile. Cost grows with the experts used,
-not with E; compiling costs one branch per expert and layer (about 1.5 s per MoE layer at
-E=128 here).
+not with E; compiling costs one branch per expert, once per compiled MoE layer kind.
 
-Why this form (measured on this 2-core CPU, fp32, hidden 1024, expert width 1024, 512 tokens):
-* XLA:CPU lowers ``jax.lax.ragged_dot`` to a dense masked dot (E times the FLOPs: 967-2052 ms
-  per layer at E=16, 8836-9317 ms at E=128), and its batched dots (E, C, D) x (E, D, O) run at
-  25-54 GFLOP/s, so a capacity bucket costs 137-336 ms at E=16 and 783-1502 ms at E=128.
-* Indexing a stacked (E, ...) weight inside the loop (``w[e]``) materialises an 8 MB copy per
-  tile (~0.9 ms); one array per expert selected by ``lax.switch`` is read in place.
-* A skinny (T <= 32 rows) product reads its weight 2x faster with the weight in nn.Linear
-  layout (out, in), contracting the last axes (702 vs 1193 us for 8 x 1024 x 2048; torch's
-  oneDNN 654 us), so the params hold each expert's projections that way (``model.to_params``).
-Per MoE layer this runs 36-40 ms at E=16 (torch ``_grouped_mm`` 31-35 ms for the same routed
-part) and 120-150 ms at E=128 (torch 98-140 ms), down from 94 ms / 243 ms with buckets.
+Why this form on XLA:CPU (measurements in the benchmarks' README):
+* ``jax.lax.ragged_dot`` is lowered to a dense masked dot there (E times the FLOPs), and
+  batched dots (E, C, D) x (E, D, O) run several times below plain 2-D dots, so capacity
+  buckets lose to per-expert tiles.
+* Indexing a stacked (E, ...) weight inside the loop (``w[e]``) materialises a copy of the
+  expert's weight per tile; one array per expert selected by ``lax.switch`` is read in place.
+* A skinny (<= 32 rows) product reads its weight faster with the weight in nn.Linear layout
+  (out, in), contracting the last axes, so the params hold each expert's projections that way.
 """
 
 from __future__ import annotations
@@ -30,10 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig
-from ..interventions import Plan
 from .attention import linear
-from .hooks import Recorder
 
 
 def silu(x: jax.Array) -> jax.Array:
@@ -63,17 +56,16 @@ def expert_names(layer: int, expert: int | None = None) -> tuple[str, str]:
     return pre + "gate_up_proj", pre + "down_proj"
 
 
-def select_experts(logits: jax.Array, k: int, layer: int, plan: Plan, seq: int) -> jax.Array:
+def select_experts(logits: jax.Array, k: int, ban: tuple[int, ...],
+                   force: tuple[tuple[int, tuple[int, ...] | None], ...], seq: int) -> jax.Array:
     """Top-k expert ids (N, k) after bans (-inf) and forcing (+inf); logits: (N, E), N = B*seq.
 
     ``jax.lax.top_k`` breaks exact ties towards the lower expert id.
     """
     sel = logits
-    ban = plan.ban.get(layer)
-    force = plan.force.get(layer)
     if ban:
         sel = sel.at[:, np.asarray(ban)].set(-jnp.inf)
-    for expert, pos in force or ():
+    for expert, pos in force:
         if pos is None:
             sel = sel.at[:, expert].set(jnp.inf)
         else:
@@ -124,7 +116,7 @@ def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
 
 
 def dispatch(xf: jax.Array, idx: jax.Array, scores: jax.Array,
-             experts: list[tuple[jax.Array, jax.Array]], zero: list[int] | None) -> jax.Array:
+             experts: list[tuple[jax.Array, jax.Array]], zero: tuple[int, ...]) -> jax.Array:
     """Routed expert outputs (N, D) for tokens xf (N, D) with choices idx/scores (N, k).
 
     Each assignment's input is ``x * score`` in the model dtype (HF scales the expert input);
@@ -139,43 +131,10 @@ def dispatch(xf: jax.Array, idx: jax.Array, scores: jax.Array,
     counts = jnp.bincount(flat, length=E)
     offsets = jnp.cumsum(counts) - counts
     xs = xf[order // k] * scores.reshape(-1)[order][:, None]
-    y = expert_tiles(xs, counts, offsets, experts, tile_rows(A, E))
+    y = expert_tiles(xs, counts, offsets, experts, tile_rows(A, E))  # looked up per trace
     out = jnp.zeros_like(y).at[order].set(y)
     if zero:
         out = out * (~jnp.isin(flat, np.asarray(zero)))[:, None].astype(out.dtype)
     if k == 1:
         return out
     return out.reshape(N, k, D).astype(jnp.float32).sum(1).astype(xf.dtype)
-
-
-def moe(p: dict[str, jax.Array], x: jax.Array, layer: int, cfg: ModelConfig, plan: Plan,
-        rec: Recorder) -> jax.Array:
-    """MoE block on normalised input x (B, S, D): shared(x) + sum_k expert_k(sigmoid(r_k) * x)."""
-    B, S, D = x.shape
-    E = cfg.num_local_experts
-    k = plan.k(cfg, layer)
-    pre = f"layers.{layer}.feed_forward."
-    h = f"layers.{layer}.moe."
-    xf = x.reshape(-1, D)
-    logits = linear(xf, p[pre + "router.weight"])  # model dtype, as HF computes it
-    logits = rec(h + "router_logits", logits.reshape(B, S, E)).reshape(-1, E)
-    idx = select_experts(logits, k, layer, plan, S)
-    idx = rec(h + "topk_indices", idx.reshape(B, S, k)).reshape(-1, k).astype(jnp.int32)
-    scores = jax.nn.sigmoid(jnp.take_along_axis(logits, idx, axis=1).astype(jnp.float32))
-    scores = rec(h + "topk_scores", scores.astype(x.dtype).reshape(B, S, k)).reshape(-1, k)
-    experts = [tuple(p[n] for n in expert_names(layer, e)) for e in range(E)]
-    routed = dispatch(xf, idx, scores, experts, plan.zero.get(layer))
-    routed = rec(h + "routed_out", routed.reshape(B, S, D))
-    shared = swiglu(x, p[pre + "shared_expert.gate_proj.weight"],
-                    p[pre + "shared_expert.up_proj.weight"],
-                    p[pre + "shared_expert.down_proj.weight"])
-    shared = rec(h + "shared_out", shared)
-    return shared + routed
-
-
-def mlp(p: dict[str, jax.Array], x: jax.Array, layer: int, rec: Recorder) -> jax.Array:
-    """Dense SwiGLU layer (Maverick's non-MoE layers)."""
-    pre = f"layers.{layer}.feed_forward."
-    y = swiglu(x, p[pre + "gate_proj.weight"], p[pre + "up_proj.weight"],
-               p[pre + "down_proj.weight"])
-    return rec(f"layers.{layer}.mlp.out", y)

@@ -1,6 +1,7 @@
-"""PyTorch backend: ``workbench.torch.load(path, dtype)``; mirrors ``workbench.jax`` file by
-file."""
+"""PyTorch backend: ``workbench.torch.load(path, dtype, device)``. Kernels only; the forward
+itself is ``workbench.forward``."""
 
-from .model import Params, TorchModel, forward, load
+from .model import Params, TorchModel, load
+from .ops import TorchOps
 
-__all__ = ["TorchModel", "Params", "forward", "load"]
+__all__ = ["Params", "TorchModel", "TorchOps", "load"]

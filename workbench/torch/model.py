@@ -1,4 +1,4 @@
-"""The Llama 4 text model in PyTorch: parameters from a Checkpoint, a pure forward function."""
+"""The torch backend: parameters on a device, the shared forward run eagerly."""
 
 from __future__ import annotations
 
@@ -12,14 +12,12 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
+from ..forward import Context, Executor, Recorder, ResidentWeights, forward
 from ..interventions import Plan
-from ..model import CaptureSpec, Model
+from ..model import CaptureSpec, Model, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
-from .attention import attention, rms_norm
-from .hooks import Recorder, from_numpy, to_numpy
-from .moe import mlp, moe
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from .attention import EMPTY
+from .ops import TORCH_DTYPES, TorchOps, from_numpy, resolve_device
 
 
 class Params(nn.Module):
@@ -35,42 +33,36 @@ class Params(nn.Module):
         return {n: self.store[n.replace(".", "/")] for n in self._names}
 
 
-def forward(p: dict[str, torch.Tensor], cfg: ModelConfig, ids: torch.Tensor, plan: Plan,
-            rec: Recorder, inv_freq: np.ndarray, start: int = 0,
-            cache: dict | None = None) -> torch.Tensor:
-    """Logits (B, S, V) for ids (B, S) at absolute positions start..start+S-1."""
-    S = ids.shape[1]
-    positions = np.arange(start, start + S)
-    cos, sin = (torch.from_numpy(a) for a in rope_cos_sin(positions, inv_freq))
-    temp = torch.from_numpy(temperature_scales(positions, cfg)) if cfg.attn_temperature_tuning \
-        else None
-    h = rec("embed", p["embed_tokens.weight"][ids])
-    eps = cfg.rms_norm_eps
-    for i in range(cfg.num_hidden_layers):
-        pre = f"layers.{i}."
-        h = rec(pre + "resid_pre", h)
-        a = attention(p, rms_norm(h, p[pre + "input_layernorm.weight"], eps), i, cfg,
-                      (cos, sin), temp, start, cache, rec, plan.ablate.get(i))
-        h = rec(pre + "resid_mid", h + a)
-        x = rms_norm(h, p[pre + "post_attention_layernorm.weight"], eps)
-        f = moe(p, x, i, cfg, plan, rec) if cfg.is_moe(i) else mlp(p, x, i, rec)
-        h = rec(pre + "resid_post", h + f)
-    h = rec("final_norm", rms_norm(h, p["norm.weight"], eps))
-    head = p["embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
-    return rec("logits", h @ head.T)
-
-
 class TorchModel(Model):
-    """``wb.load(path, backend="torch")``: the PyTorch backend."""
+    """``wb.load(path, backend="torch")``: the PyTorch backend.
+
+    ``tensors`` maps canonical names to numpy arrays or torch tensors; a tensor already in the
+    model's dtype and on its device is used as it is (no copy), so weights memory-mapped from a
+    checkpoint stay one copy.
+    """
 
     backend = "torch"
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], dtype: str = "float32",
-                 path: str | None = None):
+    def __init__(self, config: ModelConfig, tensors: dict[str, Any], dtype: str = "float32",
+                 path: str | None = None, device: Any = None):
         super().__init__(config, dtype, path)
+        self._device = resolve_device(device)
         tdt = TORCH_DTYPES[dtype]
-        self.params = Params({n: from_numpy(a, tdt) for n, a in tensors.items()})
+        self.params = Params({n: _to(t, tdt, self._device) for n, t in tensors.items()})
+        self.ops = TorchOps(self._device)
         self.inv_freq = rope_inv_freq(config)
+        self.weights = self._weights()
+
+    def _weights(self) -> ResidentWeights:
+        p = self.params.as_dict()
+        pre = "layers.{}.feed_forward.experts."
+        return ResidentWeights(self.config, p, lambda i: (p[pre.format(i) + "gate_up_proj"],
+                                                          p[pre.format(i) + "down_proj"]))
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device holding the weights and running the forward."""
+        return self._device
 
     @property
     def module(self) -> Params:
@@ -82,47 +74,84 @@ class TorchModel(Model):
         return TORCH_DTYPES[self.dtype]
 
     def new_cache(self, batch: int) -> dict[str, Any]:
-        return {"start": 0, "layers": {}}
+        return {"start": 0, "layers": dict.fromkeys(range(self.config.num_hidden_layers),
+                                                    EMPTY)}
+
+    def _context(self, start: int, n: int) -> Context:
+        positions = np.arange(start, start + n)
+        cos, sin = (self.ops.asarray(a) for a in rope_cos_sin(positions, self.inv_freq))
+        temp = (self.ops.asarray(temperature_scales(positions, self.config))
+                if self.config.attn_temperature_tuning else None)
+        return Context(cos, sin, temp, start)
+
+    def _run(self, ids: torch.Tensor, plan: Plan, rec: Recorder, start: int = 0,
+             cache: dict | None = None, stop_at_layer: int | None = None):
+        ex = Executor(self.ops, self.config, plan, rec)
+        return forward(ex, self.weights, ids, self._context(start, ids.shape[1]), cache,
+                       stop_at_layer)
 
     @torch.inference_mode()
-    def _forward(self, ids, plan, spec: CaptureSpec, cache=None):
-        rec = Recorder(spec, plan, self.torch_dtype)
+    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
+        patches = {n: self.ops.asarray(v) for n, v in plan.patches.items()}
+        rec = Recorder(self.ops, spec.names, plan, patches, spec.positions)
         start = 0 if cache is None else cache["start"]
-        logits = forward(self.params.as_dict(), self.config, torch.from_numpy(ids), plan, rec,
-                         self.inv_freq, start, None if cache is None else cache["layers"])
+        logits, _ = self._run(self.ops.asarray(ids), plan, rec, start,
+                              None if cache is None else cache["layers"], stop_at_layer)
         if cache is not None:
             cache["start"] = start + ids.shape[1]
-        return to_numpy(logits), rec.out, cache
+        arrays = {n: store(self.ops.to_numpy(a), spec) for n, a in rec.out.items()}
+        return (None if logits is None else self.ops.to_numpy(logits)), arrays, cache
 
     def forward_train(self, ids: torch.Tensor, plan: Plan | None = None,
                       capture: Iterable[str] = ()) -> tuple[torch.Tensor, dict]:
-        """Differentiable forward (no inference mode) returning torch logits and captures."""
-        rec = _TensorRecorder(frozenset(capture), plan or Plan(), self.torch_dtype)
-        return forward(self.params.as_dict(), self.config, ids, plan or Plan(), rec,
-                       self.inv_freq), rec.out
+        """Differentiable forward (no inference mode) returning torch logits and the captured
+        hooks as live tensors (e.g. router logits for a balancing loss)."""
+        plan = plan or Plan()
+        rec = Recorder(self.ops, frozenset(capture), plan)
+        logits, _ = self._run(ids.to(self._device), plan, rec)
+        return logits, rec.out
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
         """Weights as float32 numpy arrays by canonical name (for Checkpoint.save)."""
         return {n: t.detach().float().cpu().numpy() for n, t in self.params.as_dict().items()}
 
 
-class _TensorRecorder(Recorder):
-    """Keeps captured values as live tensors (for losses computed on router logits)."""
-
-    def __init__(self, names: frozenset[str], plan: Plan, dtype: torch.dtype):
-        super().__init__(CaptureSpec(names), plan, dtype)
-
-    def __call__(self, name, x):
-        if name in self.edits:
-            x = self._edit(name, x)
-        if name in self.want:
-            self.out[name] = x
-        return x
+def _to(t: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor in dtype on device; the input itself (no copy) when it already is."""
+    if not isinstance(t, torch.Tensor):
+        t = from_numpy(np.ascontiguousarray(t))
+    return t.to(device=device, dtype=dtype)
 
 
-def load(path: str | Path, dtype: str = "float32",
-         checkpoint: Checkpoint | None = None) -> TorchModel:
-    """Load a checkpoint directory into the torch backend."""
+def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
+         device: Any = None) -> TorchModel:
+    """Load a checkpoint directory into the torch backend, one copy of the weights.
+
+    On the CPU, tensors stored in the requested dtype are zero-copy views of the memory-mapped
+    (copy-on-write) shards: loading allocates no memory for them. Otherwise each tensor is
+    converted or copied to the device one at a time and its file pages are released.
+    """
     ck = checkpoint or Checkpoint.open(path)
-    return TorchModel(ck.config, ck.model_tensors(), dtype, str(path))
+    dev = resolve_device(device)
+    tdt = TORCH_DTYPES[dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    kept_views = False
+    for name in ck.weight_names():
+        view = ck.view(name)
+        t = from_numpy(view) if _aligned(view) else from_numpy(view.copy())
+        if t.dtype == tdt and dev.type == "cpu" and t.data_ptr() == view.ctypes.data:
+            kept_views = True
+            tensors[name] = t
+            continue
+        tensors[name] = t.to(device=dev, dtype=tdt, copy=True)
+        del t, view
+        if not kept_views:
+            ck.evict(name)
+    model = TorchModel(ck.config, tensors, dtype, str(path), dev)
+    if not kept_views:
+        ck.close()
+    return model
 
+
+def _aligned(a: np.ndarray) -> bool:
+    return a.ctypes.data % a.dtype.itemsize == 0

@@ -1,13 +1,14 @@
-"""Llama 4 feed-forward (torch): sigmoid top-k router, sparse expert dispatch, shared expert."""
+"""Mixture-of-experts kernels (torch): top-k selection, sparse expert dispatch, SwiGLU.
+
+Dispatch sorts the (token, choice) assignments by expert and runs each expert's rows through
+its weights with ``torch._grouped_mm`` (a loop of per-expert matmuls where that kernel does not
+apply), so cost follows the tokens routed, not the number of experts.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from ..config import ModelConfig
-from ..interventions import Plan
-from .hooks import Recorder
 
 _GROUPED = hasattr(torch, "_grouped_mm")
 
@@ -18,22 +19,22 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-def select_experts(logits: torch.Tensor, k: int, layer: int, plan: Plan,
+def select_experts(logits: torch.Tensor, k: int, ban: tuple[int, ...],
+                   force: tuple[tuple[int, tuple[int, ...] | None], ...],
                    seq: int) -> torch.Tensor:
     """Top-k expert ids (N, k) after bans (-inf) and forcing (+inf); logits: (N, E), N = B*seq."""
     sel = logits
-    ban = plan.ban.get(layer)
-    force = plan.force.get(layer)
     if ban or force:
         sel = logits.clone()
         if ban:
-            sel[:, ban] = float("-inf")
-        for expert, pos in force or ():
+            sel[:, list(ban)] = float("-inf")
+        for expert, pos in force:
             if pos is None:
                 sel[:, expert] = float("inf")
             else:
-                rows = (torch.arange(sel.shape[0]) % seq)
-                sel[torch.isin(rows, torch.tensor(pos)), expert] = float("inf")
+                rows = torch.arange(sel.shape[0], device=sel.device) % seq
+                sel[torch.isin(rows, torch.tensor(pos, device=sel.device)), expert] = \
+                    float("inf")
     return torch.topk(sel, k, dim=-1).indices
 
 
@@ -55,53 +56,28 @@ def _aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
         x.dtype == w.dtype
 
 
-def moe(p: dict[str, torch.Tensor], x: torch.Tensor, layer: int, cfg: ModelConfig,
-        plan: Plan, rec: Recorder) -> torch.Tensor:
-    """MoE block on normalised input x (B, S, D): shared(x) + sum_k expert_k(sigmoid(r_k) * x)."""
-    B, S, D = x.shape
-    E = cfg.num_local_experts
-    k = plan.k(cfg, layer)
-    pre = f"layers.{layer}.feed_forward."
-    h = f"layers.{layer}.moe."
-    xf = x.reshape(-1, D)
-    logits = xf @ p[pre + "router.weight"].T  # model dtype, as HF computes it
-    logits = rec(h + "router_logits", logits.view(B, S, E)).reshape(-1, E)
-    idx = select_experts(logits, k, layer, plan, S)
-    idx = rec(h + "topk_indices", idx.view(B, S, k)).reshape(-1, k).long()
-    scores = torch.sigmoid(logits.gather(1, idx).float()).to(x.dtype)
-    scores = rec(h + "topk_scores", scores.view(B, S, k)).reshape(-1, k)
-
+def dispatch(xf: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor,
+             experts: tuple[torch.Tensor, torch.Tensor], zero: tuple[int, ...]) -> torch.Tensor:
+    """Routed output (N, D) for tokens xf (N, D), choices idx/scores (N, k) and the stacked
+    experts (gate_up (E, D, 2I), down (E, I, D)). Each assignment's input is ``x * score`` in
+    the model dtype (as HF); with k > 1 the outputs are summed in fp32 and cast once."""
+    gate_up, down = experts
+    E, k = gate_up.shape[0], idx.shape[1]
     flat_e = idx.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
     tok = order // k
     xin = xf[tok] * scores.reshape(-1)[order, None]
     counts = torch.bincount(flat_e, minlength=E)
     counts_list = counts.tolist()
-    gu = expert_matmul(xin, p[pre + "experts.gate_up_proj"], counts, counts_list)
+    gu = expert_matmul(xin, gate_up, counts, counts_list)
     inter = gu.shape[-1] // 2
-    act = gu[:, inter:] * F.silu(gu[:, :inter])
-    y = expert_matmul(act, p[pre + "experts.down_proj"], counts, counts_list)
-    zero = plan.zero.get(layer)
+    y = expert_matmul(gu[:, inter:] * F.silu(gu[:, :inter]), down, counts, counts_list)
     if zero:
-        keep = ~torch.isin(flat_e[order], torch.tensor(zero))
+        keep = ~torch.isin(flat_e[order], torch.tensor(zero, device=y.device))
         y = y * keep[:, None].to(y.dtype)
     if k == 1:
         routed = torch.empty_like(y)
         routed[order] = y
-    else:
-        routed = torch.zeros(xf.shape, dtype=torch.float32).index_add_(0, tok, y.float())
-        routed = routed.to(x.dtype)
-    routed = rec(h + "routed_out", routed.view(B, S, D))
-    shared = swiglu(x, p[pre + "shared_expert.gate_proj.weight"],
-                    p[pre + "shared_expert.up_proj.weight"],
-                    p[pre + "shared_expert.down_proj.weight"])
-    shared = rec(h + "shared_out", shared)
-    return shared + routed
-
-
-def mlp(p: dict[str, torch.Tensor], x: torch.Tensor, layer: int, rec: Recorder) -> torch.Tensor:
-    """Dense SwiGLU layer (Maverick's non-MoE layers)."""
-    pre = f"layers.{layer}.feed_forward."
-    y = swiglu(x, p[pre + "gate_proj.weight"], p[pre + "up_proj.weight"],
-               p[pre + "down_proj.weight"])
-    return rec(f"layers.{layer}.mlp.out", y)
+        return routed
+    routed = torch.zeros(xf.shape, dtype=torch.float32, device=xf.device)
+    return routed.index_add_(0, tok, y.float()).to(xf.dtype)

@@ -1,0 +1,327 @@
+"""The Llama 4 forward pass, written once for every backend, device and weight source.
+
+Data flow: ``embed`` -> per layer ``resid_pre`` -> attention -> ``resid_mid`` -> MoE or dense
+MLP -> ``resid_post`` -> ``final_norm`` -> ``logits``. This module is the only place a hook
+name is emitted; capture, patching, custom hook functions and the per-layer interventions
+(ban / force / zero / set_top_k / ablate_head) are applied here too.
+
+Three collaborators stay outside:
+
+* **ops** (``workbench.ops.Ops``): the backend's kernels — linear, RMSNorm, RoPE, attention
+  (fused or with its pattern), top-k selection, expert dispatch, KV-cache update. Ops know no
+  hook names and no parameter names.
+* **a weight source** (``workbench.ops.WeightSource``): hands the forward the parameters of
+  the embedding, of layer ``i`` and of the head, on the model's device. Resident weights are one
+  source; streamed or sharded weights are others, and none of them changes this file.
+* **an executor** (``Executor``): calls the three steps of the forward (``embed_step``,
+  ``layer_step``, ``head_step``). The eager executor calls them directly; the JAX backend
+  compiles each step once per distinct *layer kind* and reuses it for every layer of that kind,
+  so compile time does not grow with depth.
+
+Inside a layer, hook names are relative (``attn.q``, ``moe.router_logits``); the recorder of the
+layer adds the ``layers.{i}.`` prefix (``hooks.absolute``). That keeps the traced body of a
+layer independent of its index, which is what lets one compiled function serve many layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import hooks as hk
+from .config import ModelConfig
+from .interventions import Plan
+
+Array = Any  # a backend array: torch.Tensor or jax.Array
+Params = Mapping[str, Any]  # relative parameter name -> array (plus "experts": backend layout)
+
+
+# ----------------------------------------------------------------------------- recording
+class Recorder:
+    """Captures, patches and edits hook values where the forward emits them.
+
+    ``want`` and ``edits`` hold names as the forward sees them under ``prefix`` (full names for
+    an eager forward; relative names inside one compiled layer, whose prefix is empty). A name
+    that is neither captured nor edited costs one set lookup: hooks cost nothing until asked.
+    Captured values stay backend arrays (sliced to ``positions`` along the sequence axis); the
+    backend converts them to numpy after the forward.
+    """
+
+    def __init__(self, ops: Any, want: frozenset[str] | set[str], plan: Plan,
+                 patches: Mapping[str, Array] | None = None, positions: slice | None = None,
+                 prefix: str = ""):
+        self.ops = ops
+        self.want = want
+        self.fns = plan.fns
+        self.patches = patches or {}
+        self.edits = set(self.patches) | set(plan.fns)
+        self.positions = positions
+        self.prefix = prefix
+        self.out: dict[str, Array] = {}
+
+    def scope(self, prefix: str) -> Recorder:
+        """The same recorder (shared outputs) emitting names under ``prefix``."""
+        r = object.__new__(type(self))
+        r.__dict__.update(self.__dict__)
+        r.prefix = prefix
+        return r
+
+    def wants(self, rel: str) -> bool:
+        name = self.prefix + rel
+        return name in self.want or name in self.edits
+
+    def __call__(self, rel: str, x: Array) -> Array:
+        name = self.prefix + rel
+        if name in self.edits:
+            x = self._edit(name, x)
+        if name in self.want:
+            self.out[name] = _keep(x, self.positions, hk.seq_axis(name))
+        return x
+
+    def _edit(self, name: str, x: Array) -> Array:
+        value = self.patches.get(name)
+        if value is not None:
+            x = self.ops.broadcast_like(value, x)
+        fn = self.fns.get(name)
+        if fn is not None:
+            y = fn(x)
+            if not hasattr(y, "shape") or tuple(y.shape) != tuple(x.shape):
+                raise ValueError(f"hook function for {name!r} must return an array of shape "
+                                 f"{tuple(x.shape)}, got {getattr(y, 'shape', type(y))}")
+            x = self.ops.cast(y, x.dtype)
+        return x
+
+
+def _keep(x: Array, positions: slice | None, axis: int) -> Array:
+    if positions is None:
+        return x
+    idx = [slice(None)] * x.ndim
+    idx[axis] = positions
+    return x[tuple(idx)]
+
+
+# ----------------------------------------------------------------------------- layer plans
+@dataclass(frozen=True)
+class LayerKind:
+    """What distinguishes one decoder layer's computation from another's (hashable)."""
+
+    moe: bool
+    rope: bool
+    qk_norm: bool
+    chunk: int | None
+    temperature: bool
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, layer: int) -> LayerKind:
+        return cls(cfg.is_moe(layer), cfg.uses_rope(layer), cfg.uses_qk_norm(layer),
+                   cfg.chunk_size(layer), cfg.uses_temperature(layer))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The interventions of one layer, in hashable form (part of a compiled layer's key)."""
+
+    k: int
+    ban: tuple[int, ...] = ()
+    force: tuple[tuple[int, tuple[int, ...] | None], ...] = ()
+    zero: tuple[int, ...] = ()
+    ablate: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, plan: Plan, layer: int) -> LayerPlan:
+        return cls(plan.k(cfg, layer), tuple(plan.ban.get(layer, ())),
+                   tuple(plan.force.get(layer, ())), tuple(plan.zero.get(layer, ())),
+                   tuple(plan.ablate.get(layer, ())))
+
+
+@dataclass(frozen=True)
+class Context:
+    """Per-call inputs shared by every layer: RoPE tables and query temperatures for the
+    positions of this call (backend arrays), and the absolute position of its first token
+    (an int, or a traced scalar while a compiled backend decodes)."""
+
+    cos: Array
+    sin: Array
+    temp: Array | None
+    start: Any = 0
+
+
+# ----------------------------------------------------------------------------- the steps
+EMBED_HOOKS = frozenset({"embed"})  # what embed_step emits
+HEAD_HOOKS = frozenset({"final_norm", "logits"})  # what head_step emits
+
+
+def embed_step(ops: Any, table: Array, ids: Array, rec: Recorder) -> Array:
+    """Token embeddings (B, S, D)."""
+    return rec("embed", ops.embed(table, ids))
+
+
+def layer_step(ops: Any, cfg: ModelConfig, kind: LayerKind, lp: Params, h: Array,
+               ctx: Context, rec: Recorder, lplan: LayerPlan,
+               cache: Any = None) -> tuple[Array, Any]:
+    """One decoder layer on the residual stream h (B, S, D); returns (h, updated cache entry).
+
+    ``rec`` emits relative names (``attn.q``); ``cache`` is this layer's KV-cache entry in the
+    backend's layout (None without a cache).
+    """
+    eps = cfg.rms_norm_eps
+    h = rec("resid_pre", h)
+    a, cache = attention_block(ops, cfg, kind, lp, ops.rms_norm(h, lp["input_layernorm.weight"],
+                                                                eps), ctx, rec, lplan, cache)
+    h = rec("resid_mid", h + a)
+    x = ops.rms_norm(h, lp["post_attention_layernorm.weight"], eps)
+    f = moe_block(ops, cfg, lp, x, rec, lplan) if kind.moe else mlp_block(ops, lp, x, rec)
+    return rec("resid_post", h + f), cache
+
+
+def head_step(ops: Any, cfg: ModelConfig, norm: Array, head: Array, h: Array,
+              rec: Recorder) -> Array:
+    """Final RMSNorm and the lm_head: logits (B, S, V)."""
+    h = rec("final_norm", ops.rms_norm(h, norm, cfg.rms_norm_eps))
+    return rec("logits", ops.linear(h, head))
+
+
+def attention_block(ops: Any, cfg: ModelConfig, kind: LayerKind, lp: Params, x: Array,
+                    ctx: Context, rec: Recorder, lplan: LayerPlan,
+                    cache: Any) -> tuple[Array, Any]:
+    """Llama 4 attention on normalised x (B, S, D): projections, RoPE + QK-norm (chunked local
+    layers) or query temperature (global NoPE layers), GQA softmax attention, o_proj."""
+    H, K, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = ops.split_heads(ops.linear(x, lp["self_attn.q_proj.weight"]), H, d)  # (B, H, S, d)
+    k = ops.split_heads(ops.linear(x, lp["self_attn.k_proj.weight"]), K, d)
+    v = ops.split_heads(ops.linear(x, lp["self_attn.v_proj.weight"]), K, d)
+    if kind.rope:
+        q, k = ops.rope(q, ctx.cos, ctx.sin), ops.rope(k, ctx.cos, ctx.sin)
+        if kind.qk_norm:
+            q = ops.rms_norm(q, None, cfg.rms_norm_eps)
+            k = ops.rms_norm(k, None, cfg.rms_norm_eps)
+    elif kind.temperature:
+        q = ops.scale_queries(q, ctx.temp)
+    q, k, v = rec("attn.q", q), rec("attn.k", k), rec("attn.v", v)
+    if cache is not None:
+        k, v, k_start, cache = ops.cache_update(cache, k, v, ctx.start, kind.chunk)
+    else:
+        k_start = ctx.start
+    scale = d ** -0.5
+    if rec.wants("attn.pattern"):
+        probs = ops.attention_probs(q, k, ctx.start, k_start, kind.chunk, scale)
+        o = ops.attend(rec("attn.pattern", probs), v)
+    else:
+        o = ops.attention(q, k, v, ctx.start, k_start, kind.chunk, scale)
+    if lplan.ablate:
+        o = ops.zero_heads(o, lplan.ablate)
+    return rec("attn.out", ops.linear(ops.merge_heads(o), lp["self_attn.o_proj.weight"])), cache
+
+
+def moe_block(ops: Any, cfg: ModelConfig, lp: Params, x: Array, rec: Recorder,
+              lplan: LayerPlan) -> Array:
+    """Llama 4 MoE on normalised x (B, S, D): shared(x) + sum_k expert_k(sigmoid(r_k) * x),
+    top-k over raw router logits after bans (-inf) and forcing (+inf)."""
+    B, S, D = x.shape
+    E, k = cfg.num_local_experts, lplan.k
+    xf = x.reshape(-1, D)
+    logits = ops.linear(xf, lp["feed_forward.router.weight"])  # model dtype, as HF
+    logits = rec("moe.router_logits", logits.reshape(B, S, E)).reshape(-1, E)
+    idx = ops.select_experts(logits, k, lplan.ban, lplan.force, S)
+    idx = ops.as_index(rec("moe.topk_indices", idx.reshape(B, S, k)).reshape(-1, k))
+    scores = ops.gate_scores(logits, idx)
+    scores = rec("moe.topk_scores", scores.reshape(B, S, k)).reshape(-1, k)
+    routed = ops.dispatch(xf, idx, scores, lp["experts"], lplan.zero)
+    routed = rec("moe.routed_out", routed.reshape(B, S, D))
+    shared = rec("moe.shared_out", ops.swiglu(x, lp["feed_forward.shared_expert.gate_proj.weight"],
+                                             lp["feed_forward.shared_expert.up_proj.weight"],
+                                             lp["feed_forward.shared_expert.down_proj.weight"]))
+    return shared + routed
+
+
+def mlp_block(ops: Any, lp: Params, x: Array, rec: Recorder) -> Array:
+    """Dense SwiGLU feed-forward (the non-MoE layers of interleaved models)."""
+    return rec("mlp.out", ops.swiglu(x, lp["feed_forward.gate_proj.weight"],
+                                     lp["feed_forward.up_proj.weight"],
+                                     lp["feed_forward.down_proj.weight"]))
+
+
+# ----------------------------------------------------------------------------- the loop
+class Executor:
+    """Runs the steps of one forward. This one calls them eagerly with one shared recorder;
+    a compiling backend overrides ``embed``/``layer``/``head`` to call compiled versions of the
+    same steps (and merges what they captured into ``rec.out``)."""
+
+    def __init__(self, ops: Any, cfg: ModelConfig, plan: Plan, rec: Recorder):
+        self.ops = ops
+        self.cfg = cfg
+        self.plan = plan
+        self.rec = rec
+
+    def embed(self, table: Array, ids: Array) -> Array:
+        return embed_step(self.ops, table, ids, self.rec.scope(""))
+
+    def layer(self, i: int, lp: Params, h: Array, ctx: Context, cache: Any) -> tuple[Array, Any]:
+        return layer_step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx,
+                          self.rec.scope(hk.absolute(i, "")), LayerPlan.of(self.cfg,
+                                                                           self.plan, i), cache)
+
+    def head(self, norm: Array, head: Array, h: Array) -> Array:
+        return head_step(self.ops, self.cfg, norm, head, h, self.rec.scope(""))
+
+
+def forward(ex: Executor, source: Any, ids: Array, ctx: Context,
+            cache: dict[int, Any] | None = None,
+            stop_at_layer: int | None = None) -> tuple[Array | None, Array]:
+    """Run ids (B, S) through the model: (logits (B, S, V) or None, final residual stream).
+
+    ``source`` supplies the weights (``embedding()``, ``layer(i)``, ``head()``); ``cache`` maps
+    every layer to its KV-cache entry (the backend's empty entry before the first call) and is
+    updated in place. ``stop_at_layer=k`` runs layers 0..k-1
+    only and returns no logits.
+    """
+    cfg = ex.cfg
+    h = ex.embed(source.embedding(), ids)
+    n = cfg.num_hidden_layers if stop_at_layer is None else stop_at_layer
+    for i in range(n):
+        entry = None if cache is None else cache[i]
+        h, entry = ex.layer(i, source.layer(i), h, ctx, entry)
+        if cache is not None:
+            cache[i] = entry
+        source.release(i)
+    if stop_at_layer is not None:
+        return None, h
+    norm, head = source.head()
+    return ex.head(norm, head, h), h
+
+
+# ----------------------------------------------------------------------------- weights
+class ResidentWeights:
+    """The weight source for weights held in memory, one copy, on the model's device.
+
+    ``params`` maps canonical names (``layers.0.self_attn.q_proj.weight``) to backend arrays;
+    ``experts(i)`` returns layer i's routed experts in the layout the backend's dispatch reads.
+    Per-layer views are built once, so handing a layer to the forward costs nothing.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Mapping[str, Array],
+                 experts: Callable[[int], Any]):
+        self.cfg = cfg
+        self.params = params
+        self._layers: list[dict[str, Array]] = []
+        for i in range(cfg.num_hidden_layers):
+            pre = hk.absolute(i, "")
+            lp = {n[len(pre):]: a for n, a in params.items()
+                  if n.startswith(pre) and not n.startswith(pre + "feed_forward.experts.")}
+            if cfg.is_moe(i):
+                lp["experts"] = experts(i)
+            self._layers.append(lp)
+
+    def embedding(self) -> Array:
+        return self.params["embed_tokens.weight"]
+
+    def layer(self, i: int) -> dict[str, Array]:
+        return self._layers[i]
+
+    def release(self, i: int) -> None:
+        """Resident weights stay; a streaming source frees layer i here."""
+
+    def head(self) -> tuple[Array, Array]:
+        head = "embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        return self.params["norm.weight"], self.params[head]
