@@ -1,0 +1,527 @@
+"""Load-memory benchmark ("one copy of the weights"): peak memory and time of loading a checkpoint.
+
+Writes, once, a Scout-sized ONE-layer bf16 checkpoint (hidden 5120, vocab 202048, 40 / 8 heads
+of 128, 16 experts of width 8192, one MoE layer, untied lm_head: about 8.5 GB; seeded normal
+weights * 0.02, norms 1) into ``benchmarks/.cache/scout-1layer/`` (git-ignored), tensor chunk by
+tensor chunk (never more than ~50 MB of weights in memory), in the layout ``Checkpoint.save``
+writes (HF names, <= 2 GiB shards, ``model.safetensors.index.json``, text-only ``config.json``),
+so that both ``wb.load`` and transformers' ``from_pretrained`` read it. A marker written last
+says the cache is complete; later runs reuse it.
+
+Then each loader runs in its own fresh subprocess (so peaks do not mix), after the checkpoint's
+files have been read once so that every loader starts from the same warm page cache:
+
+- ``torch``: ``wb.load(path, backend="torch", dtype="bfloat16")``
+- ``jax``: ``wb.load(path, backend="jax", dtype="bfloat16")``
+- ``hf``: ``transformers.Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)``
+- ``torch-fp32`` (not run by default): ``wb.load(path, backend="torch", dtype="float32")``, the
+  conversion path; a full copy in fp32 is 2x the tensor bytes by itself.
+
+For each: load wall time; peak RssAnon during the load, sampled every ~5 ms both by a thread in
+the loader process and by this (parent) process reading ``/proc/PID/status`` (the parent is not
+blocked by the child's GIL; the larger of the two is reported); ``ru_maxrss`` (peak RSS including
+file-backed pages); RssAnon / RssFile after the load; and the ratio of the peak RssAnon to the
+checkpoint's tensor bytes (the sum of the safetensors data). Each loaded model then runs a
+4-token forward twice (the first one pays for pages a lazy, memory-mapped loader has not touched
+yet: transformers 5.x returns weights that are views of the mmap'd shards, so its "load" reads
+nothing and RssFile grows during the first forward): its logits must be finite, and are
+compared with the first loader's.
+The parent kills a loader whose RssAnon passes ``--max-gb`` (default: the memory available at
+the start less 1.5 GB), so a regression cannot take the shared machine down.
+
+    python benchmarks/load.py [--only torch,jax,hf[,torch-fp32]] [--keep | --delete] [--seed 0]
+                              [--timeout 1200] [--max-gb GB] [--json benchmarks/results-load.json]
+
+GB below means 10^9 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from workbench.checkpoint import INDEX_FILE, Checkpoint, expected_shapes  # noqa: E402
+from workbench.config import ModelConfig  # noqa: E402
+from workbench.hooks import layer_of  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache" / "scout-1layer"
+MARKER = ".complete.json"
+MAX_SHARD_BYTES = 2 * 1024**3  # Checkpoint.save's default
+CHUNK = 8 * 2**20  # elements generated at a time (32 MB of float32)
+STD = 0.02
+GB = 1e9
+LOADERS = ("torch", "jax", "hf", "torch-fp32")
+DEFAULT_LOADERS = ("torch", "jax", "hf")
+IDS = [[1, 450, 1000, 200000]]  # the 4-token forward (ids < vocab 202048)
+SAMPLE_S = 0.005
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+
+
+def scout_one_layer() -> ModelConfig:
+    """Scout's real text dimensions with one (MoE, chunked-RoPE, QK-norm) layer, text-only."""
+    cfg = ModelConfig.scout().replace(num_hidden_layers=1, multimodal=False)
+    assert cfg.moe_layers == [0] and not cfg.tie_word_embeddings, cfg.moe_layers
+    return cfg
+
+
+def hf_name(name: str) -> str:
+    """Canonical name -> the text-only HF name (what ``Checkpoint.save`` writes)."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def shard_plan(cfg: ModelConfig) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Canonical (name, shape) per shard, ordered and grouped as ``Checkpoint.save`` does."""
+    shapes = expected_shapes(cfg)
+
+    def order(name: str) -> tuple[int, str]:
+        lay = layer_of(name)
+        return (-1 if name.startswith("embed") else 10**9 if lay is None else lay, name)
+
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name in sorted(shapes, key=order):
+        nbytes = math.prod(shapes[name]) * 2
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shapes[name]))
+        size += nbytes
+    return shards
+
+
+def tensor_chunks(name: str, shape: tuple[int, ...], seed: int) -> Iterator[np.ndarray]:
+    """The tensor's bf16 values (flat, C order) in chunks: norms 1, else N(0, 1) * 0.02."""
+    n = math.prod(shape)
+    if name.endswith("norm.weight"):
+        yield np.ones(n, ml_dtypes.bfloat16)
+        return
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    buf = np.empty(min(n, CHUNK), np.float32)
+    done = 0
+    while done < n:
+        m = min(CHUNK, n - done)
+        out = buf[:m]
+        rng.standard_normal(out=out, dtype=np.float32)
+        out *= STD
+        yield out.astype(ml_dtypes.bfloat16)
+        done += m
+
+
+def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: int) -> int:
+    """Stream one safetensors file (the header ``write_safetensors`` writes); its data bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * 2
+        header[hf_name(name)] = {"dtype": "BF16", "shape": list(shape),
+                                 "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name, shape in tensors:
+            for chunk in tensor_chunks(name, shape, seed):
+                fh.write(chunk.view(np.uint16).data)
+    tmp.replace(path)
+    return offset
+
+
+def marker_spec(cfg: ModelConfig, seed: int) -> dict[str, Any]:
+    shards = shard_plan(cfg)
+    return {"seed": seed, "std": STD, "config": cfg.to_hf_dict(),
+            "tensors": {hf_name(n): list(s) for shard in shards for n, s in shard}}
+
+
+def ensure_checkpoint(path: Path, cfg: ModelConfig, seed: int) -> bool:
+    """Write the checkpoint unless a complete one with the same spec is there; True if written."""
+    spec = marker_spec(cfg, seed)
+    marker = path / MARKER
+    if marker.exists():
+        try:
+            if json.loads(marker.read_text()).get("spec") == spec:
+                return False
+        except json.JSONDecodeError:
+            pass
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    shards = shard_plan(cfg)
+    total = sum(math.prod(s) * 2 for shard in shards for _, s in shard)
+    print(f"writing {total / GB:.2f} GB bf16 checkpoint to {path} ({len(shards)} shards) ...",
+          flush=True)
+    t0 = time.perf_counter()
+    cfg_dict = cfg.to_hf_dict()
+    cfg_dict["dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+    weight_map: dict[str, str] = {}
+    written = 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        written += write_shard(path / fname, shard, seed)
+        weight_map.update({hf_name(n): fname for n, _ in shard})
+        print(f"  {fname}: {len(shard)} tensors, {written / GB:.2f} GB so far "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    index = {"metadata": {"total_size": written}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    Checkpoint.open(path).close()  # headers, names and shapes validate (reads no data)
+    marker.write_text(json.dumps({"spec": spec, "bytes": written,
+                                  "written_s": time.perf_counter() - t0}) + "\n")
+    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
+
+
+def warm_page_cache(path: Path) -> float:
+    """Read every shard once (so each loader starts from the same warm cache); seconds."""
+    t0 = time.perf_counter()
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 * 2**20):
+                pass
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """RssAnon, RssFile, RssShmem, VmRSS, VmHWM of a process, in bytes."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem", "VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+class Sampler(threading.Thread):
+    """Samples a process's RssAnon / RssFile every ``interval`` s (time.monotonic stamps)."""
+
+    def __init__(self, pid: int | str = "self", interval: float = SAMPLE_S,
+                 limit: int | None = None, on_limit: Any = None):
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.limit, self.on_limit = pid, interval, limit, on_limit
+        self.samples: list[tuple[float, int, int]] = []
+        self.halt = threading.Event()
+        self.tripped = False
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                s = proc_status(self.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            self.samples.append((time.monotonic(), s.get("RssAnon", 0), s.get("RssFile", 0)))
+            if self.limit is not None and s.get("RssAnon", 0) > self.limit and not self.tripped:
+                self.tripped = True
+                if self.on_limit is not None:
+                    self.on_limit()
+            self.halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+
+    def peak(self, t0: float = -math.inf, t1: float = math.inf) -> tuple[int, int]:
+        """(peak RssAnon, number of samples) between t0 and t1."""
+        window = [a for t, a, _ in self.samples if t0 <= t <= t1]
+        return (max(window) if window else 0), len(window)
+
+
+# ----------------------------------------------------------------------------- one loader
+
+
+def child(loader: str, path: Path, logits_file: Path) -> dict[str, Any]:
+    """Runs in a fresh process: import, then load (sampled), then a 4-token forward."""
+    t_imp = time.perf_counter()
+    versions: dict[str, str] = {}
+    if loader == "hf":
+        import torch
+        import transformers
+        from transformers import Llama4ForCausalLM
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    else:
+        import workbench as wb
+        if loader == "jax":
+            import jax
+
+            import workbench.jax  # noqa: F401
+            jax.devices()  # start the backend before the clock
+            versions = {"jax": jax.__version__}
+        else:
+            import torch
+
+            import workbench.torch  # noqa: F401
+            versions = {"torch": torch.__version__}
+    import_s = time.perf_counter() - t_imp
+    before = proc_status()
+    sampler = Sampler()
+    sampler.start()
+    t0 = time.monotonic()
+    if loader == "hf":
+        model = Llama4ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        model.eval()
+    else:
+        dtype = "float32" if loader == "torch-fp32" else "bfloat16"
+        model = wb.load(path, backend="jax" if loader == "jax" else "torch", dtype=dtype)
+    t1 = time.monotonic()
+    sampler.stop()
+    after = proc_status()
+    maxrss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak, n = sampler.peak()
+    ids = np.array(IDS)
+    tf = time.perf_counter()
+    if loader == "hf":
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(ids)).logits.float().numpy()
+    else:
+        logits = model.run(ids).logits
+    forward_s = time.perf_counter() - tf
+    after_fwd = proc_status()
+    tf = time.perf_counter()  # a second forward: first-touch (lazy mmap) costs are gone
+    if loader == "hf":
+        with torch.inference_mode():
+            model(torch.from_numpy(ids))
+    else:
+        model.run(ids)
+    forward2_s = time.perf_counter() - tf
+    logits = np.asarray(logits, np.float32)
+    np.save(logits_file, logits)
+    return {
+        "loader": loader, "versions": versions, "import_s": import_s,
+        "t_load_start": t0, "t_load_end": t1, "load_s": t1 - t0,
+        "rss_anon_before": before["RssAnon"], "rss_file_before": before["RssFile"],
+        "thread_peak_rss_anon": max(peak, after["RssAnon"]), "thread_samples": n,
+        "rss_anon_after": after["RssAnon"], "rss_file_after": after["RssFile"],
+        "ru_maxrss_after_load": maxrss_load,
+        "ru_maxrss_after_forward": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "forward_s": forward_s, "forward2_s": forward2_s,
+        "rss_anon_after_forward": after_fwd["RssAnon"],
+        "rss_file_after_forward": after_fwd["RssFile"], "logits_shape": list(logits.shape),
+        "logits_first": [float(x) for x in logits[0, -1, :5]],
+        "logits_finite": bool(np.isfinite(logits).all()),
+    }
+
+
+def run_loader(loader: str, path: Path, tmp: Path, timeout: float, limit: int
+               ) -> dict[str, Any]:
+    """One loader in a fresh subprocess, sampled from here too; its result row."""
+    logits_file = tmp / f"{loader}.npy"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", loader, "--path", str(path),
+           "--logits", str(logits_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(proc.pid, limit=limit, on_limit=proc.kill)
+    sampler.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        timed_out = True
+    sampler.stop()
+    row: dict[str, Any] = {"loader": loader}
+    result = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not result:
+        why = ("timed out" if timed_out else
+               f"killed: RssAnon passed the {limit / GB:.1f} GB guard" if sampler.tripped else
+               f"exit code {proc.returncode}")
+        row["error"] = why
+        row["stderr_tail"] = err[-3000:]
+        row["parent_peak_rss_anon"] = sampler.peak()[0]
+        return row
+    row.update(json.loads(result[-1][len("RESULT "):]))
+    # the parent's samples over the load window (a little slack for the stamps' granularity)
+    t0, t1 = row["t_load_start"], row["t_load_end"]
+    peak, n = sampler.peak(t0 - 0.002, t1 + 0.002)
+    row["parent_peak_rss_anon"] = peak
+    row["parent_samples"] = n
+    row["parent_peak_rss_anon_whole_run"] = sampler.peak()[0]
+    row["peak_rss_anon"] = max(peak, row["thread_peak_rss_anon"])
+    row["logits"] = str(logits_file)
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(rows: list[dict[str, Any]], tensor_bytes: int) -> str:
+    lines = ["| loader | load s | peak RssAnon GB | ×tensor bytes | ru_maxrss GB "
+             "| RssFile after GB | RssAnon before GB | forward s (1st / 2nd) "
+             "| RssAnon / RssFile after forward GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            peak = r.get("parent_peak_rss_anon", 0)
+            lines.append(f"| {r['loader']} | failed: {r['error']} | ≥ {peak / GB:.2f} | "
+                         f"≥ {peak / tensor_bytes:.2f}× | | | | | |")
+            continue
+        lines.append(
+            f"| {r['loader']} | {r['load_s']:.1f} | {r['peak_rss_anon'] / GB:.2f} | "
+            f"{r['peak_rss_anon'] / tensor_bytes:.2f}× | {r['ru_maxrss_after_load'] / GB:.2f} | "
+            f"{r['rss_file_after'] / GB:.2f} | {r['rss_anon_before'] / GB:.2f} | "
+            f"{r['forward_s']:.1f} / {r['forward2_s']:.1f} | "
+            f"{r['rss_anon_after_forward'] / GB:.2f} / {r['rss_file_after_forward'] / GB:.2f} |")
+    return "\n".join(lines)
+
+
+def code_version() -> dict[str, Any]:
+    """The workbench code measured: git commit and whether workbench/ has local changes."""
+    out: dict[str, Any] = {"root": str(ROOT)}
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                                "workbench"], capture_output=True, text=True, timeout=30)
+        if head.returncode == 0:
+            out["commit"] = head.stdout.strip()
+            out["workbench_changed_files"] = len(dirty.stdout.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(DEFAULT_LOADERS),
+                    help=f"comma-separated loaders among {','.join(LOADERS)}")
+    keep = ap.add_mutually_exclusive_group()
+    keep.add_argument("--keep", dest="delete", action="store_false", default=False,
+                      help="keep the cached checkpoint (default)")
+    keep.add_argument("--delete", dest="delete", action="store_true",
+                      help="delete the cached checkpoint afterwards")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per loader")
+    ap.add_argument("--max-gb", type=float, default=None,
+                    help="kill a loader whose RssAnon passes this (default: available - 1.5)")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results-load.json")
+    ap.add_argument("--child", choices=LOADERS, help=argparse.SUPPRESS)
+    ap.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--logits", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.child:
+        print("RESULT " + json.dumps(child(a.child, a.path, a.logits)), flush=True)
+        return 0
+
+    loaders = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in loaders if s not in LOADERS]
+    if bad:
+        ap.error(f"unknown loader(s) {bad}; choose from {LOADERS}")
+    cfg = scout_one_layer()
+    written = ensure_checkpoint(a.cache, cfg, a.seed)
+    ck = Checkpoint.open(a.cache)
+    tensor_bytes = ck.nbytes
+    n_tensors = len(ck)
+    ck.close()
+    files = sorted(a.cache.glob("*.safetensors"))
+    print(f"checkpoint {a.cache}: {n_tensors} tensors, {tensor_bytes / GB:.3f} GB of tensor data "
+          f"in {len(files)} shards ({'written now' if written else 'cached'})", flush=True)
+
+    avail = mem_available()
+    limit = int(a.max_gb * GB) if a.max_gb else int(avail - 1.5 * GB)
+    print(f"memory available {avail / GB:.1f} GB; a loader is killed above {limit / GB:.1f} GB "
+          "RssAnon", flush=True)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="wb-load-") as tmpdir:
+        tmp = Path(tmpdir)
+        for loader in loaders:
+            warm = warm_page_cache(a.cache)
+            print(f"[{loader}] page cache warmed ({warm:.1f} s); loading in a fresh process ...",
+                  flush=True)
+            row = run_loader(loader, a.cache, tmp, a.timeout, limit)
+            row["page_cache_warm_s"] = warm
+            row["mem_available_before"] = mem_available()
+            rows.append(row)
+            if "error" in row:
+                print(f"[{loader}] FAILED: {row['error']}\n{row['stderr_tail']}", flush=True)
+                continue
+            print(f"[{loader}] load {row['load_s']:.1f} s, peak RssAnon "
+                  f"{row['peak_rss_anon'] / GB:.2f} GB ({row['peak_rss_anon'] / tensor_bytes:.2f}"
+                  f"x tensor bytes; thread {row['thread_peak_rss_anon'] / GB:.2f} GB over "
+                  f"{row['thread_samples']} samples, parent {row['parent_peak_rss_anon'] / GB:.2f}"
+                  f" GB over {row['parent_samples']}), forward {row['forward_s']:.1f} s, logits "
+                  f"{row['logits_shape']} finite={row['logits_finite']} first "
+                  f"{[round(x, 5) for x in row['logits_first']]}", flush=True)
+        ok = [r for r in rows if "error" not in r]
+        if ok:
+            ref = np.load(ok[0]["logits"])
+            for r in ok:
+                lg = np.load(r["logits"])
+                r["max_rel_err_vs_" + ok[0]["loader"]] = float(
+                    np.abs(lg - ref).max() / max(np.abs(ref).max(), 1e-30))
+                r["next_token_agrees_with_" + ok[0]["loader"]] = bool(
+                    (lg.argmax(-1) == ref.argmax(-1)).all())
+                del r["logits"]
+
+    print()
+    print(table(rows, tensor_bytes))
+    print()
+    for r in ok:
+        key = "max_rel_err_vs_" + ok[0]["loader"]
+        print(f"{r['loader']}: logits max rel err vs {ok[0]['loader']} {r[key]:.2e}, "
+              f"next tokens agree: {r['next_token_agrees_with_' + ok[0]['loader']]}; "
+              f"peak RssAnon minus RssAnon before the load = "
+              f"{(r['peak_rss_anon'] - r['rss_anon_before']) / tensor_bytes:.2f}x tensor bytes")
+    versions: dict[str, str] = {}
+    for pkg in ("torch", "jax", "jaxlib", "transformers", "numpy", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    report = {
+        "what": "peak memory and time of loading a Scout-sized one-layer bf16 checkpoint",
+        "code": code_version(),
+        "units": "bytes, seconds",
+        "checkpoint": {"path": str(a.cache), "tensor_bytes": tensor_bytes,
+                       "tensors": n_tensors, "shards": len(files), "seed": a.seed,
+                       "config": cfg.summary()},
+        "machine": {"cpus": os.cpu_count(), "mem_available_at_start": avail,
+                    "kill_limit": limit, "versions": versions},
+        "rows": rows,
+    }
+    a.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {a.json}")
+    if a.delete:
+        shutil.rmtree(a.cache)
+        print(f"deleted {a.cache}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
