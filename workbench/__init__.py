@@ -32,13 +32,19 @@ BACKENDS = ("torch", "jax")
 
 
 def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
-         device: Any = None) -> Model:
+         device: Any = None, offload: str | None = None,
+         max_memory: int | str | None = None) -> Model:
     """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``.
 
     ``device``: torch takes "cpu", "cuda", "cuda:N", "mps" or a torch.device; jax takes a
     ``jax.Device`` or a platform name ("cpu", "gpu", "tpu", optionally ":N"). The default is
     the backend's default device. Weights are held once: on the CPU, tensors already in
     ``dtype`` are used in place from the memory-mapped files.
+
+    ``offload="disk"`` opens checkpoints larger than memory: each layer's dense weights are read
+    to the device just before use (the next layer prefetched meanwhile) and dropped after, and
+    only the experts the router chose are read, through an LRU cache of ``max_memory`` bytes
+    (an int or a string like "6GB"; default: no cache). ``model.io_stats()`` reports the reads.
     """
     if backend == "torch":
         from .torch import load as _load
@@ -48,7 +54,7 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
         raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} not supported; choose one of {DTYPES}")
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory)
 
 
 def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",

@@ -29,9 +29,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import hooks as hk
 from .config import ModelConfig
 from .interventions import Plan
+from .ops import Ops, WeightSource
 
 Array = Any  # a backend array: torch.Tensor or jax.Array
 Params = Mapping[str, Any]  # relative parameter name -> array (plus "experts": backend layout)
@@ -48,7 +51,7 @@ class Recorder:
     backend converts them to numpy after the forward.
     """
 
-    def __init__(self, ops: Any, want: frozenset[str] | set[str], plan: Plan,
+    def __init__(self, ops: Ops, want: frozenset[str] | set[str], plan: Plan,
                  patches: Mapping[str, Array] | None = None, positions: slice | None = None,
                  prefix: str = ""):
         self.ops = ops
@@ -152,37 +155,81 @@ EMBED_HOOKS = frozenset({"embed"})  # what embed_step emits
 HEAD_HOOKS = frozenset({"final_norm", "logits"})  # what head_step emits
 
 
-def embed_step(ops: Any, table: Array, ids: Array, rec: Recorder) -> Array:
+def embed_step(ops: Ops, table: Array, ids: Array, rec: Recorder) -> Array:
     """Token embeddings (B, S, D)."""
     return rec("embed", ops.embed(table, ids))
 
 
-def layer_step(ops: Any, cfg: ModelConfig, kind: LayerKind, lp: Params, h: Array,
+def layer_step(ops: Ops, cfg: ModelConfig, kind: LayerKind, lp: Params, h: Array,
                ctx: Context, rec: Recorder, lplan: LayerPlan,
                cache: Any = None) -> tuple[Array, Any]:
     """One decoder layer on the residual stream h (B, S, D); returns (h, updated cache entry).
 
     ``rec`` emits relative names (``attn.q``); ``cache`` is this layer's KV-cache entry in the
-    backend's layout (None without a cache).
+    backend's layout (None without a cache). The layer runs in three phases — attention, then
+    routing, then the experts — which a backend may also call one by one (``route_phase`` and
+    ``expert_phase``), e.g. to read only the chosen experts from disk in between.
     """
+    h, x, cache = attention_phase(ops, cfg, kind, lp, h, ctx, rec, lplan, cache)
+    if not kind.moe:
+        return rec("resid_post", h + mlp_block(ops, lp, x, rec)), cache
+    idx, gates = route_phase(ops, cfg, lp, x, rec, lplan)
+    return expert_phase(ops, lp, h, x, idx, gates, lp["experts"], rec), cache
+
+
+def attention_phase(ops: Ops, cfg: ModelConfig, kind: LayerKind, lp: Params, h: Array,
+                    ctx: Context, rec: Recorder, lplan: LayerPlan,
+                    cache: Any = None) -> tuple[Array, Array, Any]:
+    """resid_pre -> attention -> resid_mid; returns (h, the normalised FFN input x, cache)."""
     eps = cfg.rms_norm_eps
     h = rec("resid_pre", h)
     a, cache = attention_block(ops, cfg, kind, lp, ops.rms_norm(h, lp["input_layernorm.weight"],
                                                                 eps), ctx, rec, lplan, cache)
     h = rec("resid_mid", h + a)
-    x = ops.rms_norm(h, lp["post_attention_layernorm.weight"], eps)
-    f = moe_block(ops, cfg, lp, x, rec, lplan) if kind.moe else mlp_block(ops, lp, x, rec)
-    return rec("resid_post", h + f), cache
+    return h, ops.rms_norm(h, lp["post_attention_layernorm.weight"], eps), cache
 
 
-def head_step(ops: Any, cfg: ModelConfig, norm: Array, head: Array, h: Array,
+def route_phase(ops: Ops, cfg: ModelConfig, lp: Params, x: Array, rec: Recorder,
+                lplan: LayerPlan) -> tuple[Array, Array]:
+    """The Llama 4 router on normalised x (B, S, D): raw logits, top-k after bans (-inf) and
+    forcing (+inf), sigmoid gates of the chosen experts. Returns flat expert ids (N, k) and the
+    gates that scale each expert's input (0 for zeroed experts, which then contribute exactly
+    nothing: the experts have no biases)."""
+    B, S, D = x.shape
+    E, k = cfg.num_local_experts, lplan.k
+    logits = ops.linear(x.reshape(-1, D), lp["feed_forward.router.weight"])  # model dtype, as HF
+    logits = rec("moe.router_logits", logits.reshape(B, S, E)).reshape(-1, E)
+    idx = ops.select_experts(logits, k, lplan.ban, lplan.force, S)
+    idx = ops.as_index(rec("moe.topk_indices", idx.reshape(B, S, k)).reshape(-1, k))
+    gates = ops.gate_scores(logits, idx)
+    gates = rec("moe.topk_scores", gates.reshape(B, S, k)).reshape(-1, k)
+    if lplan.zero:
+        gates = ops.zero_gates(gates, idx, lplan.zero)
+    return idx, gates
+
+
+def expert_phase(ops: Ops, lp: Params, h: Array, x: Array, idx: Array, gates: Array,
+                 experts: Any, rec: Recorder) -> Array:
+    """shared(x) + sum_k expert_k(gate_k * x), then the residual add: resid_post (B, S, D).
+    ``experts`` is in the layout the backend's dispatch reads (possibly only the chosen ones,
+    with ``idx`` numbering them)."""
+    B, S, D = x.shape
+    routed = ops.dispatch(x.reshape(-1, D), idx, gates, experts)
+    routed = rec("moe.routed_out", routed.reshape(B, S, D))
+    shared = rec("moe.shared_out", ops.swiglu(x, lp["feed_forward.shared_expert.gate_proj.weight"],
+                                             lp["feed_forward.shared_expert.up_proj.weight"],
+                                             lp["feed_forward.shared_expert.down_proj.weight"]))
+    return rec("resid_post", h + (shared + routed))
+
+
+def head_step(ops: Ops, cfg: ModelConfig, norm: Array, head: Array, h: Array,
               rec: Recorder) -> Array:
     """Final RMSNorm and the lm_head: logits (B, S, V)."""
     h = rec("final_norm", ops.rms_norm(h, norm, cfg.rms_norm_eps))
     return rec("logits", ops.linear(h, head))
 
 
-def attention_block(ops: Any, cfg: ModelConfig, kind: LayerKind, lp: Params, x: Array,
+def attention_block(ops: Ops, cfg: ModelConfig, kind: LayerKind, lp: Params, x: Array,
                     ctx: Context, rec: Recorder, lplan: LayerPlan,
                     cache: Any) -> tuple[Array, Any]:
     """Llama 4 attention on normalised x (B, S, D): projections, RoPE + QK-norm (chunked local
@@ -214,28 +261,7 @@ def attention_block(ops: Any, cfg: ModelConfig, kind: LayerKind, lp: Params, x: 
     return rec("attn.out", ops.linear(ops.merge_heads(o), lp["self_attn.o_proj.weight"])), cache
 
 
-def moe_block(ops: Any, cfg: ModelConfig, lp: Params, x: Array, rec: Recorder,
-              lplan: LayerPlan) -> Array:
-    """Llama 4 MoE on normalised x (B, S, D): shared(x) + sum_k expert_k(sigmoid(r_k) * x),
-    top-k over raw router logits after bans (-inf) and forcing (+inf)."""
-    B, S, D = x.shape
-    E, k = cfg.num_local_experts, lplan.k
-    xf = x.reshape(-1, D)
-    logits = ops.linear(xf, lp["feed_forward.router.weight"])  # model dtype, as HF
-    logits = rec("moe.router_logits", logits.reshape(B, S, E)).reshape(-1, E)
-    idx = ops.select_experts(logits, k, lplan.ban, lplan.force, S)
-    idx = ops.as_index(rec("moe.topk_indices", idx.reshape(B, S, k)).reshape(-1, k))
-    scores = ops.gate_scores(logits, idx)
-    scores = rec("moe.topk_scores", scores.reshape(B, S, k)).reshape(-1, k)
-    routed = ops.dispatch(xf, idx, scores, lp["experts"], lplan.zero)
-    routed = rec("moe.routed_out", routed.reshape(B, S, D))
-    shared = rec("moe.shared_out", ops.swiglu(x, lp["feed_forward.shared_expert.gate_proj.weight"],
-                                             lp["feed_forward.shared_expert.up_proj.weight"],
-                                             lp["feed_forward.shared_expert.down_proj.weight"]))
-    return shared + routed
-
-
-def mlp_block(ops: Any, lp: Params, x: Array, rec: Recorder) -> Array:
+def mlp_block(ops: Ops, lp: Params, x: Array, rec: Recorder) -> Array:
     """Dense SwiGLU feed-forward (the non-MoE layers of interleaved models)."""
     return rec("mlp.out", ops.swiglu(x, lp["feed_forward.gate_proj.weight"],
                                      lp["feed_forward.up_proj.weight"],
@@ -248,7 +274,7 @@ class Executor:
     a compiling backend overrides ``embed``/``layer``/``head`` to call compiled versions of the
     same steps (and merges what they captured into ``rec.out``)."""
 
-    def __init__(self, ops: Any, cfg: ModelConfig, plan: Plan, rec: Recorder):
+    def __init__(self, ops: Ops, cfg: ModelConfig, plan: Plan, rec: Recorder):
         self.ops = ops
         self.cfg = cfg
         self.plan = plan
@@ -266,19 +292,22 @@ class Executor:
         return head_step(self.ops, self.cfg, norm, head, h, self.rec.scope(""))
 
 
-def forward(ex: Executor, source: Any, ids: Array, ctx: Context,
+def forward(ex: Executor, source: WeightSource, ids: np.ndarray, ctx: Context,
             cache: dict[int, Any] | None = None,
             stop_at_layer: int | None = None) -> tuple[Array | None, Array]:
     """Run ids (B, S) through the model: (logits (B, S, V) or None, final residual stream).
 
-    ``source`` supplies the weights (``embedding()``, ``layer(i)``, ``head()``); ``cache`` maps
-    every layer to its KV-cache entry (the backend's empty entry before the first call) and is
-    updated in place. ``stop_at_layer=k`` runs layers 0..k-1
-    only and returns no logits.
+    ``source`` supplies the weights (``embedding(ids)``, ``layer(i)``, ``head()``); ``cache``
+    maps every layer to its KV-cache entry (the backend's empty entry before the first call)
+    and is updated in place. ``stop_at_layer=k`` runs (and reads) layers 0..k-1 only and
+    returns no logits.
     """
     cfg = ex.cfg
-    h = ex.embed(source.embedding(), ids)
     n = cfg.num_hidden_layers if stop_at_layer is None else stop_at_layer
+    source.begin(n)
+    table, local = source.embedding(ids)
+    h = ex.embed(table, local if not isinstance(local, np.ndarray) else ex.ops.asarray(local))
+    del table
     for i in range(n):
         entry = None if cache is None else cache[i]
         h, entry = ex.layer(i, source.layer(i), h, ctx, entry)
@@ -313,8 +342,11 @@ class ResidentWeights:
                 lp["experts"] = experts(i)
             self._layers.append(lp)
 
-    def embedding(self) -> Array:
-        return self.params["embed_tokens.weight"]
+    def begin(self, layers: int) -> None:
+        """Nothing to prepare: every layer is in memory."""
+
+    def embedding(self, ids: Any) -> tuple[Array, Any]:
+        return self.params["embed_tokens.weight"], ids
 
     def layer(self, i: int) -> dict[str, Array]:
         return self._layers[i]

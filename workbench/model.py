@@ -156,6 +156,23 @@ class Model(ABC):
                 "capture": [capture] if isinstance(capture, str) else list(capture or []),
                 "interventions": p.records, "path": None if self.path is None else str(self.path)}
 
+    @property
+    def offload(self) -> str | None:
+        """"disk" when weights are streamed from the checkpoint, None when resident."""
+        return "disk" if hasattr(getattr(self, "weights", None), "stats") else None
+
+    def io_stats(self, reset: bool = False) -> dict[str, Any]:
+        """Reads from the checkpoint since loading (or the last reset): per layer ("embed",
+        "0", ..., "head") and in total, bytes read, expert bytes, expert cache hits and misses,
+        and seconds spent waiting on reads. Resident models read nothing while running."""
+        stats = getattr(getattr(self, "weights", None), "stats", None)
+        if stats is None:
+            return {"mode": "resident", "total": {}, "layers": {}}
+        out = {"mode": "disk", **stats.as_dict()}
+        if reset:
+            stats.reset()
+        return out
+
     def estimate_capture_bytes(self, capture: str | Iterable[str] | None, batch: int, seq: int,
                                capture_dtype: Any = None) -> int:
         """Bytes a trace of these hooks would take for a (batch, seq) input, before running."""

@@ -98,17 +98,24 @@ class Ops(Protocol):
     def gate_scores(self, logits: Array, idx: Array) -> Array:
         """sigmoid of the chosen experts' logits (N, k), in fp32, rounded to the model dtype."""
 
-    def dispatch(self, x: Array, idx: Array, scores: Array, experts: Any,
-                 zero: tuple[int, ...]) -> Array:
-        """Routed output (N, D): sum over each token's k choices of expert(score * x), computed
-        sparsely (cost follows the tokens routed, not E); experts in ``zero`` contribute 0."""
+    def zero_gates(self, gates: Array, idx: Array, experts: tuple[int, ...]) -> Array:
+        """gates (N, k) with 0 wherever idx (N, k) is one of ``experts``."""
+
+    def dispatch(self, x: Array, idx: Array, gates: Array, experts: Any) -> Array:
+        """Routed output (N, D): sum over each token's k choices of expert(gate * x), computed
+        sparsely (cost follows the tokens routed, not E). ``experts`` is the backend's resident
+        layout, or a streamed ``ExpertSet`` that reads an expert when first asked for it."""
 
 
 class WeightSource(Protocol):
     """Parameters for the forward, on the model's device (names relative to the layer)."""
 
-    def embedding(self) -> Array:
-        """The token embedding table (V, D)."""
+    def begin(self, layers: int) -> None:
+        """A forward over layers 0..layers-1 starts (a streaming source starts reading)."""
+
+    def embedding(self, ids: Any) -> tuple[Array, Any]:
+        """(table, ids into it) for the token ids of this call: the whole embedding (V, D)
+        with ids unchanged, or only the rows asked for with ids renumbered (host ids)."""
 
     def layer(self, i: int) -> dict[str, Array]:
         """Layer i's parameters by relative name (``self_attn.q_proj.weight``); MoE layers add

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -39,14 +40,18 @@ from ..forward import (
     LayerPlan,
     Recorder,
     ResidentWeights,
+    attention_phase,
     embed_step,
+    expert_phase,
     forward,
     head_step,
     layer_step,
+    route_phase,
 )
 from ..interventions import Plan
 from ..model import CaptureSpec, Model, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
+from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import CacheEntry, keep_from
 from .moe import expert_names
 from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
@@ -119,35 +124,50 @@ class JaxModel(Model):
 
     def __init__(self, config: ModelConfig, tensors: Mapping[str, np.ndarray],
                  dtype: str = "float32", path: str | None = None, device: Any = None, *,
-                 done: Callable[[str], None] | None = None):
+                 done: Callable[[str], None] | None = None,
+                 stream: Checkpoint | None = None, max_memory: int | None = None):
         super().__init__(config, dtype, path)
         self._device = resolve_device(device)
-        np_dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
         self.params: Params = {}
         self.aliased = 0  # tensors adopted from host memory without a copy (CPU only)
-        cpu = self._device.platform == "cpu"
         for n, a in to_params(config, tensors, done):
-            host = np.asarray(a)
-            if cpu and (host.dtype != np_dt or host.ctypes.data % _ALIGN
-                        or not host.flags.c_contiguous):
-                host = _aligned(host, np_dt)  # the one copy, which jax then adopts
-            elif host.dtype != np_dt:
-                host = host.astype(np_dt)
-            arr = jax.device_put(host, self._device)
-            if cpu and _pointer(arr) == host.ctypes.data:
-                self.aliased += 1
-            self.params[n] = arr
-            del host, a
+            self.params[n] = self.put(a)
+            del a
         self.ops = JaxOps(self._device)
         E = config.num_local_experts
-        self.weights = ResidentWeights(config, self.params, lambda i: [
-            tuple(self.params[n] for n in expert_names(i, e)) for e in range(E)])
+        if stream is not None:  # streamed: copies on demand, experts in nn.Linear layout
+
+            def put(view: np.ndarray) -> jax.Array:
+                return self.put(view, copy=True)
+
+            self.weights: ResidentWeights | StreamedWeights = StreamedWeights(
+                stream, put, lambda gu, dn: (put(gu.T), put(dn.T)), max_memory)
+        else:
+            self.weights = ResidentWeights(config, self.params, lambda i: [
+                tuple(self.params[n] for n in expert_names(i, e)) for e in range(E)])
         self.inv_freq = rope_inv_freq(config)
         self._steps: OrderedDict[tuple, Callable] = OrderedDict()
         self._signatures: set[tuple] = set()
         # extra XLA options for every compiled step, e.g. {"xla_backend_optimization_level":
         # 0} compiles about twice as fast, for small models where compiling dominates
         self.compiler_options: dict[str, Any] = {}
+
+    def put(self, a: np.ndarray, copy: bool = False) -> jax.Array:
+        """A host array on the device in the model's dtype, with at most one copy: on the CPU
+        a 64-byte-aligned array already in the dtype is adopted in place (unless ``copy``)."""
+        np_dt = np.dtype(ml_dtypes.bfloat16) if self.dtype == "bfloat16" else \
+            np.dtype(np.float32)
+        host = np.asarray(a)
+        cpu = self._device.platform == "cpu"
+        if cpu and (copy or host.dtype != np_dt or host.ctypes.data % _ALIGN
+                    or not host.flags.c_contiguous):
+            host = _aligned(host, np_dt)  # the one copy, which jax then adopts
+        elif host.dtype != np_dt:
+            host = host.astype(np_dt)
+        arr = jax.device_put(host, self._device)
+        if cpu and not copy and _pointer(arr) == np.asarray(a).ctypes.data:
+            self.aliased += 1
+        return arr
 
     @property
     def device(self) -> jax.Device:
@@ -219,8 +239,7 @@ class JaxModel(Model):
                               stop_at_layer))
         ex = _CompiledSteps(self, plan, spec, {n: host_array(v) for n, v in
                                                plan.patches.items()})
-        logits, _ = forward(ex, self.weights, self.ops.asarray(ids), ctx, entries,
-                            stop_at_layer)
+        logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer)
         if cache is not None:
             cache.commit(cfg, entries, S)
         arrays = {}
@@ -234,6 +253,8 @@ class JaxModel(Model):
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
         """Weights as float32 numpy arrays by canonical name, experts restacked (for
         Checkpoint.save)."""
+        if isinstance(self.weights, StreamedWeights):
+            return streamed_state_dict(self.weights)
         return from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
                                           self.params.items()})
 
@@ -290,23 +311,57 @@ class _CompiledSteps(Executor):
             return head_step(self.ops, cfg, norm, head, h, rec)
         return self._call(("head",), None, HEAD_HOOKS.__contains__, step, norm, head, h)
 
-    def layer(self, i: int, lp: dict[str, jax.Array], h: jax.Array, ctx: Context,
+    def layer(self, i: int, lp: dict[str, Any], h: jax.Array, ctx: Context,
               entry: CacheEntry | None) -> tuple[jax.Array, CacheEntry | None]:
         cfg, ops = self.cfg, self.ops
         kind, lplan = LayerKind.of(cfg, i), LayerPlan.of(cfg, self.plan, i)
         mode = "none" if entry is None else "fresh" if entry.k is None else "continue"
         cap = None if entry is None else entry.cap
-
-        def step(lp, h, cos, sin, temp, kv, start, rec):
-            c = Context(cos, sin, temp, start if mode == "continue" else 0)
-            e = None if mode == "none" else CacheEntry(kv[0], kv[1], kv[2], cap)
-            h, e = layer_step(ops, cfg, kind, lp, h, c, rec, lplan, e)
-            return h, None if e is None else (e.k, e.v, e.k_start)
-
         kv = None if entry is None else (entry.k, entry.v, entry.k_start)
-        h, new = self._call(("layer", kind, lplan, mode, cap), i, lambda n: hk.layer_of(n) == i,
-                            step, lp, h, ctx.cos, ctx.sin, ctx.temp, kv,
-                            ctx.start if mode == "continue" else None)
+        start = ctx.start if mode == "continue" else None
+        scope = lambda n: hk.layer_of(n) == i  # noqa: E731
+        experts = lp.get("experts")
+
+        def cache_in(kv):
+            return None if mode == "none" else CacheEntry(kv[0], kv[1], kv[2], cap)
+
+        def cache_out(e):
+            return None if e is None else (e.k, e.v, e.k_start)
+
+        if experts is None or isinstance(experts, list):  # every weight resident: one step
+            def step(lp, h, cos, sin, temp, kv, start, rec):
+                c = Context(cos, sin, temp, start if mode == "continue" else 0)
+                h, e = layer_step(ops, cfg, kind, lp, h, c, rec, lplan, cache_in(kv))
+                return h, cache_out(e)
+
+            h, new = self._call(("layer", kind, lplan, mode, cap), i, scope, step, lp, h,
+                                ctx.cos, ctx.sin, ctx.temp, kv, start)
+            return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
+
+        # streamed experts: attention and routing, then read the chosen experts, then them
+        dense = {n: a for n, a in lp.items() if n != "experts"}
+
+        def route(lp, h, cos, sin, temp, kv, start, rec):
+            c = Context(cos, sin, temp, start if mode == "continue" else 0)
+            h, x, e = attention_phase(ops, cfg, kind, lp, h, c, rec, lplan, cache_in(kv))
+            idx, gates = route_phase(ops, cfg, lp, x, rec, lplan)
+            return (h, x, idx, gates), cache_out(e)
+
+        (h, x, idx, gates), new = self._call(("route", kind, lplan, mode, cap), i, scope, route,
+                                             dense, h, ctx.cos, ctx.sin, ctx.temp, kv, start)
+        used = np.unique(np.asarray(idx))
+        weights = experts.fetch(used.tolist())
+        n = min(experts.num_experts, 1 << (len(used) - 1).bit_length())  # few compiled sizes
+        chosen = [weights[int(e)] for e in used]
+        chosen += [chosen[0]] * (n - len(chosen))
+        remap = np.zeros(experts.num_experts, np.int32)
+        remap[used] = np.arange(len(used), dtype=np.int32)
+
+        def combine(lp, h, x, idx, gates, remap, chosen, rec):
+            return expert_phase(ops, lp, h, x, jnp.take(remap, idx), gates, chosen, rec)
+
+        h = self._call(("experts", n), i, scope, combine, dense, h, x, idx, gates, remap,
+                       chosen)
         return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
 
 
@@ -343,6 +398,8 @@ def to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
                 done(n)
     for i in cfg.moe_layers:
         names = expert_names(i)
+        if names[0] not in tensors:  # a streamed model holds no resident experts
+            continue
         gate_up, down = (tensors[n] for n in names)
         for e in range(cfg.num_local_experts):
             gu_name, dn_name = expert_names(i, e)
@@ -365,13 +422,20 @@ def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np
 
 
 def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
-         device: Any = None) -> JaxModel:
+         device: Any = None, offload: str | None = None,
+         max_memory: int | str | None = None) -> JaxModel:
     """Load a checkpoint directory into the jax backend, one tensor at a time.
 
     Tensors are read from the memory-mapped shards and placed on the device one by one; a
     tensor jax could not adopt in place has its file pages released once it is copied.
+    ``offload="disk"`` streams instead: nothing is read until a forward needs it
+    (``workbench.streaming``), with an expert cache of ``max_memory`` bytes.
     """
     ck = checkpoint or Checkpoint.open(path)
+    if check_offload(offload, max_memory) == "disk":
+        ck.weight_names()  # a streamed forward needs every layer too
+        return JaxModel(ck.config, {}, dtype, str(path), device, stream=ck,
+                        max_memory=parse_bytes(max_memory))
     views = _Views(ck)
     model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done)
     if model.aliased == 0:

@@ -115,11 +115,12 @@ def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
     return y[:A]
 
 
-def dispatch(xf: jax.Array, idx: jax.Array, scores: jax.Array,
-             experts: list[tuple[jax.Array, jax.Array]], zero: tuple[int, ...]) -> jax.Array:
-    """Routed expert outputs (N, D) for tokens xf (N, D) with choices idx/scores (N, k).
+def dispatch(xf: jax.Array, idx: jax.Array, gates: jax.Array,
+             experts: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """Routed expert outputs (N, D) for tokens xf (N, D) with choices idx/gates (N, k), idx
+    numbering ``experts`` (every expert, or only those a streamed layer read).
 
-    Each assignment's input is ``x * score`` in the model dtype (HF scales the expert input);
+    Each assignment's input is ``x * gate`` in the model dtype (HF scales the expert input);
     with k > 1 the outputs are summed in fp32 and cast once.
     """
     N, D = xf.shape
@@ -130,11 +131,14 @@ def dispatch(xf: jax.Array, idx: jax.Array, scores: jax.Array,
     order = jnp.argsort(flat, stable=True)
     counts = jnp.bincount(flat, length=E)
     offsets = jnp.cumsum(counts) - counts
-    xs = xf[order // k] * scores.reshape(-1)[order][:, None]
+    xs = xf[order // k] * gates.reshape(-1)[order][:, None]
     y = expert_tiles(xs, counts, offsets, experts, tile_rows(A, E))  # looked up per trace
     out = jnp.zeros_like(y).at[order].set(y)
-    if zero:
-        out = out * (~jnp.isin(flat, np.asarray(zero)))[:, None].astype(out.dtype)
     if k == 1:
         return out
     return out.reshape(N, k, D).astype(jnp.float32).sum(1).astype(xf.dtype)
+
+
+def zero_gates(gates: jax.Array, idx: jax.Array, experts: tuple[int, ...]) -> jax.Array:
+    """gates with 0 where idx is one of ``experts``."""
+    return jnp.where(jnp.isin(idx, np.asarray(experts)), jnp.zeros((), gates.dtype), gates)

@@ -115,5 +115,7 @@ class JaxOps:
         s = jax.nn.sigmoid(jnp.take_along_axis(logits, idx, axis=1).astype(jnp.float32))
         return s.astype(logits.dtype)
 
-    def dispatch(self, xf, idx, scores, experts, zero):
-        return moe.dispatch(xf, idx, scores, experts, zero)
+    def dispatch(self, xf, idx, gates, experts):
+        return moe.dispatch(xf, idx, gates, experts)
+
+    zero_gates = staticmethod(moe.zero_gates)

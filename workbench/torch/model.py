@@ -16,6 +16,7 @@ from ..forward import Context, Executor, Recorder, ResidentWeights, forward
 from ..interventions import Plan
 from ..model import CaptureSpec, Model, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
+from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import EMPTY
 from .ops import TORCH_DTYPES, TorchOps, from_numpy, resolve_device
 
@@ -44,14 +45,15 @@ class TorchModel(Model):
     backend = "torch"
 
     def __init__(self, config: ModelConfig, tensors: dict[str, Any], dtype: str = "float32",
-                 path: str | None = None, device: Any = None):
+                 path: str | None = None, device: Any = None, *,
+                 weights: StreamedWeights | None = None):
         super().__init__(config, dtype, path)
         self._device = resolve_device(device)
         tdt = TORCH_DTYPES[dtype]
         self.params = Params({n: _to(t, tdt, self._device) for n, t in tensors.items()})
         self.ops = TorchOps(self._device)
         self.inv_freq = rope_inv_freq(config)
-        self.weights = self._weights()
+        self.weights = weights if weights is not None else self._weights()
 
     def _weights(self) -> ResidentWeights:
         p = self.params.as_dict()
@@ -95,7 +97,7 @@ class TorchModel(Model):
         patches = {n: self.ops.asarray(v) for n, v in plan.patches.items()}
         rec = Recorder(self.ops, spec.names, plan, patches, spec.positions)
         start = 0 if cache is None else cache["start"]
-        logits, _ = self._run(self.ops.asarray(ids), plan, rec, start,
+        logits, _ = self._run(ids, plan, rec, start,
                               None if cache is None else cache["layers"], stop_at_layer)
         if cache is not None:
             cache["start"] = start + ids.shape[1]
@@ -113,6 +115,8 @@ class TorchModel(Model):
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
         """Weights as float32 numpy arrays by canonical name (for Checkpoint.save)."""
+        if isinstance(self.weights, StreamedWeights):
+            return streamed_state_dict(self.weights)
         return {n: t.detach().float().cpu().numpy() for n, t in self.params.as_dict().items()}
 
 
@@ -124,16 +128,28 @@ def _to(t: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
-         device: Any = None) -> TorchModel:
+         device: Any = None, offload: str | None = None,
+         max_memory: int | str | None = None) -> TorchModel:
     """Load a checkpoint directory into the torch backend, one copy of the weights.
 
     On the CPU, tensors stored in the requested dtype are zero-copy views of the memory-mapped
     (copy-on-write) shards: loading allocates no memory for them. Otherwise each tensor is
     converted or copied to the device one at a time and its file pages are released.
+    ``offload="disk"`` streams instead: nothing is read until a forward needs it
+    (``workbench.streaming``), with an expert cache of ``max_memory`` bytes.
     """
     ck = checkpoint or Checkpoint.open(path)
     dev = resolve_device(device)
     tdt = TORCH_DTYPES[dtype]
+    if check_offload(offload, max_memory) == "disk":
+        ck.weight_names()  # a streamed forward needs every layer too
+
+        def put(view: np.ndarray) -> torch.Tensor:
+            return from_numpy(np.asarray(view)).to(device=dev, dtype=tdt, copy=True)
+
+        source = StreamedWeights(ck, put, lambda gu, dn: (put(gu), put(dn)),
+                                 parse_bytes(max_memory))
+        return TorchModel(ck.config, {}, dtype, str(path), dev, weights=source)
     tensors: dict[str, torch.Tensor] = {}
     kept_views = False
     for name in ck.weight_names():
@@ -145,8 +161,7 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
             continue
         tensors[name] = t.to(device=dev, dtype=tdt, copy=True)
         del t, view
-        if not kept_views:
-            ck.evict(name)
+        ck.evict(name)
     model = TorchModel(ck.config, tensors, dtype, str(path), dev)
     if not kept_views:
         ck.close()

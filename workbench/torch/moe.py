@@ -7,6 +7,8 @@ apply), so cost follows the tokens routed, not the number of experts.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -56,28 +58,50 @@ def _aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
         x.dtype == w.dtype
 
 
-def dispatch(xf: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor,
-             experts: tuple[torch.Tensor, torch.Tensor], zero: tuple[int, ...]) -> torch.Tensor:
-    """Routed output (N, D) for tokens xf (N, D), choices idx/scores (N, k) and the stacked
-    experts (gate_up (E, D, 2I), down (E, I, D)). Each assignment's input is ``x * score`` in
-    the model dtype (as HF); with k > 1 the outputs are summed in fp32 and cast once."""
-    gate_up, down = experts
-    E, k = gate_up.shape[0], idx.shape[1]
+def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
+             experts: Any) -> torch.Tensor:
+    """Routed output (N, D) for tokens xf (N, D) and choices idx/gates (N, k).
+
+    ``experts`` is the stacked pair (gate_up (E, D, 2I), down (E, I, D)), or a streamed expert
+    set whose ``fetch(ids)`` returns {e: (gate_up_e (D, 2I), down_e (I, D))} for the experts
+    used. Each assignment's input is ``x * gate`` in the model dtype (as HF); with k > 1 the
+    outputs are summed in fp32 and cast once.
+    """
+    k = idx.shape[1]
     flat_e = idx.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
     tok = order // k
-    xin = xf[tok] * scores.reshape(-1)[order, None]
-    counts = torch.bincount(flat_e, minlength=E)
-    counts_list = counts.tolist()
-    gu = expert_matmul(xin, gate_up, counts, counts_list)
-    inter = gu.shape[-1] // 2
-    y = expert_matmul(gu[:, inter:] * F.silu(gu[:, :inter]), down, counts, counts_list)
-    if zero:
-        keep = ~torch.isin(flat_e[order], torch.tensor(zero, device=y.device))
-        y = y * keep[:, None].to(y.dtype)
+    xin = xf[tok] * gates.reshape(-1)[order, None]
+    if isinstance(experts, tuple):
+        gate_up, down = experts
+        counts = torch.bincount(flat_e, minlength=gate_up.shape[0])
+        counts_list = counts.tolist()
+        gu = expert_matmul(xin, gate_up, counts, counts_list)
+        inter = gu.shape[-1] // 2
+        y = expert_matmul(gu[:, inter:] * F.silu(gu[:, :inter]), down, counts, counts_list)
+    else:
+        y = _streamed(xin, flat_e[order], experts)
     if k == 1:
         routed = torch.empty_like(y)
         routed[order] = y
         return routed
     routed = torch.zeros(xf.shape, dtype=torch.float32, device=xf.device)
     return routed.index_add_(0, tok, y.float()).to(xf.dtype)
+
+
+def _streamed(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torch.Tensor:
+    """Expert-sorted rows through experts read on demand: one read per expert used."""
+    used, counts = torch.unique_consecutive(sorted_e, return_counts=True)
+    weights = experts.fetch(used.tolist())
+    parts = []
+    for e, xe in zip(used.tolist(), xin.split(counts.tolist())):
+        gate_up, down = weights[e]
+        gu = xe @ gate_up
+        inter = gu.shape[-1] // 2
+        parts.append((gu[:, inter:] * F.silu(gu[:, :inter])) @ down)
+    return torch.cat(parts) if parts else xin.new_zeros((0, xin.shape[-1]))
+
+
+def zero_gates(gates: torch.Tensor, idx: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
+    """gates with 0 where idx is one of ``experts``."""
+    return gates.masked_fill(torch.isin(idx, torch.tensor(experts, device=idx.device)), 0)

@@ -113,3 +113,4 @@ class TorchOps:
         return torch.sigmoid(logits.gather(1, idx).float()).to(logits.dtype)
 
     dispatch = staticmethod(moe.dispatch)
+    zero_gates = staticmethod(moe.zero_gates)
