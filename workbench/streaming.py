@@ -34,19 +34,20 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_bytes(value: str | int | None) -> int | None:
-    """A byte budget: an int, or a string such as ``"6GB"``, ``"512 MiB"``; None stays None."""
+def parse_bytes(value: str | int | None, what: str = "max_memory") -> int | None:
+    """A byte budget: an int, or a string such as ``"6GB"``, ``"512 MiB"``; None stays None.
+    ``what`` names the argument in errors."""
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError(f"max_memory={value!r}: give a byte count or a string like '6GB'")
+        raise ValueError(f"{what}={value!r}: give a byte count or a string like '6GB'")
     if isinstance(value, int | np.integer):
         if value < 0:
-            raise ValueError(f"max_memory={value!r} must be >= 0")
+            raise ValueError(f"{what}={value!r} must be >= 0")
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"max_memory={value!r}: give a byte count or a string like '6GB', "
+        raise ValueError(f"{what}={value!r}: give a byte count or a string like '6GB', "
                          f"'512MiB' (units: {', '.join(u for u in _UNITS if u)})")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 

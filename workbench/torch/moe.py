@@ -90,15 +90,16 @@ def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
 
 
 def _streamed(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torch.Tensor:
-    """Expert-sorted rows through experts read on demand: one read per expert used."""
+    """Expert-sorted rows through experts read on demand: each expert used is read once,
+    used, and dropped before the next is read (unless the source's cache keeps it)."""
     used, counts = torch.unique_consecutive(sorted_e, return_counts=True)
-    weights = experts.fetch(used.tolist())
     parts = []
     for e, xe in zip(used.tolist(), xin.split(counts.tolist())):
-        gate_up, down = weights[e]
+        gate_up, down = experts.fetch([e])[e]
         gu = xe @ gate_up
         inter = gu.shape[-1] // 2
         parts.append((gu[:, inter:] * F.silu(gu[:, :inter])) @ down)
+        del gate_up, down, gu
     return torch.cat(parts) if parts else xin.new_zeros((0, xin.shape[-1]))
 
 
