@@ -85,7 +85,7 @@ def card(model_dir: Path, m: dict) -> str:
         "",
         "```",
         f"workbench train --steps {a['steps']} --lr {a['lr']} --snapshots "
-        f"{','.join(str(s) for s in a['snapshots'])} --out data/scout-mini",
+        f"{','.join(str(s) for s in a['snapshots'])} --out data/scout-mini --overwrite",
         "```",
         "",
         f"AdamW (betas 0.9/0.95, weight decay {a['weight_decay']}), {a['warmup']} warm-up steps "

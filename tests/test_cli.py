@@ -173,3 +173,139 @@ def test_describe_stands_alone():
     assert r.stdout.strip() == "[]"
     assert set(PRESETS) == {"scout", "maverick"}
     assert inspect_text("scout").startswith("preset: scout")
+
+
+# ----------------------------------------------------------------------------- user mistakes
+# Every user mistake is one "error: ..." line and exit status 2 (argparse's own convention),
+# never a Python traceback; --debug / WORKBENCH_DEBUG=1 re-raise; bugs keep their traceback.
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from workbench.random_weights import write_random_checkpoint
+    return write_random_checkpoint(tmp_path_factory.mktemp("cli_tiny"),
+                                   ModelConfig.tiny(max_position_embeddings=32), seed=0)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["parity", "C", "--ids", "1 a"], "'a' is not a token id"),
+    (["parity", "C", "--ids", " , "], "no token ids"),
+    (["parity", "C", "--ids", "3 -1"], "negative"),
+    (["parity", "C", "--ids", "1.5"], "'1.5' is not a token id"),
+    (["parity", "C", "--length", "0"], "--length"),
+    (["parity", "C", "--length", "-4"], "must be >= 1"),
+    (["parity", "C", "--length", "ten"], "not an integer"),
+    (["parity", "C", "--dtype", "float64"], "invalid choice"),
+    (["parity", "C", "--dtype-a", "int8"], "invalid choice"),
+    (["parity", "C", "--backend-a", "tensorflow"], "invalid choice"),
+    (["parity", "C", "--backend-b", "numpy"], "invalid choice"),
+    (["parity", "C", "--tol", "nan"], "finite"),
+    (["parity", "C", "--tol", "inf"], "finite"),
+    (["parity", "C", "--tol", "-1e-3"], "--tol"),
+    (["parity", "C", "--near-tie", "NaN"], "finite"),
+    (["parity", "C", "--text", "hi", "--ids", "1"], "not allowed with"),
+    (["report", "C", "--out", "o", "--max-tokens", "0"], "--max-tokens"),
+    (["report", "C", "--out", "o", "--max-tokens", "-3"], "must be >= 1"),
+    (["report", "C", "--out", "o", "--corpus-sample", "0"], "--corpus-sample"),
+    (["report", "C", "--out", "o", "--corpus-sample", "-2"], "must be >= 1"),
+    (["report", "C", "--out", "o", "--dpi", "0"], "--dpi"),
+    (["report", "C", "--out", "o", "--layer", "-1"], "must be >= 0"),
+])
+def test_bad_arguments_exit_2_without_traceback(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "error:" in err and fragment in err and "Traceback" not in err
+
+
+def run_main(capsys, argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_workbench_errors_exit_2(capsys, tiny_ckpt, tmp_path):
+    c = tiny_ckpt
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    garbage = tmp_path / "t.safetensors"
+    garbage.write_bytes(b"garbage")
+    cases = [
+        (["parity", c, "--capture", "layers.0.moe.nope"], "layers.0.moe.nope"),  # HookError
+        (["parity", c, "--ids", "1 2 99999"], "99999"),  # InputError: id out of range
+        (["parity", c, "--length", "33"], "max_position_embeddings=32"),
+        (["parity", c, "--text", "hello"], "tokenizer.json"),
+        (["parity", c, "--json", tmp_path], "is a directory"),
+        (["parity", tmp_path / "nowhere"], "nowhere"),
+        (["demo", "--out", afile], "is a file"),
+        (["report", c, "--out", afile, "--text", "x"], "is a file"),
+        (["report", garbage, "--out", tmp_path / "r"], str(garbage)),
+        (["inspect", tmp_path / "nowhere"], "nowhere"),
+    ]
+    for argv, fragment in cases:
+        rc, out, err = run_main(capsys, argv)
+        assert rc == 2, (argv, out, err)
+        assert err.startswith("error: ") and fragment in err and "Traceback" not in err, \
+            (argv, err)
+
+
+def test_debug_reraises_user_errors(capsys, tiny_ckpt, monkeypatch):
+    from workbench.hooks import HookError
+    argv = ["parity", str(tiny_ckpt), "--capture", "layers.0.moe.nope"]
+    with pytest.raises(HookError):
+        main(["--debug", *argv])
+    with pytest.raises(HookError):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("WORKBENCH_DEBUG", "1")
+    with pytest.raises(HookError):
+        main(argv)
+    monkeypatch.setenv("WORKBENCH_DEBUG", "0")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_bugs_keep_their_traceback(capsys, tiny_ckpt, monkeypatch):
+    """Only workbench's own error classes and ValueErrors raised by workbench's checks become
+    'error: ...'; an exception from a bug (or raised inside numpy) propagates."""
+    import workbench as wb
+    import workbench.cli as cli
+
+    def zero_division(args):
+        return 1 // 0
+
+    def numpy_value_error(args):
+        return np.broadcast_to(np.zeros(3), (2,))
+
+    def workbench_check(args):
+        return wb.load(tiny_ckpt, backend="tensorflow")
+
+    for fn, exc in ((zero_division, ZeroDivisionError), (numpy_value_error, ValueError)):
+        monkeypatch.setattr(cli, "cmd_inspect", fn)
+        with pytest.raises(exc):
+            main(["inspect", "scout"])
+    monkeypatch.setattr(cli, "cmd_inspect", workbench_check)
+    rc, _, err = run_main(capsys, ["inspect", "scout"])
+    assert rc == 2 and "tensorflow" in err and err.startswith("error: ")
+
+
+def test_command_line_process_user_errors(tiny_ckpt):
+    """The real entry point prints one error line, no traceback, exit status 2."""
+    cmd = [sys.executable, "-m", "workbench.cli", "parity", str(tiny_ckpt)]
+    for extra, fragment in ((["--capture", "nope.*"], "nope.*"), (["--ids", "1 x"], "'x'"),
+                            (["--tol", "nan"], "finite")):
+        r = subprocess.run(cmd + extra, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert "error:" in r.stderr and fragment in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_train_refuses_non_positive_steps(capsys, tmp_path, steps):
+    """`workbench train --steps 0`: exit 2 and one error line, before any training."""
+    try:
+        rc = main(["train", "--steps", steps, "--out", str(tmp_path / "out")])
+    except SystemExit as e:  # refused by argparse itself
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "--steps" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

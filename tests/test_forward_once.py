@@ -184,3 +184,26 @@ def test_stop_at_layer_is_the_same_in_both_backends(ckpt):
     assert sorted(a) == sorted(b)
     for n in a:
         assert np.array_equal(a[n], b[n]) if "indices" in n else rel(b[n], a[n]) <= 2e-6, n
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_nan_check_names_the_first_nonfinite_hook(tmp_path, backend):
+    cfg = ModelConfig.tiny()
+    tensors = random_tensors(cfg, seed=4)
+    tensors["layers.2.self_attn.o_proj.weight"][3, 5] = np.nan
+    path = wb.Checkpoint.save(tmp_path, tensors, cfg)
+    m = wb.load(path, backend=backend)
+    ids = np.arange(7)[None]
+    with pytest.warns(RuntimeWarning, match="logits hold NaN"):
+        out = m.run(ids)
+    assert np.isnan(out.logits).all()
+    with pytest.raises(wb.NonFiniteError, match="'layers.2.attn.out'"):
+        m.run(ids, nan_check=True)
+    # a NaN patched in earlier is found there; a finite run passes the check
+    good = wb.load(write_random_checkpoint(tmp_path / "ok", cfg, seed=4), backend=backend)
+    assert np.isfinite(good.run(ids, nan_check=True).logits).all()
+    with pytest.raises(wb.NonFiniteError, match="'layers.1.resid_mid'"):
+        good.run(ids, nan_check=True,
+                 interventions=[wb.patch("layers.1.resid_mid", np.nan, allow_nonfinite=True)])
+    with pytest.raises(wb.InputError, match="nan_check"):
+        good.run(ids, nan_check="yes")

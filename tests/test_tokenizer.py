@@ -235,3 +235,41 @@ def test_no_framework_imports() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ---------------------------------------------------------------------- refused ids
+
+
+@pytest.mark.parametrize("ids, fragments", [
+    ([5, 4096], ("4096", "position 1", "[0, 4096)")),
+    ([-1], ("-1", "position 0")),
+    ([3, 10**12], (str(10**12),)),
+    ([1.0], ("int", "float")),
+    ([True], ("int", "bool")),
+    (["5"], ("int", "str")),
+    ("hello", ("string",)),
+    (5, ("sequence",)),
+])
+def test_decode_refuses_ids_outside_the_vocabulary(tok: Tokenizer, ids, fragments) -> None:
+    import numpy as np
+
+    from workbench.tokenizer import TokenIdError
+    assert len(tok) == 4096
+    with pytest.raises(TokenIdError) as info:
+        tok.decode(ids)
+    msg = str(info.value)
+    assert all(f in msg for f in fragments), msg
+    assert isinstance(info.value, ValueError) and isinstance(info.value, IndexError)
+    with pytest.raises(TokenIdError, match="one-dimensional"):
+        tok.decode(np.array([[1, 2]]))
+    assert tok.decode(np.array([72, 101], np.int32)) == tok.decode([72, 101])
+
+
+def test_per_token_views_refuse_bad_ids(tok: Tokenizer) -> None:
+    from workbench.tokenizer import TokenIdError
+    for bad in ([4096], [-3], [2.5]):
+        with pytest.raises(TokenIdError):
+            tok.token_strings(bad)
+        with pytest.raises(TokenIdError):
+            tok.categories(bad)
+    assert tok.id_to_token(-1) is None and tok.id_to_token(4096) is None

@@ -35,6 +35,11 @@ def test_quick_training_writes_a_loadable_llama4_checkpoint(tmp_path, capsys):
     assert model.run(ids).logits.shape == (1, ids.shape[1], cfg.vocab_size)
     from transformers import Llama4ForCausalLM
     Llama4ForCausalLM.from_pretrained(out)
+    # a second run into the same directory needs --overwrite, and is refused before it starts
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(["train", "--quick", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 def test_schedule_and_baseline():

@@ -20,8 +20,8 @@ from .interventions import (
     set_top_k,
     zero_expert,
 )
-from .model import DTYPES, DeviceError, InputError, Model, Output
-from .trace import Routing, Trace
+from .model import DTYPES, CaptureTooLarge, DeviceError, InputError, Model, NonFiniteError, Output
+from .trace import Routing, Trace, TraceError
 
 if TYPE_CHECKING:
     from .parity import ParityReport
@@ -78,7 +78,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BACKENDS", "Checkpoint", "CheckpointError", "ConfigError", "DeviceError", "HookError",
+    "BACKENDS", "CaptureTooLarge", "Checkpoint", "CheckpointError", "ConfigError",
+    "DeviceError", "HookError", "NonFiniteError", "TraceError",
     "InputError", "InterventionError", "Model", "ModelConfig", "Output", "ParityReport", "Routing",
     "Tokenizer", "Trace", "ablate_head",
     "ban_expert", "compare", "force_expert", "hook_names", "load", "patch", "set_top_k",

@@ -4,28 +4,36 @@ Canonical names drop the HF prefixes: ``model.layers.0.self_attn.q_proj.weight``
 ``language_model.model.layers.0.self_attn.q_proj.weight`` are both
 ``layers.0.self_attn.q_proj.weight``; ``lm_head.weight`` and ``language_model.lm_head.weight`` are
 ``lm_head.weight``. Tensors are memory-mapped and read only when asked for. The safetensors header
-is parsed here (not by a library) so that every defect gets one message naming the file and tensor.
+is parsed and checked here so that every defect gets one message naming the file and tensor;
+the safetensors library then opens each file too and must accept it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import shutil
 import struct
+import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import ml_dtypes
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, load_strict_json, read_regular_file, regular_file_stat
 from .hooks import layer_of
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE)
+_MAX_HEADER_DEPTH = 8  # a valid header nests 3 levels: {name: {"shape": [...]}}
+_MAX_INDEX_DEPTH = 8
+_INT64_MAX = 2**63 - 1
 
 _DTYPES: dict[str, np.dtype] = {
     "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -33,13 +41,20 @@ _DTYPES: dict[str, np.dtype] = {
     "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-_FP8 = {"F8_E4M3", "F8_E5M2", "F8_E4M3FN", "F8_E8M0", "F4"}
+_FP8 = {"F8_E4M3", "F8_E5M2", "F8_E4M3FN", "F8_E8M0", "F4", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+        "F6_E2M3", "F6_E3M2"}
+# dtypes the safetensors format knows that the workbench does not read
+_ST_OTHER = {"U16", "U32", "U64", "C64"}
 _NP_TO_ST = {v: k for k, v in _DTYPES.items()}
 _FLOAT_WEIGHTS = {"F32", "F16", "BF16"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is; the message names file, tensor and shapes."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but is not what the format or the config promises."""
 
 
 @dataclass(frozen=True)
@@ -100,12 +115,26 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def _short(v: object, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _is_index(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """Parse and check a safetensors header: (tensors, metadata, data_start). No data is read."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+    """Parse and check a safetensors header: (tensors, metadata, data_start). No data is read.
+
+    Checked as the format promises: a regular file; an 8-byte length and at most 100 MB of
+    UTF-8 JSON header, an object with unique keys nested at most a few levels; per tensor a
+    known dtype, a shape of non-negative integers and two integer ``data_offsets`` inside the
+    data area whose span is the shape's byte size; no two tensors overlapping. A gap between
+    tensors or bytes after the last one get a :class:`CheckpointWarning`; a file without them
+    is also opened by the ``safetensors`` library, which must accept it too.
+    """
+    size = _regular_file(path).st_size
     if size < 8:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes; the 8-byte "
                               "header length is missing)")
@@ -114,38 +143,172 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
         if n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(
                 f"{path}: corrupt or truncated safetensors header (declares {n} header bytes, "
-                f"file has {size} bytes)")
+                f"file has {size} bytes; at most {_MAX_HEADER} header bytes are allowed)")
         raw = fh.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header, not valid JSON ({e})") from None
+        header = load_strict_json(raw, _MAX_HEADER_DEPTH)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header, {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", {}) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map "
+                              f"strings to strings, got {_short(meta)}")
     data_start = 8 + n
     data_len = size - data_start
+    spans = []
     for name, info in header.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}")
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: corrupt header entry {_short(info)} (expected an "
+                                  "object with dtype, shape and data_offsets)")
+        lacks = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+        if lacks:
+            raise CheckpointError(f"{where}: corrupt header entry {_short(info)} lacks "
+                                  f"{', '.join(lacks)}")
         dt = info["dtype"]
+        if not isinstance(dt, str):
+            raise CheckpointError(f"{where}: dtype must be a string, got {_short(dt)}")
         if dt in _FP8:
             raise CheckpointError(
                 f"{path}: tensor {name!r} is {dt}: FP8/FP4-quantised Llama 4 checkpoints (e.g. "
                 "Maverick-FP8) are not supported; use the bf16 release")
         if dt not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-        b, e = info["data_offsets"]
-        want = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPES[dt].itemsize
-        if e - b != want:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} declares shape {tuple(info['shape'])} {dt} "
-                f"({want} bytes) but spans {e - b} bytes")
+            known = "unsupported" if dt in _ST_OTHER else "unknown"
+            raise CheckpointError(f"{where} has {known} dtype {_short(dt)} (readable: "
+                                  f"{', '.join(_DTYPES)})")
+        shape = info["shape"]
+        if not isinstance(shape, list) or not all(_is_index(s) and 0 <= s <= _INT64_MAX
+                                                  for s in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got "
+                                  f"{_short(shape)}")
+        offsets = info["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_index(o) for o in offsets)):
+            raise CheckpointError(f"{where}: data_offsets must be two integers [begin, end], "
+                                  f"got {_short(offsets)}")
+        b, e = offsets
+        if b < 0 or e < b:
+            raise CheckpointError(f"{where}: data_offsets {offsets} are negative or reversed "
+                                  "(offsets count from the end of the header)")
         if e > data_len:
             raise CheckpointError(
                 f"{path}: truncated file: tensor {name!r} ends at byte {data_start + e} but the "
                 f"file has {size} bytes")
+        want = math.prod(shape) * _DTYPES[dt].itemsize
+        if e - b != want:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} declares shape {tuple(shape)} {dt} "
+                f"({want} bytes) but spans {e - b} bytes")
+        spans.append((b, e, name))
+    spans.sort()
+    end, last, gaps = 0, None, 0
+    for b, e, name in spans:
+        if b < end:
+            raise CheckpointError(f"{path}: tensors {last!r} and {name!r} overlap (bytes "
+                                  f"{b}..{min(e, end)} of the data belong to both)")
+        gaps += b - end
+        end, last = e, name
+    trailing = data_len - end
+    if gaps or trailing:
+        unused = " and ".join(w for w in (f"{gaps} bytes between tensors" if gaps else "",
+                                          f"{trailing} bytes after the last tensor"
+                                          if trailing else "") if w)
+        warnings.warn(CheckpointWarning(
+            f"{path}: {unused} belong to no tensor (the safetensors format has no holes; other "
+            "readers, transformers included, may refuse this file)"), stacklevel=3)
+    else:
+        _library_check(path)
     return header, meta, data_start
+
+
+def _library_check(path: Path) -> None:
+    """Let the safetensors library parse the header too; its refusal becomes ours."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:  # pragma: no cover - a dependency, but not needed to read
+        return
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: refused by the safetensors library: {e}") from None
+
+
+def _regular_file(path: Path) -> os.stat_result:
+    """stat ``path``; CheckpointError unless it is a regular file."""
+    return regular_file_stat(path, CheckpointError)
+
+
+def _inside(root: Path, rel: str, source: Path | None = None) -> Path:
+    """``root / rel`` if it stays inside the checkpoint directory ``root``.
+
+    ``rel`` must be relative, without ``..``; after following symlinks the file must lie in
+    ``root`` or, for the Hugging Face cache layout (``.../snapshots/<rev>/name`` linking to
+    ``.../blobs/<hash>``), in that repository's ``blobs`` directory. ``source``: the file that
+    named ``rel`` (the index), for the message.
+    """
+    by = f"{source}: " if source is not None else f"{root}: "
+    pure = PurePosixPath(rel.replace("\\", "/"))
+    if not rel or "\x00" in rel or pure.is_absolute() or PureWindowsPath(rel).drive:
+        raise CheckpointError(f"{by}shard file name {_short(rel, 300)} must be a relative path "
+                              "inside the checkpoint directory")
+    if ".." in pure.parts:
+        raise CheckpointError(f"{by}shard file name {_short(rel, 300)} leaves the checkpoint "
+                              "directory ('..')")
+    p = root / rel
+    if not os.path.lexists(p):
+        return p  # reported as missing by the caller
+    try:
+        real_root = root.resolve(strict=True)
+        real = p.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{p}: cannot resolve ({e})") from None
+    allowed = [real_root]
+    if real_root.parent.name == "snapshots":  # the Hugging Face hub cache
+        allowed.append(real_root.parent.parent / "blobs")
+    if not any(real == a or a in real.parents for a in allowed):
+        raise CheckpointError(f"{by}{rel} is a symlink to {real}, outside the checkpoint "
+                              f"directory {real_root}")
+    return p
+
+
+_SPECIAL_BITS = {  # dtype -> (same-size unsigned int, exponent mask, mantissa mask)
+    np.dtype(np.float32): (np.uint32, 0x7F800000, 0x007FFFFF),
+    np.dtype(np.float16): (np.uint16, 0x7C00, 0x03FF),
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80, 0x007F),
+}
+
+
+def scan_values(arr: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(NaN count, ±Inf count) of a floating array, read in chunks (float32/16 and bfloat16
+    by bit pattern: no conversion, no large temporaries). Non-float arrays give (0, 0)."""
+    spec = _SPECIAL_BITS.get(arr.dtype)
+    flat = arr.reshape(-1)
+    nan = inf = 0
+    if spec is None:
+        if arr.dtype.kind != "f":
+            return 0, 0
+        for s in range(0, flat.size, chunk):
+            x = flat[s:s + chunk]
+            nan += int(np.count_nonzero(np.isnan(x)))
+            inf += int(np.count_nonzero(np.isinf(x)))
+        return nan, inf
+    ut, exp, man = spec
+    bits = flat.view(ut)
+    exp, man = ut(exp), ut(man)
+    for s in range(0, bits.size, chunk):
+        x = bits[s:s + chunk]
+        special = (x & exp) == exp
+        n_special = int(np.count_nonzero(special))
+        if n_special:
+            k = int(np.count_nonzero(special & ((x & man) != 0)))
+            nan += k
+            inf += n_special - k
+    return nan, inf
 
 
 class Checkpoint(Mapping[str, np.ndarray]):
@@ -169,11 +332,15 @@ class Checkpoint(Mapping[str, np.ndarray]):
     # ----------------------------------------------------------------- opening
     @classmethod
     def open(cls, path: str | os.PathLike, layers: Iterable[int] | None = None,
-             config: ModelConfig | None = None, strict: bool = True) -> Checkpoint:
+             config: ModelConfig | None = None, strict: bool = True,
+             check_values: bool = False) -> Checkpoint:
         """Open a directory with ``model.safetensors`` or shards + ``model.safetensors.index.json``.
 
         Validates every header, maps names and checks names and shapes against the config
-        (missing, unexpected and mis-shaped tensors are errors when ``strict``).
+        (missing, unexpected and mis-shaped tensors are errors when ``strict``). Shard files
+        must be regular files inside the directory. ``check_values`` also reads every tensor
+        (of the opened layers) and raises CheckpointError naming each one holding NaN or Inf
+        with its counts (see :meth:`nonfinite`).
         """
         root = Path(path)
         if not root.is_dir():
@@ -212,14 +379,26 @@ class Checkpoint(Mapping[str, np.ndarray]):
                                          data_start + b, e - b)
         ck = cls(root, cfg, infos, sorted(ignored), layer_set)
         ck._validate(strict)
+        if check_values:
+            bad = ck.nonfinite()
+            if bad:
+                raise CheckpointError(f"{root}: weights hold NaN or Inf: "
+                                      f"{format_nonfinite(ck, bad)}")
         return ck
 
     def _validate(self, strict: bool) -> None:
         exp = expected_shapes(self.config)
         if self.layers is not None:
             exp = {k: v for k, v in exp.items() if layer_of(k) in (None, *self.layers)}
-        if self.config.tie_word_embeddings:
-            self._infos.pop("lm_head.weight", None)
+        lm = self._infos.get("lm_head.weight")
+        if self.config.tie_word_embeddings and lm is not None:
+            msg = (f"{lm.file}: config.json says tie_word_embeddings=true (the output head is "
+                   f"embed_tokens.weight) but the checkpoint also holds {lm.hf_name!r}")
+            if strict:
+                raise CheckpointError(msg + "; set tie_word_embeddings to false to use it, or "
+                                      "remove the tensor")
+            warnings.warn(CheckpointWarning(msg + ", which is ignored"), stacklevel=3)
+            self._infos.pop("lm_head.weight")
         where = self.path
         for name, shape in exp.items():
             info = self._infos.get(name)
@@ -319,6 +498,19 @@ class Checkpoint(Mapping[str, np.ndarray]):
             return arr.astype(np.dtype(dtype))
         return arr.copy()
 
+    def nonfinite(self) -> dict[str, tuple[int, int]]:
+        """{name: (NaN count, Inf count)} for every tensor holding NaN or ±Inf.
+
+        Reads every tensor of the view once, in chunks, and releases its pages afterwards.
+        """
+        out = {}
+        for name in self._infos:
+            nan, inf = scan_values(self.view(name))
+            self.evict(name)
+            if nan or inf:
+                out[name] = (nan, inf)
+        return out
+
     def weight_names(self) -> list[str]:
         """The canonical names of every weight a forward pass needs, in checkpoint order."""
         if self.layers is not None:
@@ -370,32 +562,27 @@ class Checkpoint(Mapping[str, np.ndarray]):
 
         ``multimodal`` (default: ``config.multimodal``) chooses the ``language_model.`` prefix
         and the wrapper config. The result loads with transformers' ``from_pretrained``.
+
+        Everything is checked before the disk is touched (names, shapes, dtypes). The files are
+        written into a temporary directory beside or inside ``directory`` and moved into place
+        only when all are complete: a new directory appears at once (one rename); in an existing
+        one each file is replaced by a rename and stale shards are removed last, so a failed or
+        interrupted save leaves the old checkpoint as it was, and files already memory-mapped
+        (a loaded model's weights) are never rewritten in place. Other files there are kept.
         """
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         mm = config.multimodal if multimodal is None else multimodal
-        exp = expected_shapes(config)
-        missing = sorted(set(exp) - set(tensors))
-        if missing:
-            raise CheckpointError(f"cannot save: missing tensor(s) {missing[:5]}")
-        for name, arr in tensors.items():
-            if name in exp and tuple(arr.shape) != exp[name]:
-                raise CheckpointError(f"cannot save: tensor {name!r} has shape {arr.shape}, "
-                                      f"config expects {exp[name]}")
-        np_dtype = None if dtype is None else np.dtype(
-            ml_dtypes.bfloat16 if str(dtype) in ("bfloat16", "bf16") else dtype)
-
-        def hf(name: str) -> str:
-            if name.startswith("lm_head."):
-                return ("language_model." if mm else "") + name
-            return ("language_model.model." if mm else "model.") + name
-
-        arrays = {}
-        for name in sorted(tensors, key=_save_order):
-            a = np.asarray(tensors[name])
-            if np_dtype is not None and (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16):
-                a = a.astype(np_dtype)
-            arrays[hf(name)] = np.ascontiguousarray(a)
+        arrays = _checked_arrays(tensors, config, mm, dtype)
+        extra = dict(extra_files or {})
+        for fname, text in extra.items():
+            if (not isinstance(fname, str) or PurePosixPath(fname).name != fname
+                    or fname in ("", ".", "..", "config.json", INDEX_FILE)
+                    or fname.startswith("model") and fname.endswith(".safetensors")
+                    or "\\" in fname or not isinstance(text, str)):
+                raise CheckpointError(f"cannot save: extra file {_short(fname)} must be a plain "
+                                      "file name (not config.json or a weight file) with text")
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"cannot save: {out} exists and is not a directory")
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         for k, a in arrays.items():
@@ -404,9 +591,6 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 size = 0
             shards[-1][k] = a
             size += a.nbytes
-        for old in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:
-            if old.exists():
-                old.unlink()
         dt_name = "float32"
         if arrays:
             first = next(iter(arrays.values())).dtype
@@ -416,22 +600,164 @@ class Checkpoint(Mapping[str, np.ndarray]):
         cfg_dict["dtype"] = dt_name
         if mm:
             cfg_dict["text_config"]["dtype"] = dt_name
-        (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
-        if len(shards) == 1:
-            write_safetensors(out / SINGLE_FILE, shards[0], {"format": "pt"})
-        else:
-            n = len(shards)
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                write_safetensors(out / fname, shard, {"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
-                     "weight_map": weight_map}
-            (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        for fname, text in (extra_files or {}).items():
-            (out / fname).write_text(text)
+
+        def write_all(d: Path) -> list[str]:
+            """Write every file into ``d``; their names in the order to move them into place."""
+            names = []
+            if len(shards) == 1:
+                write_safetensors(d / SINGLE_FILE, shards[0], {"format": "pt"})
+                names.append(SINGLE_FILE)
+            else:
+                n = len(shards)
+                weight_map = {}
+                for i, shard in enumerate(shards, 1):
+                    fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                    write_safetensors(d / fname, shard, {"format": "pt"})
+                    weight_map.update({k: fname for k in shard})
+                    names.append(fname)
+                index = {"metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
+                         "weight_map": weight_map}
+                _write_text(d / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+                names.append(INDEX_FILE)
+            _write_text(d / "config.json", json.dumps(cfg_dict, indent=2) + "\n")
+            names.append("config.json")
+            for fname, text in extra.items():
+                _write_text(d / fname, text)
+                names.append(fname)
+            return names
+
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+            try:
+                write_all(tmp)
+                os.chmod(tmp, 0o777 & ~_umask())
+                os.rename(tmp, out)
+                _fsync_dir(out.parent)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
+        try:
+            names = write_all(tmp)
+            install_checkpoint_files(tmp, out, names)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+def _checked_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, mm: bool,
+                    dtype: str | np.dtype | None) -> dict[str, np.ndarray]:
+    """The arrays to write by HF name, in file order, after every check save makes."""
+    exp = expected_shapes(config)
+    missing = sorted(set(exp) - set(tensors))
+    if missing:
+        raise CheckpointError(f"cannot save: missing tensor(s) {missing[:5]}")
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        raise CheckpointError("cannot save: tensor 'lm_head.weight' given but the config ties "
+                              "the output head to embed_tokens.weight (tie_word_embeddings)")
+    try:
+        np_dtype = None if dtype is None else np.dtype(
+            ml_dtypes.bfloat16 if str(dtype) in ("bfloat16", "bf16") else dtype)
+    except TypeError:
+        raise CheckpointError(f"cannot save: unknown dtype {dtype!r}") from None
+    if np_dtype is not None and np_dtype not in (np.dtype(np.float32), np.dtype(np.float16),
+                                                 np.dtype(ml_dtypes.bfloat16)):
+        raise CheckpointError(f"cannot save: dtype {dtype!r}; weights are saved as float32, "
+                              "float16 or bfloat16")
+
+    def hf(name: str) -> str:
+        if name.startswith("lm_head."):
+            return ("language_model." if mm else "") + name
+        return ("language_model.model." if mm else "model.") + name
+
+    arrays = {}
+    for name in sorted(tensors, key=_save_order):
+        a = np.asarray(tensors[name])
+        if name in exp and tuple(a.shape) != exp[name]:
+            raise CheckpointError(f"cannot save: tensor {name!r} has shape {a.shape}, "
+                                  f"config expects {exp[name]}")
+        if np_dtype is not None and (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16):
+            a = a.astype(np_dtype, copy=False)
+        tag = _NP_TO_ST.get(a.dtype)
+        if tag is None:
+            raise CheckpointError(f"cannot save: tensor {name!r} has dtype {a.dtype}, which "
+                                  "safetensors files written here cannot hold")
+        if tag not in _FLOAT_WEIGHTS:
+            raise CheckpointError(f"cannot save: tensor {name!r} has dtype {a.dtype}; weights "
+                                  "must be float32, float16 or bfloat16")
+        arrays[hf(name)] = a
+    unexpected = sorted(set(tensors) - set(exp))
+    if unexpected:
+        raise CheckpointError(f"cannot save: tensor(s) {unexpected[:5]} are not part of a model "
+                              "of this config")
+    return arrays
+
+
+def install_checkpoint_files(staged: Path, out: Path, names: Iterable[str]) -> None:
+    """Move complete files from ``staged`` into the checkpoint directory ``out`` (each by an
+    atomic rename, weights first), then remove weight files and an index the new set lacks.
+
+    Replaced files are unlinked, never rewritten: memory maps of them stay valid.
+    """
+    names = list(names)
+    stale = [p for p in out.glob("model*.safetensors") if p.name not in names]
+    if INDEX_FILE not in names and os.path.lexists(out / INDEX_FILE):
+        stale.append(out / INDEX_FILE)
+    for name in names:
+        os.replace(staged / name, out / name)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    _fsync_dir(out)
+
+
+def _umask() -> int:
+    """The process umask (new files get the usual permissions, not mkstemp's 0600)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status") as fh:
+                _UMASK = next(int(line.split()[1], 8) for line in fh
+                              if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = os.umask(0o022)  # no /proc: read it the only other way, and restore it
+            os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def format_nonfinite(ck: Checkpoint, bad: Mapping[str, tuple[int, int]],
+                     limit: int = 10) -> str:
+    """'tensor 'model.norm.weight' in model.safetensors: 3 NaN, 0 Inf; ...' for nonfinite()."""
+    parts = []
+    for name, (nan, inf) in list(bad.items())[:limit]:
+        info = ck.info(name)
+        parts.append(f"tensor {info.hf_name!r} in {info.file.name}: {nan} NaN, {inf} Inf")
+    more = len(bad) - limit
+    return "; ".join(parts) + (f"; and {more} more tensor(s)" if more > 0 else "")
 
 
 def _save_order(name: str) -> tuple[int, str]:
@@ -441,28 +767,39 @@ def _save_order(name: str) -> tuple[int, str]:
 
 def _shard_files(root: Path) -> list[tuple[Path, list[str] | None]]:
     index = root / INDEX_FILE
-    if index.exists():
+    if os.path.lexists(index):
+        _inside(root, INDEX_FILE)
         try:
-            data = json.loads(index.read_text())
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: corrupt shard index ({e})") from None
+            data = load_strict_json(read_regular_file(index, _MAX_HEADER, CheckpointError),
+                                    _MAX_INDEX_DEPTH)
+        except ValueError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{index}: corrupt shard index, {e}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            what = "not a JSON object" if not isinstance(data, dict) else \
+                "no weight_map" if "weight_map" not in data else \
+                f"weight_map must be a non-empty object, got {_short(weight_map)}"
+            raise CheckpointError(f"{index}: corrupt shard index ({what})")
         by_file: dict[str, list[str]] = {}
         for tensor, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: corrupt shard index: weight_map maps {tensor!r} "
+                                      f"to {_short(fname)}, not a .safetensors file name")
             by_file.setdefault(fname, []).append(tensor)
         out = []
         for fname, names in sorted(by_file.items()):
-            f = root / fname
+            f = _inside(root, fname, index)
             if not f.exists():
                 raise CheckpointError(f"{index}: shard {fname} (holding {names[0]!r} and "
                                       f"{len(names) - 1} more) is missing")
+            _regular_file(f)
             out.append((f, names))
         return out
     single = root / SINGLE_FILE
-    if single.exists():
-        return [(single, None)]
+    if os.path.lexists(single):
+        return [(_inside(root, SINGLE_FILE), None)]
     found = sorted(root.glob("*.safetensors"))
     if found:
         raise CheckpointError(f"{root}: found {[f.name for f in found][:3]} but neither "
@@ -475,14 +812,19 @@ def _shard_files(root: Path) -> list[tuple[Path, list[str] | None]]:
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
-    """Write numpy arrays (bf16 via ml_dtypes included) as one safetensors file."""
+    """Write numpy arrays (bf16 via ml_dtypes included) as one safetensors file.
+
+    Every dtype is checked first; the bytes go to a temporary file beside ``path`` that
+    replaces it (one rename) only once complete, so ``path`` is never truncated or half written.
+    """
+    path = Path(path)
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     items = []
     for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)
         tag = _NP_TO_ST.get(a.dtype)
         if tag is None:
             raise CheckpointError(f"cannot write tensor {name!r}: dtype {a.dtype} unsupported")
@@ -492,13 +834,28 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
         items.append(a)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for a in items:
-            fh.write(a.tobytes())
-    tmp.replace(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)))
+            fh.write(raw)
+            for a in items:
+                _write_array(fh, a)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_array(fh, a: np.ndarray, chunk: int = 64 * 1024 * 1024) -> None:
+    """Write an array's bytes in C order without copying it whole."""
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    for s in range(0, flat.size, chunk):
+        fh.write(flat[s:s + chunk].data)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -1,26 +1,99 @@
-"""``workbench`` command line: inspect | demo | parity | train | report | bench."""
+"""``workbench`` command line: inspect | demo | parity | train | report | bench.
+
+A user mistake (a bad argument, a checkpoint or trace that cannot be used, an unknown hook
+name, an id out of range, ...) prints ``error: ...`` on stderr and exits with status 2, as
+argparse does for malformed arguments; no traceback. ``--debug`` (or ``WORKBENCH_DEBUG=1``)
+re-raises instead, with the traceback. Anything else (a bug) keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig
 from .describe import inspect_text
+from .hooks import HookError, resolve
+from .interventions import InterventionError
 from .jsonio import dumps
+from .model import DTYPES, DeviceError, InputError
+from .trace import TraceError
+
+BACKENDS = ("torch", "jax")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class UsageError(Exception):
+    """A mistake in a command's arguments or inputs (exit status 2)."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError, InputError, HookError, InterventionError, CheckpointError, ConfigError,
+    DeviceError, TraceError, OSError)
+"""Errors that are the user's to fix: reported as ``error: ...``, exit status 2. A plain
+ValueError counts too when a check of the workbench itself raised it (see ``_ours``)."""
+
+
+# ----------------------------------------------------------------------------- argument types
+def _int_at_least(lo: int):
+    """An argparse type: an int >= ``lo``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0 (no NaN, no inf)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return x
+
+
+def token_ids(text: str) -> list[int]:
+    """argparse type: token ids separated by spaces or commas, e.g. '1 5 9' or '1,5,9'."""
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise argparse.ArgumentTypeError("no token ids given (e.g. --ids '1 5 9')")
+    out = []
+    for t in parts:
+        try:
+            out.append(int(t))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{t!r} is not a token id (an integer); pass "
+                                             "ids like '1 5 9' or '1,5,9'") from None
+        if out[-1] < 0:
+            raise argparse.ArgumentTypeError(f"token id {out[-1]} is negative")
+    return out
 
 
 def _ids_from_args(args, tokenizer_dir: Path | None):
     import numpy as np
     if getattr(args, "ids", None):
-        return np.array([[int(t) for t in args.ids.replace(",", " ").split()]])
+        return np.array([args.ids])
     text = getattr(args, "text", None)
     if text is not None:
         from .tokenizer import Tokenizer
         if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").exists():
-            raise SystemExit(f"--text needs a tokenizer.json beside the checkpoint "
+            raise UsageError(f"--text needs a tokenizer.json beside the checkpoint "
                              f"({tokenizer_dir}); pass --ids instead")
         return np.array([Tokenizer.from_pretrained(tokenizer_dir).encode(text)])
     return None
@@ -31,14 +104,29 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .describe import PRESETS
+    from .plan import make_plan, plan_text
+    target = args.checkpoint
+    cfg = PRESETS[target]() if target in PRESETS else ModelConfig.from_pretrained(target)
+    path = None if target in PRESETS else target
+    p = make_plan(cfg, args.memory, dtype=args.dtype, prefill_tokens=args.prefill_tokens,
+                  cache=args.cache, backend=args.backend, path=path)
+    if args.device:
+        print(f"device: {args.device} (memory is that device's; reads go host -> device)")
+    print(plan_text(p, cfg, target))
+    return 0
+
+
 def cmd_parity(args) -> int:
     import numpy as np
 
     import workbench as wb
     path = Path(args.checkpoint)
+    cfg = ModelConfig.from_pretrained(path)
+    resolve(cfg, args.capture)  # an unknown hook name fails before anything is loaded
     ids = _ids_from_args(args, path)
     if ids is None:
-        cfg = ModelConfig.from_pretrained(path)
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.length))
     a = wb.load(path, backend=args.backend_a, dtype="float32" if args.dtype_a is None
                 else args.dtype_a)
@@ -79,26 +167,46 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="workbench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n")[0],
+                                 epilog="Errors: 'error: ...' and exit status 2 for a user "
+                                        "mistake; --debug or WORKBENCH_DEBUG=1 shows the "
+                                        "traceback.")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the Python traceback of an error instead of one line")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("inspect", help="config, tensors, layer map and parameter counts")
     p.add_argument("checkpoint", help="checkpoint dir, config.json, or preset: scout | maverick")
     p.set_defaults(fn=cmd_inspect)
 
+    p = sub.add_parser("plan", help="which mode fits (resident or streamed), bytes and time "
+                                    "per prefill and decode step")
+    p.add_argument("checkpoint", help="checkpoint dir, config.json, or preset: scout | maverick")
+    p.add_argument("--memory", required=True, help="memory budget, e.g. 24GB")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32",
+                                                           "float8"])
+    p.add_argument("--backend", default="torch", choices=["torch", "jax"])
+    p.add_argument("--device", default=None, help="where the model would run (e.g. cuda)")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--cache", default=None, help="expert cache budget (max_memory), e.g. 6GB")
+    p.set_defaults(fn=cmd_plan)
+
     p = sub.add_parser("parity", help="PyTorch vs JAX (or dtype vs dtype) per-hook report")
     p.add_argument("checkpoint")
-    p.add_argument("--dtype", default="float32", help="dtype of the second model")
-    p.add_argument("--dtype-a", default=None, help="dtype of the first model (float32)")
-    p.add_argument("--backend-a", default="torch")
-    p.add_argument("--backend-b", default="jax")
-    p.add_argument("--text", default=None)
-    p.add_argument("--ids", default=None, help="token ids, e.g. '1 5 9'")
-    p.add_argument("--length", type=int, default=32, help="random ids of this length")
-    p.add_argument("--capture", default="*")
-    p.add_argument("--tol", type=float, default=None,
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="dtype of the second model")
+    p.add_argument("--dtype-a", default=None, choices=DTYPES,
+                   help="dtype of the first model (float32)")
+    p.add_argument("--backend-a", default="torch", choices=BACKENDS)
+    p.add_argument("--backend-b", default="jax", choices=BACKENDS)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", default=None)
+    src.add_argument("--ids", default=None, type=token_ids, help="token ids, e.g. '1 5 9'")
+    p.add_argument("--length", type=positive_int, default=32, help="random ids of this length")
+    p.add_argument("--capture", default="*", help="hook names or globs (default: every hook)")
+    p.add_argument("--tol", type=non_negative_float, default=None,
                    help="relative tolerance per hook (default 2e-4 fp32, 5e-2 with bf16)")
-    p.add_argument("--near-tie", type=float, default=None,
+    p.add_argument("--near-tie", type=non_negative_float, default=None,
                    help="router margin under which a flip counts as a near-tie")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.set_defaults(fn=cmd_parity)
@@ -122,14 +230,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmarks/moe_forward.py")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+
+    for name, p in sub.choices.items():  # --debug after the subcommand too
+        if name != "bench":  # bench passes every argument through
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the Python traceback of an error instead of one line")
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _check_paths(args: argparse.Namespace) -> None:
+    """Output paths that cannot work, refused before any work is done."""
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory (it is created if needed)")
+    js = getattr(args, "json", None)
+    if js is not None and Path(js).is_dir():
+        raise UsageError(f"--json {js} is a directory; pass a file name")
+
+
+def _ours(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by a ``raise`` statement in the workbench package (one of its
+    argument checks), not inside numpy, torch, jax or the standard library."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
     try:
+        Path(tb.tb_frame.f_code.co_filename).resolve().relative_to(PACKAGE_DIR)
+    except ValueError:
+        return False
+    return True
+
+
+def user_error(exc: BaseException) -> bool:
+    """True for an error that is the user's to fix (``error: ...``, exit 2), False for a bug."""
+    return isinstance(exc, USER_ERRORS) or (type(exc) is ValueError and _ours(exc)) or (
+        isinstance(exc, ValueError) and type(exc).__module__.startswith("workbench"))
+
+
+def debugging(args: argparse.Namespace | None = None) -> bool:
+    """``--debug`` given, or ``WORKBENCH_DEBUG`` set to anything but '' or '0'."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("WORKBENCH_DEBUG", "") \
+        not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        _check_paths(args)
         return args.fn(args)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+    except Exception as e:
+        if debugging(args) or not user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

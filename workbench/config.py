@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -20,6 +27,171 @@ class ConfigError(ValueError):
 
 
 _ROPE_TYPES = ("default", "llama3")
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a real config.json is a few kB
+_MAX_CONFIG_DEPTH = 32
+
+# ----------------------------------------------------------------------------- strict JSON
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in JSON text (brackets inside strings ignored)."""
+    b = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    step = ((b == 0x7B) | (b == 0x5B)).astype(np.int8) - ((b == 0x7D) | (b == 0x5D))
+    return int(np.cumsum(step, dtype=np.int64).max(initial=0))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def load_strict_json(raw: bytes, max_depth: int) -> Any:
+    """Parse UTF-8 JSON that has no duplicate keys and nests at most ``max_depth`` levels.
+
+    Raises ValueError with a one-line reason (not UTF-8, too deep, duplicate key, not JSON).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start}: {e.reason})") from None
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep (at most {max_depth} allowed)")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise ValueError(f"{e} (a key may appear only once in a JSON object)") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, or an integer literal beyond Python's limit
+        raise ValueError(f"not valid JSON ({e})") from None
+
+
+def regular_file_stat(path: Path, error: type[Exception]) -> os.stat_result:
+    """stat ``path``; ``error`` naming it unless it is a regular file (checked before anything
+    opens it: a FIFO would block, /dev/zero never ends, a directory is not a file)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: is {file_kind(st.st_mode)}, not a regular file")
+    return st
+
+
+def read_regular_file(path: Path, limit: int, error: type[Exception]) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; else ``error``
+    naming it (checked with stat before opening: a FIFO would block, /dev/zero never ends)."""
+    st = regular_file_stat(path, error)
+    if st.st_size > limit:
+        raise error(f"{path}: {st.st_size} bytes, more than the {limit} bytes such a file may "
+                    "have")
+    with open(path, "rb") as fh:
+        return fh.read(limit + 1)
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO (named pipe)', ... for a stat mode."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def _r(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _desc(v: Any) -> str:
+    return f"{type(v).__name__} {_r(v)}"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
+
+
+def _int(name: str, v: Any, minimum: int | None = None) -> int:
+    if not _is_int(v):
+        raise ConfigError(f"{name} must be an integer, got {_desc(v)}")
+    v = int(v)
+    if minimum is not None and v < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {what}, got {_r(v)}")
+    return v
+
+
+def _real(name: str, v: Any, *, positive: bool = False, upper: float | None = None
+          ) -> int | float:
+    """A finite number (>= 0, or > 0 when ``positive``), also finite and, when positive,
+    non-zero in float32: the precision the RoPE tables, norms and temperatures use."""
+    if not _is_real(v):
+        raise ConfigError(f"{name} must be a number, got {_desc(v)}")
+    v = v if isinstance(v, int) else int(v) if _is_int(v) else float(v)
+    try:
+        finite = math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        finite = False
+    if finite:
+        with np.errstate(over="ignore"):
+            f32 = np.float32(v)
+        finite = bool(np.isfinite(f32))
+    if not finite:
+        raise ConfigError(f"{name} must be finite (at most 3.4e38 in magnitude), got {_r(v)}")
+    if positive and not (v > 0 and f32 > 0):
+        raise ConfigError(f"{name} must be > 0 (and at least 1.4e-45), got {_r(v)}")
+    if not positive and v < 0:
+        raise ConfigError(f"{name} must be >= 0, got {_r(v)}")
+    if upper is not None and v > upper:
+        raise ConfigError(f"{name} must be <= {upper}, got {_r(v)}")
+    return v
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool | np.bool_):
+        raise ConfigError(f"{name} must be true or false, got {_desc(v)}")
+    return bool(v)
+
+
+def _int_list(name: str, v: Any) -> list[int]:
+    if not isinstance(v, list | tuple):
+        raise ConfigError(f"{name} must be a list of integers, got {_desc(v)}")
+    return [_int(f"{name}[{i}]", x) for i, x in enumerate(v)]
+
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_local_experts", "num_experts_per_tok",
+                  "max_position_embeddings", "no_rope_layer_interval",
+                  "interleave_moe_layer_step")
+_OPTIONAL_POSITIVE_INTS = ("head_dim", "num_key_value_heads", "attention_chunk_size")
+_BOOLS = ("use_cache", "tie_word_embeddings", "use_qk_norm", "output_router_logits",
+          "attention_bias", "multimodal")
+_POSITIVE_REALS = ("rms_norm_eps", "rope_theta", "attn_scale", "floor_scale")
+_NONNEGATIVE_REALS = ("initializer_range", "router_aux_loss_coef", "router_jitter_noise")
+_VISION_INTS = ("hidden_size", "num_hidden_layers", "intermediate_size", "patch_size",
+                "num_channels", "image_size", "projector_input_dim", "projector_output_dim",
+                "vision_output_dim")
 
 
 @dataclass
@@ -68,16 +240,12 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("num_hidden_layers", "no_rope_layer_interval", "interleave_moe_layer_step",
-                     "num_attention_heads", "hidden_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        self._check_types()
         if self.attention_bias:
             raise ConfigError("attention_bias=true: Llama 4 has no attention biases and the "
                               "workbench does not model them")
         if self.head_dim is None:
-            if self.num_attention_heads <= 0 or self.hidden_size % self.num_attention_heads:
+            if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
                     f"head_dim is not set and hidden_size={self.hidden_size} is not divisible by "
                     f"num_attention_heads={self.num_attention_heads}"
@@ -85,9 +253,6 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if isinstance(self.attn_temperature_tuning, int | float):
-            # Legacy checkpoints store e.g. 4 here; HF 5.x wants a bool. Non-zero means on.
-            self.attn_temperature_tuning = bool(self.attn_temperature_tuning)
         L = self.num_hidden_layers
         if not self.no_rope_layers:
             self.no_rope_layers = [
@@ -95,8 +260,6 @@ class ModelConfig:
             ]
         if self.moe_layers is None:
             step = self.interleave_moe_layer_step
-            if step < 1:
-                raise ConfigError(f"interleave_moe_layer_step must be >= 1, got {step}")
             self.moe_layers = list(range(step - 1, L, step))
         if self.layer_types is None:
             self.layer_types = [
@@ -105,23 +268,76 @@ class ModelConfig:
                 else "full_attention"
                 for use_rope in self.no_rope_layers
             ]
-        self.moe_layers = [int(i) for i in self.moe_layers]
-        self.no_rope_layers = [int(i) for i in self.no_rope_layers]
         self.validate()
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise ConfigError naming the field when the config contradicts itself."""
-        L, H, K = self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads
-        positive = (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
-            "num_experts_per_tok", "max_position_embeddings", "no_rope_layer_interval",
-        )
-        for name in positive:
+    def _check_types(self) -> None:
+        """Check every field's type (and the sign of counts), normalising numpy scalars to
+        Python ones; ConfigError names the field."""
+        for name in _POSITIVE_INTS:
+            setattr(self, name, _int(name, getattr(self, name), 1))
+        for name in _OPTIONAL_POSITIVE_INTS:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            if v is not None:
+                setattr(self, name, _int(name, v, 1))
+        self.intermediate_size_mlp = _int("intermediate_size_mlp", self.intermediate_size_mlp,
+                                          0)
+        for name in _BOOLS:
+            setattr(self, name, _bool(name, getattr(self, name)))
+        att = self.attn_temperature_tuning
+        if not isinstance(att, bool | np.bool_):
+            # Legacy checkpoints store e.g. 4 here; HF 5.x wants a bool. Non-zero means on.
+            if not _is_int(att) or att < 0:
+                raise ConfigError("attn_temperature_tuning must be true or false (or a "
+                                  f"non-negative integer in legacy configs), got {_desc(att)}")
+        self.attn_temperature_tuning = bool(att)
+        for name in _POSITIVE_REALS:
+            setattr(self, name, _real(name, getattr(self, name), positive=True))
+        for name in _NONNEGATIVE_REALS:
+            setattr(self, name, _real(name, getattr(self, name)))
+        self.attention_dropout = _real("attention_dropout", self.attention_dropout, upper=1.0)
+        if not isinstance(self.hidden_act, str):
+            raise ConfigError(f"hidden_act must be a string, got {_desc(self.hidden_act)}")
+        for name in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, _int(name, v))
+        eos = self.eos_token_id
+        if eos is not None:
+            self.eos_token_id = _int_list("eos_token_id", eos) if isinstance(
+                eos, list | tuple) else _int("eos_token_id", eos)
+        if self.moe_layers is not None:
+            self.moe_layers = _int_list("moe_layers", self.moe_layers)
+        if self.no_rope_layers is not None:
+            self.no_rope_layers = _int_list("no_rope_layers", self.no_rope_layers)
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, list | tuple) or not all(
+                    isinstance(t, str) for t in self.layer_types):
+                raise ConfigError(f"layer_types must be a list of strings, got "
+                                  f"{_desc(self.layer_types)}")
+            self.layer_types = list(self.layer_types)
+        rs = self.rope_scaling
+        if rs is not None and not isinstance(rs, dict):
+            raise ConfigError(f"rope_scaling / rope_parameters must be an object or null, got "
+                              f"{_desc(rs)}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict, got {_desc(self.extra)}")
+        vc = self.extra.get("vision_config")
+        if vc is not None:
+            if not isinstance(vc, dict):
+                raise ConfigError(f"vision_config must be an object, got {_desc(vc)}")
+            for key in _VISION_INTS:
+                if key in vc:
+                    _int(f"vision_config.{key}", vc[key], 1)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field when a field has the wrong type or range, or the
+        config contradicts itself."""
+        self._check_types()
+        L, H, K = self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads
+        for name in ("head_dim", "num_key_value_heads"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"{name} must be a positive integer, got None")
         if H % K:
             raise ConfigError(
                 f"num_key_value_heads={K} does not divide num_attention_heads={H} (GQA needs "
@@ -136,15 +352,12 @@ class ModelConfig:
             )
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r}: Llama 4 uses 'silu' only")
-        if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
-            raise ConfigError(f"attention_chunk_size must be positive or null, got "
-                              f"{self.attention_chunk_size}")
-        if self.floor_scale <= 0:
-            raise ConfigError(f"floor_scale must be positive, got {self.floor_scale}")
+        if self.moe_layers is None or self.no_rope_layers is None or self.layer_types is None:
+            raise ConfigError("moe_layers, no_rope_layers and layer_types must be lists")
         bad = [i for i in self.moe_layers if not 0 <= i < L]
         if bad:
             raise ConfigError(f"moe_layers {bad} out of range for num_hidden_layers={L}")
-        if self.moe_layers and len(self.moe_layers) < L and self.intermediate_size_mlp <= 0:
+        if len(set(self.moe_layers)) < L and self.intermediate_size_mlp <= 0:
             raise ConfigError("dense layers present but intermediate_size_mlp is not positive")
         if len(self.no_rope_layers) != L:
             raise ConfigError(
@@ -165,7 +378,7 @@ class ModelConfig:
         rs = self.rope_scaling
         if rs is not None:
             rtype = rs.get("rope_type", rs.get("type", "default"))
-            if rtype not in _ROPE_TYPES:
+            if not isinstance(rtype, str) or rtype not in _ROPE_TYPES:
                 raise ConfigError(f"unknown rope type {rtype!r} in rope_parameters/rope_scaling; "
                                   f"supported: "
                                   f"{', '.join(_ROPE_TYPES)}")
@@ -174,10 +387,18 @@ class ModelConfig:
                             "original_max_position_embeddings"):
                     if key not in rs:
                         raise ConfigError(f"llama3 rope_scaling lacks {key!r}")
-                if rs["factor"] <= 0 or rs["low_freq_factor"] <= 0 or rs["high_freq_factor"] <= 0:
-                    raise ConfigError(f"llama3 rope_scaling factors must be positive: {rs}")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+                rs = dict(rs)
+                for key in ("factor", "low_freq_factor", "high_freq_factor"):
+                    rs[key] = _real(f"rope_scaling.{key}", rs[key], positive=True)
+                rs["original_max_position_embeddings"] = _int(
+                    "rope_scaling.original_max_position_embeddings",
+                    rs["original_max_position_embeddings"], 1)
+                self.rope_scaling = rs
+                if rs["low_freq_factor"] > rs["high_freq_factor"]:
+                    raise ConfigError(
+                        f"rope_scaling.low_freq_factor={rs['low_freq_factor']} is greater than "
+                        f"rope_scaling.high_freq_factor={rs['high_freq_factor']} (inverted "
+                        "llama3 factors; equal factors are allowed)")
         eos = self.eos_token_id
         for tok_name, tok in (("bos_token_id", self.bos_token_id), ("pad_token_id",
                                                                     self.pad_token_id)):
@@ -292,8 +513,11 @@ class ModelConfig:
                 kwargs[k] = v
         # rope: 5.x rope_parameters dict, or legacy rope_theta + rope_scaling
         rp = text.get("rope_parameters")
+        if rp is not None and not isinstance(rp, dict):
+            raise ConfigError(f"{source}: rope_parameters must be an object or null, got "
+                              f"{_desc(rp)}")
         if isinstance(rp, dict):
-            kwargs["rope_theta"] = float(rp.get("rope_theta", kwargs.get("rope_theta", 500000.0)))
+            kwargs["rope_theta"] = rp.get("rope_theta", kwargs.get("rope_theta", 500000.0))
             rtype = rp.get("rope_type", rp.get("type", "default"))
             kwargs["rope_scaling"] = None if rtype == "default" else \
                 {k: v for k, v in rp.items() if k != "rope_theta"}
@@ -322,10 +546,11 @@ class ModelConfig:
         f = p / "config.json" if p.is_dir() else p
         if not f.exists():
             raise FileNotFoundError(f"no config.json at {f}")
+        data = read_regular_file(f, _MAX_CONFIG_BYTES, ConfigError)
         try:
-            raw = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f}: not valid JSON ({e})") from None
+            raw = load_strict_json(data, _MAX_CONFIG_DEPTH)
+        except ValueError as e:
+            raise ConfigError(f"{f}: {e}") from None
         return cls.from_dict(raw, source=str(f))
 
     def to_text_dict(self) -> dict[str, Any]:
@@ -487,4 +712,4 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["ModelConfig", "ConfigError", "human_count", "human_bytes"]
+__all__ = ["ModelConfig", "ConfigError", "human_count", "human_bytes", "load_strict_json"]

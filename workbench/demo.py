@@ -43,6 +43,9 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
     from workbench import analysis as an
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"demo output {out_dir} is a file; pass a directory (it is created if "
+                         "needed)")
     out_dir.mkdir(parents=True, exist_ok=True)
     prog = _Progress(7)
     path = Path(model) if model else BUNDLED

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, format_nonfinite
 from .config import ModelConfig, human_bytes, human_count
 
 PRESETS = {"scout": ModelConfig.scout, "maverick": ModelConfig.maverick}
 
+# `inspect` reads every weight to count NaN/Inf up to this many bytes unless told otherwise.
+CHECK_VALUES_UP_TO = 8 * 1024**3
 
-def inspect_text(target: str) -> str:
-    """The `workbench inspect` report for a checkpoint directory, a config.json or a preset."""
+
+def inspect_text(target: str, check_values: bool | None = None) -> str:
+    """The `workbench inspect` report for a checkpoint directory, a config.json or a preset.
+
+    ``check_values``: read every weight and report each tensor holding NaN or Inf with its
+    counts; None (default) does so for checkpoints up to 8 GiB and says so otherwise.
+    """
     lines: list[str] = []
     ck = None
     if target in PRESETS:
@@ -58,6 +65,16 @@ def inspect_text(target: str) -> str:
                      + ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(by.items())))
         if ck.ignored:
             lines.append(f"ignored (vision/projector): {len(ck.ignored)} tensors")
+        if check_values or (check_values is None and ck.nbytes <= CHECK_VALUES_UP_TO):
+            bad = ck.nonfinite()
+            if bad:
+                lines.append(f"values: NaN/Inf in {len(bad)} of {len(ck)} tensors: "
+                             + format_nonfinite(ck, bad, limit=len(bad)))
+            else:
+                lines.append(f"values: all {len(ck)} tensors finite (no NaN or Inf)")
+        else:
+            lines.append(f"values: not checked ({human_bytes(ck.nbytes)}; "
+                         "Checkpoint.open(path, check_values=True) reads them all)")
     lines.append("layer map:")
     for i, desc in enumerate(cfg.layer_map()):
         lines.append(f"  {i:3d}  {desc}")

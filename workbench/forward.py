@@ -48,12 +48,13 @@ class Recorder:
     an eager forward; relative names inside one compiled layer, whose prefix is empty). A name
     that is neither captured nor edited costs one set lookup: hooks cost nothing until asked.
     Captured values stay backend arrays (sliced to ``positions`` along the sequence axis); the
-    backend converts them to numpy after the forward.
+    backend converts them to numpy after the forward. With ``nan_check``, every hook's value
+    also gets an all-finite flag (``finite``, in forward order), to find where NaN/Inf start.
     """
 
     def __init__(self, ops: Ops, want: frozenset[str] | set[str], plan: Plan,
                  patches: Mapping[str, Array] | None = None, positions: slice | None = None,
-                 prefix: str = ""):
+                 prefix: str = "", nan_check: bool = False):
         self.ops = ops
         self.want = want
         self.fns = plan.fns
@@ -61,7 +62,9 @@ class Recorder:
         self.edits = set(self.patches) | set(plan.fns)
         self.positions = positions
         self.prefix = prefix
+        self.nan_check = nan_check
         self.out: dict[str, Array] = {}
+        self.finite: dict[str, Array] = {}
 
     def scope(self, prefix: str) -> Recorder:
         """The same recorder (shared outputs) emitting names under ``prefix``."""
@@ -80,6 +83,8 @@ class Recorder:
             x = self._edit(name, x)
         if name in self.want:
             self.out[name] = _keep(x, self.positions, hk.seq_axis(name))
+        if self.nan_check:
+            self.finite[name] = self.ops.all_finite(x)
         return x
 
     def _edit(self, name: str, x: Array) -> Array:
@@ -94,6 +99,16 @@ class Recorder:
                                  f"{tuple(x.shape)}, got {getattr(y, 'shape', type(y))}")
             x = self.ops.cast(y, x.dtype)
         return x
+
+
+def first_nonfinite(finite: Mapping[str, Any], order: list[str]) -> str | None:
+    """The first hook, in forward order (``order``: the model's hook names), whose value held a
+    NaN or an infinity; None when all were finite."""
+    rank = {n: r for r, n in enumerate(order)}
+    for name in sorted(finite, key=lambda n: rank.get(n, len(rank))):
+        if not bool(finite[name]):
+            return name
+    return None
 
 
 def _keep(x: Array, positions: slice | None, axis: int) -> Array:

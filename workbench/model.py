@@ -8,6 +8,7 @@ once here so torch and jax behave identically.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,15 +17,40 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import hooks as hk
-from .config import ModelConfig
+from .config import ModelConfig, human_bytes
 from .interventions import Intervention, Plan, plan
 from .trace import Trace
 
 DTYPES = ("float32", "bfloat16")
 
+CAPTURE_MEMORY_FRACTION = 0.5
+"""A capture whose estimated size exceeds this fraction of the memory available now
+(``MemAvailable`` in /proc/meminfo) is refused before running; ``max_capture_bytes=`` on
+``run``/``generate`` overrides the limit per call."""
+
 
 class InputError(ValueError):
-    """Token ids the model cannot take: wrong rank, empty, out of range, too long."""
+    """Arguments the model cannot take: token ids (wrong rank, empty, out of range, too long)
+    and the other arguments of ``run``, ``generate`` and ``estimate_capture_bytes`` (wrong
+    type or out of range)."""
+
+
+class CaptureTooLarge(InputError):
+    """A capture whose estimated size exceeds the memory it may use; the message gives the
+    estimate and how to narrow the capture."""
+
+
+class NonFiniteError(ArithmeticError):
+    """A ``nan_check=True`` run produced NaN or Inf; the message names the first hook."""
+
+
+def raise_nonfinite(name: str | None, where: str) -> None:
+    """Raise NonFiniteError for the first non-finite hook ``name`` (no-op for None)."""
+    if name is None:
+        return
+    first = "the token embeddings" if name == "embed" else f"hook {name!r}"
+    raise NonFiniteError(f"nan_check: {first} is the first value in the forward holding NaN or "
+                         f"Inf ({where}); capture it and the hooks before it to look closer")
 
 
 class DeviceError(ValueError):
@@ -43,6 +69,7 @@ class CaptureSpec:
     names: frozenset[str]
     dtype: np.dtype | None = None
     positions: slice | None = None
+    nan_check: bool = False  # flag the first hook whose value holds NaN or Inf
 
 
 class Model(ABC):
@@ -122,34 +149,57 @@ class Model(ABC):
             interventions: Sequence[Intervention] | None = None,
             hooks: Mapping[str, Callable] | None = None, *, capture_dtype: Any = None,
             positions: slice | Sequence[int] | None = None,
-            stop_at_layer: int | None = None) -> Output:
+            stop_at_layer: int | None = None, max_capture_bytes: float | None = None,
+            nan_check: bool = False) -> Output:
         """Run the model on ``input_ids`` (batch, seq), capturing hooks matching ``capture``.
 
         ``interventions`` (wb.ban_expert, ...) and ``hooks`` ({name: fn}, a function of the
         backend's array type returning a replacement) change the forward pass.
         ``capture_dtype`` stores captured floats in e.g. float16; ``positions`` keeps only those
-        sequence positions (a slice) of every captured hook. ``stop_at_layer=k`` runs only
-        layers 0..k-1 (hooks of later layers cannot be captured) and returns no logits.
+        sequence positions (a slice, or a contiguous run of positions; negative ones count from
+        the end) of every captured hook. ``stop_at_layer=k`` runs only layers 0..k-1 (hooks of
+        later layers cannot be captured) and returns no logits. A capture whose estimated size
+        exceeds ``max_capture_bytes`` (default: ``CAPTURE_MEMORY_FRACTION`` of the memory
+        available now) is refused before running (``CaptureTooLarge``). ``nan_check=True``
+        checks every hook's value for NaN/Inf and raises ``NonFiniteError`` naming the first
+        hook, in forward order, that held one (for debugging; it syncs at every hook).
         """
+        if not isinstance(nan_check, bool | np.bool_):
+            raise InputError(f"nan_check must be True or False, got {nan_check!r}")
         ids = self.check_ids(input_ids)
         names = hk.resolve(self.config, capture)
         L = self.config.num_hidden_layers
+        dtype = _np_dtype(capture_dtype)
+        pos = _as_slice(positions, ids.shape[1])
         if stop_at_layer is not None:
-            if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int | np.integer) \
-                    or not 0 <= stop_at_layer <= L:
-                raise InputError(f"stop_at_layer={stop_at_layer!r} must be an int in 0..{L}")
-            stop_at_layer = int(stop_at_layer)
+            stop_at_layer = _int_arg(stop_at_layer, "stop_at_layer", 0, L)
             late = [n for n in names if (hk.layer_of(n) is None and n != "embed")
                     or (hk.layer_of(n) or 0) >= stop_at_layer]
             if late:
                 raise InputError(f"stop_at_layer={stop_at_layer}: cannot capture {late[:3]}, "
                                  "which the shortened forward never reaches")
         p = plan(self.config, interventions, hooks, ids.shape[0], ids.shape[1])
-        spec = CaptureSpec(frozenset(names), _np_dtype(capture_dtype), _as_slice(positions))
+        spec = CaptureSpec(frozenset(names), dtype, pos, bool(nan_check))
+        self._check_capture_memory(names, p, ids.shape, spec, max_capture_bytes)
         logits, arrays, _ = self._forward(ids, p, spec, None, stop_at_layer)
+        self._warn_nonfinite(logits)
         trace = Trace({n: arrays[n] for n in names if n in arrays}, ids,
                       self._meta(names, p, capture))
         return Output(logits, trace)
+
+    def _warn_nonfinite(self, logits: np.ndarray | None) -> None:
+        """Warn once per model when a forward gives NaN/Inf logits (a cheap first-use check
+        for non-finite weights; ``nan_check=True`` finds where they start)."""
+        if logits is None or getattr(self, "_warned_nonfinite", False) \
+                or np.isfinite(logits).all():
+            return
+        self._warned_nonfinite = True
+        import warnings
+        warnings.warn(f"{self!r}: the logits hold NaN or Inf. If the input and interventions "
+                      "are finite, a weight may not be: wb.Checkpoint.open(path, "
+                      "check_values=True) names non-finite tensors, and run(..., "
+                      "nan_check=True) names the first hook that went non-finite.",
+                      RuntimeWarning, stacklevel=3)
 
     def _meta(self, names: list[str], p: Plan, capture: Any) -> dict[str, Any]:
         return {"config": self.config.summary(), "backend": self.backend, "dtype": self.dtype,
@@ -176,14 +226,76 @@ class Model(ABC):
     def estimate_capture_bytes(self, capture: str | Iterable[str] | None, batch: int, seq: int,
                                capture_dtype: Any = None) -> int:
         """Bytes a trace of these hooks would take for a (batch, seq) input, before running."""
+        batch = _int_arg(batch, "batch", 0)
+        seq = _int_arg(seq, "seq", 0)
         return hk.estimate_capture_bytes(self.config, capture, batch, seq,
                                          _np_dtype(capture_dtype))
+
+    def _capture_bytes(self, names: Iterable[str], p: Plan, batch: int, seq: int,
+                       spec: CaptureSpec, kept: int | None = None) -> int:
+        """Bytes the captured arrays take: ``kept`` positions of a (batch, seq) input, stored
+        in the capture dtype (float32 when unset; indices int32)."""
+        floats = np.dtype(spec.dtype or np.float32)
+        total = 0
+        for n in names:
+            h = hk.parse(n)
+            k = p.k(self.config, h.layer) if h.block == "moe" else None
+            shape = list(hk.hook_shape(self.config, n, batch, seq, top_k=k))
+            if kept is not None:
+                shape[hk.seq_axis(n)] = kept
+            total += int(np.prod(shape, dtype=np.int64)) * hk.hook_dtype(n, floats).itemsize
+        return total
+
+    def _check_capture_memory(self, names: list[str], p: Plan, shape: tuple[int, int],
+                              spec: CaptureSpec, max_bytes: Any,
+                              new_tokens: int | None = None) -> None:
+        """Refuse a capture whose estimate exceeds ``max_bytes`` (default: the fraction
+        ``CAPTURE_MEMORY_FRACTION`` of the memory available now, when the system says)."""
+        if max_bytes is not None:
+            if isinstance(max_bytes, bool) or not isinstance(max_bytes, int | float | np.integer
+                                                             | np.floating) \
+                    or math.isnan(max_bytes) or max_bytes < 0:
+                raise InputError(f"max_capture_bytes={max_bytes!r} must be a number of bytes "
+                                 ">= 0 (or None for the default limit)")
+        if not names:
+            return
+        B, S = shape
+        total = S + (new_tokens or 0)
+        kept = None
+        if spec.positions is not None:
+            kept = len(range(*spec.positions.indices(S)))
+        est = self._capture_bytes(names, p, B, total, spec, kept)
+        if max_bytes is None:
+            avail = available_memory()
+            if avail is None:
+                return
+            limit = CAPTURE_MEMORY_FRACTION * avail
+            why = (f"{CAPTURE_MEMORY_FRACTION:.0%} of the {human_bytes(avail)} of memory "
+                   "available now")
+        else:
+            limit, why = max_bytes, f"max_capture_bytes={human_bytes(max_bytes)}"
+        if est <= limit:
+            return
+        biggest = sorted(names, key=lambda n: -self._capture_bytes([n], p, B, total, spec,
+                                                                    kept))[:3]
+        narrow = ["fewer hooks or layers in capture= (largest: " + ", ".join(biggest) + ")"]
+        if new_tokens is None:
+            narrow.insert(0, "positions= (keep only the positions you need)")
+        if spec.dtype is None or spec.dtype.itemsize > 2:
+            narrow.append("capture_dtype='float16' or 'bfloat16' (half the bytes)")
+        if new_tokens:
+            narrow.append("fewer max_new_tokens")
+        raise CaptureTooLarge(
+            f"capture refused: {len(names)} hook(s) on input ({B}, {total}) would take about "
+            f"{human_bytes(est)} ({est} bytes), more than {why}; narrow it with "
+            + "; ".join(narrow) + ", or pass max_capture_bytes= to raise the limit")
 
     # ----------------------------------------------------------------- generation
     def generate(self, input_ids: Any, max_new_tokens: int, *, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = 0, capture: str | Iterable[str] |
                  None = None, interventions: Sequence[Intervention] | None = None,
-                 stop_ids: Iterable[int] | None = None) -> Generation:
+                 stop_ids: Iterable[int] | None = None,
+                 max_capture_bytes: float | None = None) -> Generation:
         """Sample ``max_new_tokens`` with a KV cache (temperature 0 = greedy).
 
         The prompt is one prefill pass; each new token is one cached step. Captured hooks of
@@ -191,11 +303,16 @@ class Model(ABC):
         patterns are kept per step, since their key length grows).
         """
         ids = self.check_ids(input_ids)
-        if max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise InputError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, "
-                             f"{top_p})")
+        max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 0)
+        temperature = _real_arg(temperature, "temperature")
+        top_p = _real_arg(top_p, "top_p")
+        if temperature < 0:
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is not None:
+            seed = _int_arg(seed, "seed", 0)
+        eos = self._stop_ids(stop_ids)
         self.check_ids(np.zeros((1, 1), np.int64), start=ids.shape[1] + max_new_tokens - 1)
         names = hk.resolve(self.config, capture)
         step_names = frozenset(n for n in names if not hk.is_pattern(n))
@@ -207,19 +324,20 @@ class Model(ABC):
                                          for _, pos in v):
             raise InputError("generate: patch and position-specific force_expert need fixed "
                              "positions; use run() on the full sequence instead")
+        self._check_capture_memory(names, p, ids.shape, CaptureSpec(frozenset(names)),
+                                   max_capture_bytes, new_tokens=max_new_tokens)
         logits, arrays, cache = self._forward(ids, p, CaptureSpec(frozenset(names)), cache)
         pieces: dict[str, list[np.ndarray]] = {n: [a] for n, a in arrays.items()
                                                if n in step_names}
         patterns = {n: [a] for n, a in arrays.items() if hk.is_pattern(n)}
         new = np.zeros((B, 0), np.int64)
-        eos = set(stop_ids or ())
         done = np.zeros(B, bool)
         last = logits[:, -1]
         for _ in range(max_new_tokens):
             tok = sample(last, temperature, top_p, rng)
             tok = np.where(done, self.config.pad_token_id or 0, tok)
             new = np.concatenate([new, tok[:, None]], axis=1)
-            done |= np.isin(tok, list(eos))
+            done |= np.isin(tok, sorted(eos))
             if done.all() or new.shape[1] == max_new_tokens:
                 break
             logits, arrays, cache = self._forward(tok[:, None], p,
@@ -232,6 +350,28 @@ class Model(ABC):
         trace = Trace(arrays, full[:, : full.shape[1] - (1 if new.shape[1] else 0)],
                       self._meta(names, p, capture))
         return Generation(full, new, trace, {n: v for n, v in patterns.items()})
+
+    def _stop_ids(self, stop_ids: Any) -> set[int]:
+        """``stop_ids`` as a set of token ids: ints (one int alone is one id) in the
+        vocabulary."""
+        if stop_ids is None:
+            return set()
+        if _is_int(stop_ids):
+            stop_ids = [stop_ids]
+        if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable) \
+                and not hasattr(stop_ids, "__array__"):
+            raise InputError(f"stop_ids must be token ids (ints), got {stop_ids!r}")
+        items = np.asarray(stop_ids, dtype=object).ravel().tolist() \
+            if hasattr(stop_ids, "__array__") else list(stop_ids)
+        V = self.config.vocab_size
+        out = set()
+        for t in items:
+            if not _is_int(t):
+                raise InputError(f"stop_ids must be ints, got {type(t).__name__} {t!r}")
+            if not 0 <= t < V:
+                raise InputError(f"stop_ids: token id {t} is outside the vocabulary [0, {V})")
+            out.add(int(t))
+        return out
 
 
 class Generation(NamedTuple):
@@ -263,22 +403,114 @@ def sample(logits: np.ndarray, temperature: float, top_p: float,
     return out
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo), or None where the
+    system does not say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _is_int(x: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+
+
+def _int_arg(x: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
+    """``x`` as an int in lo..hi (inclusive); InputError for a float, bool or other type."""
+    if not _is_int(x):
+        raise InputError(f"{name} must be an int, got {type(x).__name__} {x!r}")
+    x = int(x)
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        rng = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise InputError(f"{name} must be an int {rng}, got {x}")
+    return x
+
+
+def _real_arg(x: Any, name: str) -> float:
+    """``x`` as a finite float; InputError for NaN, inf, bools and non-numbers."""
+    if isinstance(x, bool | np.bool_) or not isinstance(x, int | float | np.integer
+                                                       | np.floating):
+        raise InputError(f"{name} must be a number, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise InputError(f"{name} must be finite, got {x}")
+    return x
+
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
 def _np_dtype(d: Any) -> np.dtype | None:
+    """The storage dtype of captured float hooks (a float dtype: numpy, ml_dtypes' bfloat16,
+    a name, or a torch/jax dtype), else InputError."""
     if d is None:
         return None
-    if str(d) in ("bfloat16", "bf16"):
+    text = str(d).removeprefix("torch.")
+    if text in ("bfloat16", "bf16") or getattr(d, "__name__", None) == "bfloat16":
         import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(d)
+    try:
+        dt = np.dtype(text if str(d).startswith("torch.") else d)
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt.kind != "f":
+        raise InputError(f"capture_dtype={d!r} is not a float dtype; captured floats can be "
+                         f"stored as one of {', '.join(_FLOAT_DTYPES)} (indices stay int32)")
+    return dt
 
 
-def _as_slice(positions: Any) -> slice | None:
-    if positions is None or isinstance(positions, slice):
-        return positions
-    pos = list(positions)
-    if pos and pos == list(range(pos[0], pos[-1] + 1)):
-        return slice(pos[0], pos[-1] + 1)
-    raise ValueError("positions must be a slice or a contiguous range of positions")
+def _as_slice(positions: Any, seq: int) -> slice | None:
+    """``positions`` (a slice or a contiguous run of ints, negative ones counting from the
+    end) as a slice with non-negative bounds inside a sequence of ``seq``; InputError for
+    anything outside it, an empty selection or a non-int position."""
+    if positions is None:
+        return None
+    if isinstance(positions, slice):
+        for part in ("start", "stop", "step"):
+            v = getattr(positions, part)
+            if v is not None and not _is_int(v):
+                raise InputError(f"positions: slice {part} must be an int or None, got "
+                                 f"{type(v).__name__} {v!r}")
+        step = 1 if positions.step is None else int(positions.step)
+        if step < 1:
+            raise InputError(f"positions: slice step must be >= 1, got {step}")
+        for part in ("start", "stop"):
+            v = getattr(positions, part)
+            if v is not None and not -seq <= v <= seq:
+                raise InputError(f"positions: slice {part}={int(v)} is outside the sequence of "
+                                 f"length {seq} (valid: {-seq}..{seq})")
+        start, stop, step = positions.indices(seq)
+        if not len(range(start, stop, step)):
+            raise InputError(f"positions={positions} selects no position of a sequence of "
+                             f"length {seq}")
+        return slice(start, stop, None if step == 1 else step)
+    if _is_int(positions):
+        positions = [positions]
+    if isinstance(positions, str | bytes) or not (isinstance(positions, Iterable)
+                                                  or hasattr(positions, "__array__")):
+        raise InputError(f"positions must be a slice or a sequence of ints, got {positions!r}")
+    pos = list(np.asarray(positions, dtype=object).ravel()) if hasattr(positions, "__array__") \
+        else list(positions)
+    if not pos:
+        raise InputError("positions is empty: pass at least one position (or None for all)")
+    for q in pos:
+        if not _is_int(q):
+            raise InputError(f"positions must be ints, got {type(q).__name__} {q!r}")
+    bad = [int(q) for q in pos if not -seq <= q < seq]
+    if bad:
+        raise InputError(f"positions {bad} are outside the sequence of length {seq} (valid: "
+                         f"{-seq}..{seq - 1})")
+    pos = [int(q) % seq for q in pos]
+    if pos != list(range(pos[0], pos[-1] + 1)):
+        raise InputError(f"positions must be a slice or a contiguous, increasing run of "
+                         f"positions, got {pos}")
+    return slice(pos[0], pos[-1] + 1)
 
 
 def store(a: np.ndarray, spec: CaptureSpec) -> np.ndarray:

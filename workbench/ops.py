@@ -34,6 +34,9 @@ class Ops(Protocol):
     def broadcast_like(self, value: Array, x: Array) -> Array:
         """``value`` (a patch) broadcast to x's shape and cast to x's dtype."""
 
+    def all_finite(self, x: Array) -> Array:
+        """A scalar: True when x holds no NaN or infinity."""
+
     def cast(self, x: Array, dtype: Any) -> Array:
         """x in ``dtype`` (a dtype of this backend)."""
 

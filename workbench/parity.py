@@ -12,6 +12,7 @@ so one flip does not hide or fake an error elsewhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -154,6 +155,16 @@ def margins(logits: np.ndarray) -> np.ndarray:
     return s[..., -1] - s[..., -2]
 
 
+def _tolerance(x: Any, name: str) -> float:
+    """A tolerance: a finite number >= 0 (NaN would make every comparison pass or fail)."""
+    if isinstance(x, bool | np.bool_) or not isinstance(x, int | float | np.integer | np.floating):
+        raise ValueError(f"compare: {name} must be a number, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"compare: {name} must be a finite number >= 0, got {x}")
+    return x
+
+
 def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
             tol: float | None = None, near_tie: float | None = None,
             interventions: Any = None) -> ParityReport:
@@ -161,8 +172,9 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
     if model_a.config.summary() != model_b.config.summary():
         raise ValueError("compare: the two models have different configs")
     both32 = model_a.dtype == "float32" and model_b.dtype == "float32"
-    tol = (FP32_TOL if both32 else BF16_TOL) if tol is None else tol
-    near_tie = (FP32_NEAR_TIE if both32 else BF16_NEAR_TIE) if near_tie is None else near_tie
+    tol = (FP32_TOL if both32 else BF16_TOL) if tol is None else _tolerance(tol, "tol")
+    near_tie = (FP32_NEAR_TIE if both32 else BF16_NEAR_TIE) if near_tie is None \
+        else _tolerance(near_tie, "near_tie")
     cap = [capture] if isinstance(capture, str) else list(capture)
     needed = ["*.moe.router_logits", "*.moe.topk_indices"]
     ids = model_a.check_ids(input_ids)

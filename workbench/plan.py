@@ -142,8 +142,8 @@ def make_plan(cfg: ModelConfig, memory: int | str, dtype: str = "bfloat16",
         rate, source = measure_read_rate(path)
     else:
         rate, source = float(read_rate), "given"
-    return Plan(dtype, backend, mem, weights, dense, expert, head, resident_need, streamed_need, mode,
-                prefill_tokens, prefill_read, decode_read, rate, source,
+    return Plan(dtype, backend, mem, weights, dense, expert, head, resident_need, streamed_need,
+                mode, prefill_tokens, prefill_read, decode_read, rate, source,
                 prefill_read / rate, decode_read / rate)
 
 

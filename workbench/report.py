@@ -36,6 +36,7 @@ DEFAULT_CORPUS = Path("data") / "corpus" / "val.jsonl"
 # --------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``workbench report``."""
+    from .cli import non_negative_int, positive_int
     p.add_argument("target", metavar="CKPT_OR_TRACE",
                    help="checkpoint directory, or a trace .safetensors written by Trace.save")
     p.add_argument("--out", required=True, help="directory for the PNGs and metrics.json")
@@ -43,19 +44,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text", action="append", default=None,
                      help="input text (repeat for several); tokenised with the checkpoint's "
                           "tokenizer.json")
-    src.add_argument("--corpus-sample", type=int, default=None, metavar="N",
+    src.add_argument("--corpus-sample", type=positive_int, default=None, metavar="N",
                      help="N validation documents per domain (default 2 when no --text)")
     p.add_argument("--corpus", default=None,
                    help=f"validation jsonl for --corpus-sample (default {DEFAULT_CORPUS})")
-    p.add_argument("--max-tokens", type=int, default=128,
+    p.add_argument("--max-tokens", type=positive_int, default=128,
                    help="cut each input to this many tokens (default 128)")
     p.add_argument("--backend", choices=("torch", "jax"), default="torch")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--layer", type=non_negative_int, default=None,
                    help="MoE layer for the single-layer figures (default: the middle one)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (or its dir) for a trace whose checkpoint is elsewhere")
     p.add_argument("--no-causal", action="store_true", help="skip the expert-ablation runs")
-    p.add_argument("--dpi", type=int, default=120, help="PNG resolution (default 120)")
+    p.add_argument("--dpi", type=positive_int, default=120, help="PNG resolution (default 120)")
     p.add_argument("--figures", default=None, metavar="GLOBS",
                    help="draw only the figures whose names match these comma-separated globs, "
                         "e.g. 'load_*,attention_*' (metrics are always complete)")
@@ -66,6 +67,12 @@ def run_report(args: argparse.Namespace) -> int:
     target = Path(args.target)
     out = Path(args.out)
     try:
+        for opt in ("max_tokens", "corpus_sample", "dpi"):
+            v = getattr(args, opt, None)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise _Usage(f"--{opt.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if out.exists() and not out.is_dir():
+            raise _Usage(f"--out {out} is a file; pass a directory (it is created if needed)")
         if target.is_dir():
             rep = _Report(out, args.dpi, args.figures)
             _checkpoint_report(rep, target, args)
@@ -224,7 +231,8 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
         inputs = _text_inputs(args.text, tok, args.max_tokens)
     else:
         inputs = _corpus_inputs(_find_corpus(args.corpus, path),
-                                args.corpus_sample or 2, tok, args.max_tokens)
+                                2 if args.corpus_sample is None else args.corpus_sample, tok,
+                                args.max_tokens)
     model = wb.load(path, backend=args.backend)
     cfg = model.config
     moe = list(cfg.moe_layers)

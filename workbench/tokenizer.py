@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -30,6 +31,7 @@ __all__ = [
     "PYTHON_KEYWORDS",
     "SPECIAL_TOKENS",
     "TOKEN_CATEGORIES",
+    "TokenIdError",
     "Tokenizer",
     "token_category",
 ]
@@ -69,6 +71,13 @@ PYTHON_KEYWORDS: frozenset[str] = frozenset(
     (set(keyword.kwlist) | set(keyword.softkwlist) - {"_"})
     | ({name for name in vars(builtins) if not name.startswith("_")} - _SITE_BUILTINS)
 )
+
+class TokenIdError(ValueError, IndexError):
+    """A token id the tokenizer does not have (out of range, negative) or that is not an int.
+
+    A ValueError like the workbench's other input errors, and an IndexError as out-of-range
+    ids were before."""
+
 
 _SPECIAL_RE = re.compile(r"<\|[^|<>\s]+\|>|</?s>|<(?:bos|eos|pad|unk)>")
 
@@ -251,13 +260,45 @@ class Tokenizer:
         prefix = [self.bos_id] if add_bos else []
         return [prefix + list(e.ids) for e in encs]
 
+    def check_ids(self, ids: Iterable[int], what: str = "decode") -> list[int]:
+        """``ids`` as a list of ints in ``0..vocab_size-1``; TokenIdError otherwise.
+
+        Accepts a 1-D sequence or array of integers (numpy integers included); a float, a bool,
+        a string or a nested sequence is refused, never truncated or guessed at.
+        """
+        if isinstance(ids, str | bytes):
+            raise TokenIdError(f"{what}: ids must be a sequence of ints, got a string {ids!r:.40}")
+        if hasattr(ids, "detach"):  # a torch tensor
+            ids = ids.detach().cpu().numpy()
+        if hasattr(ids, "__array__") and getattr(ids, "ndim", 1) != 1:
+            raise TokenIdError(f"{what}: ids must be one-dimensional, got shape "
+                               f"{tuple(ids.shape)}; decode one sequence at a time")
+        try:
+            items = list(ids)
+        except TypeError:
+            raise TokenIdError(f"{what}: ids must be a sequence of ints, got "
+                               f"{type(ids).__name__} {ids!r:.40}") from None
+        out = []
+        n = self.vocab_size
+        for pos, i in enumerate(items):
+            if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+                raise TokenIdError(f"{what}: token ids must be ints, got {type(i).__name__} "
+                                   f"{i!r:.40} at position {pos}")
+            i = int(i)
+            if not 0 <= i < n:
+                raise TokenIdError(f"{what}: token id {i} at position {pos} is outside the "
+                                   f"vocabulary [0, {n})")
+            out.append(i)
+        return out
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens=False``.
 
-        ``decode(encode(text)) == text`` for any string.
+        ``decode(encode(text)) == text`` for any string. An id outside the vocabulary (negative
+        or >= ``vocab_size``) or a non-integer id is a TokenIdError.
         """
         return str(
-            self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+            self.backend.decode(self.check_ids(ids), skip_special_tokens=skip_special_tokens)
         )
 
     def token_to_id(self, token: str) -> int | None:
@@ -266,17 +307,18 @@ class Tokenizer:
         return None if idx is None else int(idx)
 
     def id_to_token(self, idx: int) -> str | None:
-        """Vocabulary entry of an id (byte-level spelling, e.g. 'Ġthe'), or None."""
-        return self.backend.id_to_token(int(idx))
+        """Vocabulary entry of an id (byte-level spelling, e.g. 'Ġthe'), or None (also for a
+        negative id)."""
+        idx = int(idx)
+        return None if idx < 0 else self.backend.id_to_token(idx)
 
     # ------------------------------------------------------------------------ per-token views
 
     def _token_text(self, idx: int, errors: str) -> str:
         """Decoded text of one token; ``errors`` says how partial UTF-8 bytes are rendered."""
-        idx = int(idx)
         token = self.backend.id_to_token(idx)
         if token is None:
-            raise IndexError(f"token id {idx} out of range for vocab of {self.vocab_size}")
+            raise TokenIdError(f"token id {idx} out of range for vocab of {self.vocab_size}")
         if idx in self._special_ids:
             return token
         table = _byte_decoder()
@@ -290,7 +332,8 @@ class Tokenizer:
         Space becomes '·', newline '↵', tab '→', carriage return '␍'; special tokens keep their
         names; tokens holding part of a multi-byte character show the bytes as ``\\xNN``.
         """
-        return [self._token_text(i, "backslashreplace").translate(_VISIBLE_WHITESPACE) for i in ids]
+        return [self._token_text(i, "backslashreplace").translate(_VISIBLE_WHITESPACE)
+                for i in self.check_ids(ids, "token_strings")]
 
     def categories(self, ids: Iterable[int]) -> list[str]:
         """:func:`token_category` of each token's text; special ids are always ``"special"``.
@@ -298,7 +341,7 @@ class Tokenizer:
         Partial UTF-8 byte tokens are ``"other"``.
         """
         out = []
-        for i in ids:
-            special = int(i) in self._special_ids
+        for i in self.check_ids(ids, "categories"):
+            special = i in self._special_ids
             out.append("special" if special else token_category(self._token_text(i, "replace")))
         return out

@@ -20,6 +20,16 @@ from .hooks import HookError, HookName, layer_of, parse
 from .jsonio import dumps
 
 
+class TraceError(ValueError):
+    """A file that cannot be read as a workbench trace; the message names the file."""
+
+
+# types of the metadata entries the workbench writes (others are free-form JSON)
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "config": (dict,), "capture": (list,), "interventions": (list,),
+    "backend": (str, type(None)), "dtype": (str, type(None)), "path": (str, type(None))}
+
+
 @dataclass(frozen=True)
 class Routing:
     """One MoE layer's routing for every token: arrays of shape (batch, seq, ...)."""
@@ -116,12 +126,52 @@ class Trace(Mapping[str, np.ndarray]):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:
-        arrays, meta = read_safetensors(path)
-        if "workbench_trace" not in meta or "__input_ids__" not in arrays:
-            raise ValueError(f"{path}: not a workbench trace (no workbench_trace metadata)")
+        """Read a trace written by :meth:`save`.
+
+        A missing file is FileNotFoundError; a file that is not a readable workbench trace
+        (empty, truncated, not safetensors, metadata that is not a JSON object of the expected
+        types, input ids that are not integers) is one TraceError naming the file and the
+        problem.
+        """
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such trace file")
+        if p.is_dir():
+            raise TraceError(f"{p}: is a directory, not a trace file (.safetensors)")
+        try:
+            arrays, meta = read_safetensors(p)
+        except Exception as e:  # noqa: BLE001 - every way a file can be unreadable
+            raise TraceError(f"{p}: not a readable workbench trace: {e}") from e
+        if not isinstance(meta, dict) or "workbench_trace" not in meta \
+                or "__input_ids__" not in arrays:
+            raise TraceError(f"{p}: not a workbench trace (no workbench_trace metadata or no "
+                             "input ids); traces are written by Trace.save")
+        raw = meta["workbench_trace"]
+        if not isinstance(raw, str):
+            raise TraceError(f"{p}: workbench_trace metadata must be a JSON string, got "
+                             f"{type(raw).__name__}")
+        try:
+            info = json.loads(raw)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise TraceError(f"{p}: workbench_trace metadata is not valid JSON ({e})") from None
+        if not isinstance(info, dict):
+            raise TraceError(f"{p}: workbench_trace metadata must be a JSON object, got "
+                             f"{type(info).__name__}")
+        for key, types in _META_TYPES.items():
+            if key in info and not isinstance(info[key], types):
+                want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise TraceError(f"{p}: metadata {key!r} must be {want}, got "
+                                 f"{type(info[key]).__name__} {info[key]!r:.60}")
+        experts = info.get("config", {}).get("experts")
+        if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int)
+                                    or experts < 0):
+            raise TraceError(f"{p}: metadata config.experts must be a non-negative int, got "
+                             f"{experts!r}")
         ids = arrays.pop("__input_ids__")
-        return cls({k: np.array(v) for k, v in arrays.items()}, np.array(ids),
-                   json.loads(meta["workbench_trace"]))
+        if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):
+            raise TraceError(f"{p}: input ids must be a 1-D or 2-D integer array, got "
+                             f"{ids.dtype} of shape {ids.shape}")
+        return cls({k: np.array(v) for k, v in arrays.items()}, np.array(ids), info)
 
 
 def _parsed(name: str) -> HookName | None:

@@ -5,6 +5,11 @@ clipping, a fixed seed, periodic validation, and checkpoints in the HF Llama 4 l
 config.json and tokenizer.json) plus a JSON training log whose per-layer expert load and router
 entropy let one plot routing *during* training. Uses the torch backend's own forward pass, so
 the trained model is exactly the model every other part of the workbench runs.
+
+Nothing the user has is destroyed: every argument is checked before the disk is touched; ``--out``
+is required and a non-empty directory is refused without ``--overwrite``; the run writes into a
+temporary directory beside ``--out`` and moves its files into place only when it has finished,
+so a failed or interrupted run leaves the old files as they were.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +33,12 @@ from .config import ModelConfig
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO / "data" / "corpus"
 DEFAULT_TOKENIZER = REPO / "data" / "tokenizer" / "tokenizer.json"
-DEFAULT_OUT = REPO / "data" / "scout-mini"
+BUNDLED_MODEL = REPO / "data" / "scout-mini"
+
+
+class TrainError(ValueError):
+    """A training run that cannot start (bad arguments, missing corpus or tokenizer, or an
+    output directory that would be overwritten); raised before anything is written."""
 
 
 def shipped_config(vocab_size: int = 4096) -> ModelConfig:
@@ -50,7 +63,7 @@ def shipped_config(vocab_size: int = 4096) -> ModelConfig:
 
 @dataclass
 class TrainArgs:
-    out: Path = DEFAULT_OUT
+    out: Path | None = None  # required by train(); never defaults to the bundled model
     corpus: Path = DEFAULT_CORPUS
     tokenizer: Path = DEFAULT_TOKENIZER
     steps: int = 800
@@ -73,7 +86,12 @@ class TrainArgs:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainArgs()
-    p.add_argument("--out", type=Path, default=d.out, help="output checkpoint directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output checkpoint directory (required; to reproduce the bundled model: "
+                        "--out data/scout-mini --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint, tokenizer, training log and checkpoints/ in a "
+                        "non-empty --out (other files there are kept)")
     p.add_argument("--corpus", type=Path, default=d.corpus)
     p.add_argument("--tokenizer", type=Path, default=d.tokenizer)
     p.add_argument("--steps", type=int, default=d.steps)
@@ -98,9 +116,74 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_corpus(corpus: Path, split: str) -> list[dict[str, str]]:
     f = corpus / f"{split}.jsonl"
-    if not f.exists():
+    if not f.is_file():
         raise FileNotFoundError(f"corpus split {f} not found (run scripts/build_corpus.py)")
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    docs = []
+    for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainError(f"{f}:{i}: not a JSON line ({e})") from None
+        if not (isinstance(d, dict) and isinstance(d.get("text"), str)
+                and isinstance(d.get("domain"), str)):
+            raise TrainError(f"{f}:{i}: expected an object with string 'text' and 'domain'")
+        docs.append(d)
+    return docs
+
+
+def check_args(a: TrainArgs, overwrite: bool = False) -> None:
+    """Raise TrainError naming the argument unless the run can start; writes nothing."""
+    if a.out is None:
+        raise TrainError("--out is required (to reproduce the bundled model: workbench train "
+                         f"--out {_rel(BUNDLED_MODEL)} --overwrite)")
+    for split in ("train", "val"):
+        f = Path(a.corpus) / f"{split}.jsonl"
+        if not f.is_file():
+            raise TrainError(f"--corpus {a.corpus}: no {split}.jsonl there (run "
+                             "scripts/build_corpus.py)")
+    tok = Path(a.tokenizer)
+    if not (tok.is_file() or (tok / "tokenizer.json").is_file()):
+        raise TrainError(f"--tokenizer {tok}: no tokenizer.json there")
+    ints = {"steps": (a.steps, 1), "batch": (a.batch, 1), "context": (a.context, 2),
+            "warmup": (a.warmup, 0), "eval_every": (a.eval_every, 1),
+            "eval_batches": (a.eval_batches, 1), "seed": (a.seed, 0)}
+    for name, (v, low) in ints.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise TrainError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+    reals = {"lr": (a.lr, True), "clip": (a.clip, True), "weight_decay": (a.weight_decay, False),
+             "aux_coef": (a.aux_coef, False), "z_coef": (a.z_coef, False),
+             "min_lr_ratio": (a.min_lr_ratio, False)}
+    for name, (v, positive) in reals.items():
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) \
+                or v < 0 or (positive and v == 0):
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number "
+                             f"{'> 0' if positive else '>= 0'}, got {v!r}")
+    if a.min_lr_ratio > 1:
+        raise TrainError(f"min_lr_ratio must be <= 1, got {a.min_lr_ratio}")
+    bad = [s for s in a.snapshots if not 1 <= s <= a.steps]
+    if bad:
+        raise TrainError(f"--snapshots {bad} outside 1..{a.steps} (--steps)")
+    if a.dtype not in ("float32", "bfloat16"):
+        raise TrainError(f"--dtype must be float32 or bfloat16, got {a.dtype!r}")
+    if a.threads is not None and (not isinstance(a.threads, int) or a.threads < 1):
+        raise TrainError(f"threads must be a positive integer, got {a.threads!r}")
+    out = Path(a.out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise TrainError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise TrainError(f"--out {out} is not empty; pass --overwrite to replace its "
+                             "checkpoint, tokenizer, training_log.json and checkpoints/ (other "
+                             "files are kept)")
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
 
 
 class TokenStream:
@@ -157,27 +240,67 @@ def router_losses(logits: Any, idx: Any, E: int) -> tuple[Any, Any, np.ndarray, 
     return aux, z, f.detach().numpy(), ent
 
 
-def train(a: TrainArgs, cfg: ModelConfig | None = None, progress: bool = True) -> dict:
-    """Train and write the checkpoint(s); returns the training log."""
+def train(a: TrainArgs, cfg: ModelConfig | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict:
+    """Train and write the checkpoint(s) into ``a.out``; returns the training log.
+
+    Checks everything first (:func:`check_args`, tokenizer, corpus, config) and raises
+    TrainError before writing anything. The run is written into a temporary directory beside
+    ``a.out`` and moved into place when complete (see :func:`install_run`).
+    """
+    check_args(a, overwrite)
+    from .tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_pretrained(a.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(f"--tokenizer: {e}") from None
+    cfg = cfg or shipped_config(tok.vocab_size)
+    if cfg.vocab_size < tok.vocab_size:
+        raise TrainError(f"config vocab_size={cfg.vocab_size} < tokenizer vocab "
+                         f"{tok.vocab_size}")
+    if a.context > cfg.max_position_embeddings:
+        raise TrainError(f"--context {a.context} exceeds the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}")
+    train_stream = TokenStream(load_corpus(a.corpus, "train"), tok, a.seed)
+    val_stream = TokenStream(load_corpus(a.corpus, "val"), tok, a.seed + 1)
+    for split, stream in (("train", train_stream), ("val", val_stream)):
+        if len(stream.ids) < a.context + 2:
+            raise TrainError(f"--corpus {a.corpus}: the {split} split has {len(stream.ids)} "
+                             f"tokens, fewer than --context {a.context} + 2")
+    val_batches = val_stream.fixed(a.eval_batches * a.batch, a.context)
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.training-", dir=out.parent))
+    try:
+        log = _train(a, cfg, tok, train_stream, val_batches, stage, progress)
+        install_run(stage, out, overwrite)
+    except _RunKept:
+        raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return log
+
+
+class _RunKept(TrainError):
+    """The run finished but could not be moved into place; it stays where the message says."""
+
+
+def _train(a: TrainArgs, cfg: ModelConfig, tok: Any, train_stream: TokenStream,
+           val_batches: np.ndarray, stage: Path, progress: bool) -> dict:
+    """The training loop; every file goes into ``stage``."""
     import torch
 
     from .analysis.training import new_training_log, training_log_entry
     from .interventions import Plan
     from .random_weights import random_tensors
-    from .tokenizer import Tokenizer
     from .torch.model import TorchModel
 
     torch.manual_seed(a.seed)
     if a.threads:
         torch.set_num_threads(a.threads)
-    tok = Tokenizer.from_pretrained(a.tokenizer)
-    cfg = cfg or shipped_config(tok.vocab_size)
-    if cfg.vocab_size < tok.vocab_size:
-        raise ValueError(f"config vocab_size={cfg.vocab_size} < tokenizer vocab "
-                         f"{tok.vocab_size}")
-    train_stream = TokenStream(load_corpus(a.corpus, "train"), tok, a.seed)
-    val_stream = TokenStream(load_corpus(a.corpus, "val"), tok, a.seed + 1)
-    val_batches = val_stream.fixed(a.eval_batches * a.batch, a.context)
 
     model = TorchModel(cfg, random_tensors(cfg, a.seed), "float32")
     params = model.params.as_dict()
@@ -236,13 +359,45 @@ def train(a: TrainArgs, cfg: ModelConfig | None = None, progress: bool = True) -
         bar.update(1)
         bar.set_postfix(loss=f"{ce_value:.3f}", val=val or "-")
         if step + 1 in a.snapshots and step + 1 != a.steps:
-            save_model(model, a.out / "checkpoints" / f"step-{step + 1:05d}", a, tok)
+            save_model(model, stage / "checkpoints" / f"step-{step + 1:05d}", a, tok)
     bar.close()
     log["meta"]["final_val_loss"] = log["steps"][-1]["val_loss"]
     log["meta"]["elapsed_s"] = round(time.time() - t0, 1)
-    save_model(model, a.out, a, tok)
-    (a.out / "training_log.json").write_text(json.dumps(log) + "\n")
+    save_model(model, stage, a, tok)
+    (stage / "training_log.json").write_text(json.dumps(log) + "\n")
     return log
+
+
+def install_run(stage: Path, out: Path, overwrite: bool) -> None:
+    """Move a finished run from ``stage`` to ``out``.
+
+    A missing or empty ``out`` is replaced by ``stage`` in one rename. Otherwise (only with
+    ``overwrite``) each file is moved in by a rename, weights first, stale shards removed, and
+    ``checkpoints/`` is swapped for the run's; other files in ``out`` are kept.
+    """
+    from .checkpoint import INDEX_FILE, install_checkpoint_files
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        os.replace(stage, out)
+        return
+    if not overwrite:
+        raise _RunKept(f"--out {out} is no longer empty; the finished run is kept in {stage}")
+    files = sorted(p.name for p in stage.iterdir() if p.is_file())
+    weights = [f for f in files if f.endswith(".safetensors")]
+    rest = [f for f in files if f not in weights and f != INDEX_FILE]
+    install_checkpoint_files(stage, out, weights + [f for f in files if f == INDEX_FILE] + rest)
+    new, old = stage / "checkpoints", out / "checkpoints"
+    trash = None
+    if old.exists() or old.is_symlink():
+        trash = Path(tempfile.mkdtemp(prefix=".checkpoints.old-", dir=out))
+        os.replace(old, trash / "checkpoints")
+    if new.exists():
+        os.replace(new, old)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def evaluate(model: Any, batches: np.ndarray, bs: int) -> float:
@@ -269,7 +424,6 @@ def unigram_loss(train_ids: np.ndarray, targets: np.ndarray, vocab: int) -> floa
 
 def save_model(model: Any, out: Path, a: TrainArgs, tok: Any) -> Path:
     from .checkpoint import Checkpoint
-    out.mkdir(parents=True, exist_ok=True)
     Checkpoint.save(out, model.state_dict_numpy(), model.config, dtype=a.dtype,
                     multimodal=False)
     tok.save(out)
@@ -289,25 +443,40 @@ def _progress(total: int, enabled: bool):
 
 
 def main(ns: argparse.Namespace) -> int:
+    try:
+        return _main(ns)
+    except (TrainError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(ns: argparse.Namespace) -> int:
+    try:
+        snapshots = tuple(int(s) for s in ns.snapshots.split(",") if s.strip())
+    except ValueError:
+        raise TrainError(f"--snapshots must be comma-separated step numbers, got "
+                         f"{ns.snapshots!r}") from None
     a = TrainArgs(out=ns.out, corpus=ns.corpus, tokenizer=ns.tokenizer, steps=ns.steps,
                   batch=ns.batch, context=ns.context, lr=ns.lr, warmup=ns.warmup,
                   weight_decay=ns.weight_decay, clip=ns.clip, aux_coef=ns.aux_coef,
                   z_coef=ns.z_coef, seed=ns.seed, eval_every=ns.eval_every,
-                  snapshots=tuple(int(s) for s in ns.snapshots.split(",") if s.strip()),
-                  dtype=ns.dtype)
+                  snapshots=snapshots, dtype=ns.dtype)
+    overwrite = bool(getattr(ns, "overwrite", False))
     cfg = None
     if ns.quick:
+        a.steps, a.batch, a.context, a.warmup, a.eval_every = 30, 8, 128, 5, 10
+        a.eval_batches = 2
+    check_args(a, overwrite)
+    if ns.quick:
         from .tokenizer import Tokenizer
-        vocab = Tokenizer.from_pretrained(a.tokenizer).vocab_size
+        try:
+            vocab = Tokenizer.from_pretrained(a.tokenizer).vocab_size
+        except ValueError as e:
+            raise TrainError(f"--tokenizer: {e}") from None
         cfg = shipped_config(vocab).replace(hidden_size=64, intermediate_size=64,
                                             num_attention_heads=2, num_key_value_heads=1,
                                             head_dim=32, attention_chunk_size=32)
-        a.steps, a.batch, a.context, a.warmup, a.eval_every = 30, 8, 128, 5, 10
-        a.eval_batches = 2
-    if a.out.exists() and any(a.out.glob("*.safetensors")) and ns.out == DEFAULT_OUT \
-            and not ns.quick:
-        shutil.rmtree(a.out / "checkpoints", ignore_errors=True)
-    log = train(a, cfg)
+    log = train(a, cfg, overwrite=overwrite)
     m = log["meta"]
     print(f"done: val loss {m['final_val_loss']:.4f} (unigram {m['unigram_val_loss']:.4f})"
           f" in {m['elapsed_s']:.0f} s -> {a.out}")

@@ -124,6 +124,18 @@ def num_experts(traces: Traces, layer: int | None = None) -> int:
     return found.pop()
 
 
+def check_index(i: object, what: str, n: int | None = None) -> int:
+    """``i`` as an int (a Python or numpy integer; never a truncated float or a bool), in
+    ``0..n-1`` when ``n`` is given; ValueError naming ``what`` otherwise."""
+    if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+        raise ValueError(f"{what} must be an int, got {type(i).__name__} {i!r}")
+    i = int(i)
+    if n is not None and not 0 <= i < n:
+        raise ValueError(f"{what} {i} out of range: the model has {n} experts (0..{n - 1})"
+                         if "expert" in what else f"{what} {i} out of range 0..{n - 1}")
+    return i
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """Numerically stable logistic function (float64)."""
     x = np.asarray(x, dtype=np.float64)

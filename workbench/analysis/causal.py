@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..interventions import ban_expert, zero_expert
+from ._common import check_index
 
 MODES = ("ban", "zero")
 
@@ -154,16 +155,22 @@ def expert_ablation(model: Any, inputs: Mapping[str, ArrayLike] | ArrayLike, lay
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cfg = model.config
+    layer = check_index(layer, "expert_ablation: layer")
     if layer not in list(cfg.moe_layers):
         raise ValueError(f"layer {layer} is not an MoE layer; MoE layers: {list(cfg.moe_layers)}")
     E = int(cfg.num_local_experts)
-    experts = list(range(E)) if experts is None else [int(e) for e in experts]
-    bad = [e for e in experts if not 0 <= e < E]
-    if bad or not experts:
-        raise ValueError(f"experts {bad or experts} invalid: choose from 0..{E - 1}")
+    if experts is None:
+        experts = list(range(E))
+    else:
+        if isinstance(experts, int | np.integer):
+            experts = [experts]
+        experts = [check_index(e, "expert_ablation: expert", E) for e in experts]
+    if not experts:
+        raise ValueError(f"experts is empty: choose from 0..{E - 1} (or None for all)")
     if n_random is None:
         null = np.arange(E)
     else:
+        n_random = check_index(n_random, "expert_ablation: n_random")
         if n_random < 1:
             raise ValueError(f"n_random must be >= 1 or None, got {n_random}")
         null = np.random.default_rng(seed).integers(0, E, size=int(n_random))

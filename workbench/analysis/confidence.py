@@ -15,7 +15,16 @@ import math
 
 import numpy as np
 
-from ._common import Traces, as_list, indices_per_trace, logits, need, sigmoid, softmax
+from ._common import (
+    Traces,
+    as_list,
+    check_index,
+    indices_per_trace,
+    logits,
+    need,
+    sigmoid,
+    softmax,
+)
 from ._common import entropy as _entropy
 
 #: Default near-tie threshold on the top-1/top-2 router-logit margin, in logit units.
@@ -87,6 +96,8 @@ def gate_histogram(traces: Traces, layer: int, bins: int = 20, slot: int | None 
     ``slot`` picks one top-k slot (0 = first choice); None pools every slot.
     """
     g = gate_values(traces, layer)
+    if slot is not None:
+        slot = check_index(slot, "gate_histogram: slot", g.shape[-1])
     vals = g.ravel() if slot is None else g[:, slot]
     counts, edges = np.histogram(vals, bins=bins, range=(0.0, 1.0))
     return counts, edges
@@ -100,6 +111,7 @@ def logit_margin(traces: Traces, layer: int, rank: int = 1) -> np.ndarray:
     """
     z = logits(traces, layer, "logit_margin")
     E = z.shape[-1]
+    rank = check_index(rank, "logit_margin: rank")
     if not 1 <= rank < E:
         raise ValueError(f"logit_margin: rank must be in 1..{E - 1} for {E} experts, got {rank}")
     part = -np.partition(-z, (rank - 1, rank), axis=-1)

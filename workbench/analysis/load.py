@@ -43,7 +43,11 @@ def _load(load: ArrayLike) -> np.ndarray:
 def expert_counts(traces: Traces, layer: int) -> np.ndarray:
     """c_e: number of (token, slot) assignments to each expert at ``layer``, int64 (E,)."""
     idx = indices(traces, layer, "expert_counts")
-    E = max(num_experts(traces, layer), int(idx.max()) + 1 if idx.size else 0)
+    E = num_experts(traces, layer)
+    if idx.size and (idx.min() < 0 or idx.max() >= E):
+        bad = int(idx.max()) if idx.max() >= E else int(idx.min())
+        raise ValueError(f"expert_counts: layers.{layer}.moe.topk_indices holds expert {bad}, "
+                         f"but the trace's model has {E} experts (0..{E - 1})")
     return np.bincount(idx.ravel(), minlength=E).astype(np.int64)
 
 

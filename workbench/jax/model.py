@@ -43,13 +43,14 @@ from ..forward import (
     attention_phase,
     embed_step,
     expert_phase,
+    first_nonfinite,
     forward,
     head_step,
     layer_step,
     route_phase,
 )
 from ..interventions import Plan
-from ..model import CaptureSpec, Model, store
+from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import CacheEntry, keep_from
@@ -236,12 +237,13 @@ class JaxModel(Model):
                               "none" if cache is None else "continue" if continuing else "fresh",
                               None if entries is None else tuple(e.cap for e in
                                                                  entries.values()),
-                              stop_at_layer))
+                              stop_at_layer, spec.nan_check))
         ex = _CompiledSteps(self, plan, spec, {n: host_array(v) for n, v in
                                                plan.patches.items()})
         logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer)
         if cache is not None:
             cache.commit(cfg, entries, S)
+        raise_nonfinite(first_nonfinite(ex.rec.finite, self.hook_names()), "jax")
         arrays = {}
         for n, a in ex.rec.out.items():
             a = self.ops.to_numpy(a)
@@ -270,7 +272,8 @@ class _CompiledSteps(Executor):
 
     def __init__(self, model: JaxModel, plan: Plan, spec: CaptureSpec,
                  patches: dict[str, np.ndarray]):
-        super().__init__(model.ops, model.config, plan, Recorder(model.ops, spec.names, plan))
+        super().__init__(model.ops, model.config, plan,
+                         Recorder(model.ops, spec.names, plan, nan_check=spec.nan_check))
         self.model = model
         self.spec = spec
         self.patches = patches
@@ -282,21 +285,24 @@ class _CompiledSteps(Executor):
         fns = {rel(n): f for n, f in self.plan.fns.items() if scope(n)}
         patches = {rel(n): v for n, v in self.patches.items() if scope(n)}
         pos = self.spec.positions
+        nan_check = self.rec.nan_check
         full = key + (want, tuple(sorted((n, id(f)) for n, f in fns.items())),
                       tuple(sorted((n, v.shape, v.dtype.str) for n, v in patches.items())),
-                      None if pos is None else (pos.start, pos.stop, pos.step))
+                      None if pos is None else (pos.start, pos.stop, pos.step), nan_check)
         ops = self.ops
 
         def build() -> Callable:
             def run(patch_values, *a):
-                rec = Recorder(ops, want, Plan(fns=fns), patch_values, pos)
-                return step(*a, rec), rec.out
+                rec = Recorder(ops, want, Plan(fns=fns), patch_values, pos, nan_check=nan_check)
+                return step(*a, rec), rec.out, rec.finite
             return run
 
-        result, out = self.model._step(full, build)(patches, *args)
+        result, out, finite = self.model._step(full, build)(patches, *args)
         prefix = "" if layer is None else hk.absolute(layer, "")
         for n, v in out.items():
             self.rec.out[prefix + n] = v
+        for n, v in finite.items():
+            self.rec.finite[prefix + n] = v
         return result
 
     def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:

@@ -72,6 +72,9 @@ class JaxOps:
     def broadcast_like(self, value: jax.Array, x: jax.Array) -> jax.Array:
         return jnp.broadcast_to(value.astype(x.dtype), x.shape)
 
+    def all_finite(self, x: jax.Array) -> jax.Array:
+        return jnp.all(jnp.isfinite(x))
+
     def cast(self, x: jax.Array, dtype: Any) -> jax.Array:
         return jnp.asarray(x).astype(dtype)
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
-from ..forward import Context, Executor, Recorder, ResidentWeights, forward
+from ..forward import Context, Executor, Recorder, ResidentWeights, first_nonfinite, forward
 from ..interventions import Plan
-from ..model import CaptureSpec, Model, store
+from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import EMPTY
@@ -95,12 +95,14 @@ class TorchModel(Model):
     @torch.inference_mode()
     def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
         patches = {n: self.ops.asarray(v) for n, v in plan.patches.items()}
-        rec = Recorder(self.ops, spec.names, plan, patches, spec.positions)
+        rec = Recorder(self.ops, spec.names, plan, patches, spec.positions,
+                       nan_check=spec.nan_check)
         start = 0 if cache is None else cache["start"]
         logits, _ = self._run(ids, plan, rec, start,
                               None if cache is None else cache["layers"], stop_at_layer)
         if cache is not None:
             cache["start"] = start + ids.shape[1]
+        raise_nonfinite(first_nonfinite(rec.finite, self.hook_names()), "torch")
         arrays = {n: store(self.ops.to_numpy(a), spec) for n, a in rec.out.items()}
         return (None if logits is None else self.ops.to_numpy(logits)), arrays, cache
 

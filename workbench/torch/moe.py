@@ -37,7 +37,8 @@ def select_experts(logits: torch.Tensor, k: int, ban: tuple[int, ...],
                 rows = torch.arange(sel.shape[0], device=sel.device) % seq
                 sel[torch.isin(rows, torch.tensor(pos, device=sel.device)), expert] = \
                     float("inf")
-    return torch.topk(sel, k, dim=-1).indices
+    # exact ties (two forced experts, equal logits) go to the lower expert id, as in jax
+    return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,

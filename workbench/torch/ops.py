@@ -69,6 +69,9 @@ class TorchOps:
     def broadcast_like(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return value.to(x.device, x.dtype).expand(x.shape).clone()
 
+    def all_finite(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(x).all()
+
     def cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x.to(dtype)
 
