@@ -309,3 +309,16 @@ def test_train_refuses_non_positive_steps(capsys, tmp_path, steps):
     err = capsys.readouterr().err
     assert rc == 2 and "--steps" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_check_values_flag(capsys, tmp_path):
+    from workbench.checkpoint import Checkpoint
+    from workbench.random_weights import random_tensors
+    cfg = ModelConfig.tiny()
+    tensors = random_tensors(cfg)
+    tensors["layers.1.self_attn.q_proj.weight"][0, :3] = np.inf
+    d = Checkpoint.save(tmp_path / "nan", tensors, cfg)
+    rc, out, _ = run_inspect(capsys, d)
+    assert rc == 0 and "layers.1.self_attn.q_proj.weight" in out
+    assert main(["inspect", str(d), "--no-check-values"]) == 0
+    assert "layers.1.self_attn.q_proj.weight" not in capsys.readouterr().out

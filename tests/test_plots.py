@@ -295,3 +295,10 @@ def test_plots_import_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_top_tokens_table_refuses_an_expert_the_model_lacks(env):
+    E = env["cfg"].num_local_experts
+    for bad in (E, 99, -1, 1.5):
+        with pytest.raises(ValueError, match="top_tokens_table: expert"):
+            P.top_tokens_table(env["traces"], experts=[bad])

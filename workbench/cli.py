@@ -100,7 +100,7 @@ def _ids_from_args(args, tokenizer_dir: Path | None):
 
 
 def cmd_inspect(args) -> int:
-    print(inspect_text(args.checkpoint))
+    print(inspect_text(args.checkpoint, check_values=args.check_values))
     return 0
 
 
@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="config, tensors, layer map and parameter counts")
     p.add_argument("checkpoint", help="checkpoint dir, config.json, or preset: scout | maverick")
+    p.add_argument("--check-values", dest="check_values", action=argparse.BooleanOptionalAction,
+                   default=None, help="read every weight and count NaN/Inf (default: for "
+                   "checkpoints up to 8 GiB)")
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("plan", help="which mode fits (resident or streamed), bytes and time "

@@ -13,7 +13,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from .. import analysis as an
-from ..analysis._common import Traces
+from ..analysis._common import Traces, check_index
 from ..analysis.specialisation import DomainTraces
 from ._util import default_layer, layer_label, layers_or_default, plain, token_labels
 from .routing import _ratio_norm
@@ -137,7 +137,8 @@ def top_tokens_table(traces: Traces, layer: int | None = None, tokenizer: Any = 
     layer = default_layer(traces, layer)
     top = an.top_tokens_per_expert(traces, layer, n=n, by=by, min_count=min_count)
     load = an.expert_load(traces, layer)
-    experts = list(range(len(top))) if experts is None else [int(e) for e in experts]
+    experts = list(range(len(top))) if experts is None else [
+        check_index(e, "top_tokens_table: expert", len(top)) for e in experts]
     ids = sorted({t for e in experts for t, _, _ in top[e]})
     names = dict(zip(ids, token_labels(ids, tokenizer))) if ids else {}
     rows = []
