@@ -478,16 +478,22 @@ class Checkpoint(Mapping[str, np.ndarray]):
         self.bytes_read += info.nbytes
         return arr.reshape(info.shape)
 
-    def evict(self, name: str) -> None:
-        """Drop the tensor's pages from this process's memory (they are re-read from the file
-        if touched again). Call it only while nothing has written to arrays over the file."""
+    def evict(self, name: str, index: int | None = None) -> None:
+        """Drop the tensor's pages (or those of ``tensor[index]``, one slice along the first
+        axis, e.g. one expert of a stacked tensor) from this process's memory; they are re-read
+        from the file if touched again. Call it only while nothing has written to arrays over
+        the file."""
         info = self.info(name)
         mm = self._maps.get(info.file)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
+        start, nbytes = info.start, info.nbytes
+        if index is not None:
+            nbytes //= info.shape[0]
+            start += index * nbytes
         page = mmap.PAGESIZE
-        lo = info.start - info.start % page
-        hi = min(len(mm), -(-(info.start + info.nbytes) // page) * page)
+        lo = start - start % page
+        hi = min(len(mm), -(-(start + nbytes) // page) * page)
         if hi > lo:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 

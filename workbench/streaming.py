@@ -191,6 +191,8 @@ class StreamedWeights:
         nbytes = gu_v.nbytes + dn_v.nbytes
         w = self.put_expert(gu_v, dn_v)
         del gu_v, dn_v
+        self.ck.evict(pre + "gate_up_proj", e)
+        self.ck.evict(pre + "down_proj", e)
         io.expert_misses += 1
         io.bytes_read += nbytes
         io.expert_bytes += nbytes
