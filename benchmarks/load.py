@@ -6,7 +6,8 @@ weights * 0.02, norms 1) into ``benchmarks/.cache/scout-1layer/`` (git-ignored),
 tensor chunk (never more than ~50 MB of weights in memory), in the layout ``Checkpoint.save``
 writes (HF names, <= 2 GiB shards, ``model.safetensors.index.json``, text-only ``config.json``),
 so that both ``wb.load`` and transformers' ``from_pretrained`` read it. A marker written last
-says the cache is complete; later runs reuse it.
+says the cache is complete; later runs reuse it. (The writer and the memory sampler live in
+``benchmarks/_synth.py``, shared with ``streaming.py``.)
 
 Then each loader runs in its own fresh subprocess (so peaks do not mix), after the checkpoint's
 files have been read once so that every loader starts from the same warm page cache:
@@ -39,42 +40,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import zlib
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from workbench.checkpoint import INDEX_FILE, Checkpoint, expected_shapes  # noqa: E402
+from _synth import (  # noqa: E402  (the writer and sampler shared with streaming.py)
+    GB,
+    Sampler,
+    code_version,
+    ensure_checkpoint,
+    mem_available,
+    proc_status,
+    warm_page_cache,
+)
+
+from workbench.checkpoint import Checkpoint  # noqa: E402
 from workbench.config import ModelConfig  # noqa: E402
-from workbench.hooks import layer_of  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache" / "scout-1layer"
-MARKER = ".complete.json"
-MAX_SHARD_BYTES = 2 * 1024**3  # Checkpoint.save's default
-CHUNK = 8 * 2**20  # elements generated at a time (32 MB of float32)
-STD = 0.02
-GB = 1e9
 LOADERS = ("torch", "jax", "hf", "torch-fp32")
 DEFAULT_LOADERS = ("torch", "jax", "hf")
 IDS = [[1, 450, 1000, 200000]]  # the 4-token forward (ids < vocab 202048)
-SAMPLE_S = 0.005
 
 
 # ----------------------------------------------------------------------------- the checkpoint
@@ -85,181 +84,6 @@ def scout_one_layer() -> ModelConfig:
     cfg = ModelConfig.scout().replace(num_hidden_layers=1, multimodal=False)
     assert cfg.moe_layers == [0] and not cfg.tie_word_embeddings, cfg.moe_layers
     return cfg
-
-
-def hf_name(name: str) -> str:
-    """Canonical name -> the text-only HF name (what ``Checkpoint.save`` writes)."""
-    return name if name.startswith("lm_head.") else "model." + name
-
-
-def shard_plan(cfg: ModelConfig) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Canonical (name, shape) per shard, ordered and grouped as ``Checkpoint.save`` does."""
-    shapes = expected_shapes(cfg)
-
-    def order(name: str) -> tuple[int, str]:
-        lay = layer_of(name)
-        return (-1 if name.startswith("embed") else 10**9 if lay is None else lay, name)
-
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name in sorted(shapes, key=order):
-        nbytes = math.prod(shapes[name]) * 2
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shapes[name]))
-        size += nbytes
-    return shards
-
-
-def tensor_chunks(name: str, shape: tuple[int, ...], seed: int) -> Iterator[np.ndarray]:
-    """The tensor's bf16 values (flat, C order) in chunks: norms 1, else N(0, 1) * 0.02."""
-    n = math.prod(shape)
-    if name.endswith("norm.weight"):
-        yield np.ones(n, ml_dtypes.bfloat16)
-        return
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    buf = np.empty(min(n, CHUNK), np.float32)
-    done = 0
-    while done < n:
-        m = min(CHUNK, n - done)
-        out = buf[:m]
-        rng.standard_normal(out=out, dtype=np.float32)
-        out *= STD
-        yield out.astype(ml_dtypes.bfloat16)
-        done += m
-
-
-def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: int) -> int:
-    """Stream one safetensors file (the header ``write_safetensors`` writes); its data bytes."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in tensors:
-        nbytes = math.prod(shape) * 2
-        header[hf_name(name)] = {"dtype": "BF16", "shape": list(shape),
-                                 "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for name, shape in tensors:
-            for chunk in tensor_chunks(name, shape, seed):
-                fh.write(chunk.view(np.uint16).data)
-    tmp.replace(path)
-    return offset
-
-
-def marker_spec(cfg: ModelConfig, seed: int) -> dict[str, Any]:
-    shards = shard_plan(cfg)
-    return {"seed": seed, "std": STD, "config": cfg.to_hf_dict(),
-            "tensors": {hf_name(n): list(s) for shard in shards for n, s in shard}}
-
-
-def ensure_checkpoint(path: Path, cfg: ModelConfig, seed: int) -> bool:
-    """Write the checkpoint unless a complete one with the same spec is there; True if written."""
-    spec = marker_spec(cfg, seed)
-    marker = path / MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("spec") == spec:
-                return False
-        except json.JSONDecodeError:
-            pass
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    shards = shard_plan(cfg)
-    total = sum(math.prod(s) * 2 for shard in shards for _, s in shard)
-    print(f"writing {total / GB:.2f} GB bf16 checkpoint to {path} ({len(shards)} shards) ...",
-          flush=True)
-    t0 = time.perf_counter()
-    cfg_dict = cfg.to_hf_dict()
-    cfg_dict["dtype"] = "bfloat16"
-    (path / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
-    weight_map: dict[str, str] = {}
-    written = 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        written += write_shard(path / fname, shard, seed)
-        weight_map.update({hf_name(n): fname for n, _ in shard})
-        print(f"  {fname}: {len(shard)} tensors, {written / GB:.2f} GB so far "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    index = {"metadata": {"total_size": written}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    Checkpoint.open(path).close()  # headers, names and shapes validate (reads no data)
-    marker.write_text(json.dumps({"spec": spec, "bytes": written,
-                                  "written_s": time.perf_counter() - t0}) + "\n")
-    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return True
-
-
-def warm_page_cache(path: Path) -> float:
-    """Read every shard once (so each loader starts from the same warm cache); seconds."""
-    t0 = time.perf_counter()
-    for f in sorted(path.glob("*.safetensors")):
-        with open(f, "rb", buffering=0) as fh:
-            while fh.read(64 * 2**20):
-                pass
-    return time.perf_counter() - t0
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """RssAnon, RssFile, RssShmem, VmRSS, VmHWM of a process, in bytes."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "RssFile", "RssShmem", "VmRSS", "VmHWM"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
-
-
-class Sampler(threading.Thread):
-    """Samples a process's RssAnon / RssFile every ``interval`` s (time.monotonic stamps)."""
-
-    def __init__(self, pid: int | str = "self", interval: float = SAMPLE_S,
-                 limit: int | None = None, on_limit: Any = None):
-        super().__init__(daemon=True)
-        self.pid, self.interval, self.limit, self.on_limit = pid, interval, limit, on_limit
-        self.samples: list[tuple[float, int, int]] = []
-        self.halt = threading.Event()
-        self.tripped = False
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            try:
-                s = proc_status(self.pid)
-            except (FileNotFoundError, ProcessLookupError):
-                return
-            self.samples.append((time.monotonic(), s.get("RssAnon", 0), s.get("RssFile", 0)))
-            if self.limit is not None and s.get("RssAnon", 0) > self.limit and not self.tripped:
-                self.tripped = True
-                if self.on_limit is not None:
-                    self.on_limit()
-            self.halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join()
-
-    def peak(self, t0: float = -math.inf, t1: float = math.inf) -> tuple[int, int]:
-        """(peak RssAnon, number of samples) between t0 and t1."""
-        window = [a for t, a, _ in self.samples if t0 <= t <= t1]
-        return (max(window) if window else 0), len(window)
 
 
 # ----------------------------------------------------------------------------- one loader
@@ -397,22 +221,6 @@ def table(rows: list[dict[str, Any]], tensor_bytes: int) -> str:
             f"{r['forward_s']:.1f} / {r['forward2_s']:.1f} | "
             f"{r['rss_anon_after_forward'] / GB:.2f} / {r['rss_file_after_forward'] / GB:.2f} |")
     return "\n".join(lines)
-
-
-def code_version() -> dict[str, Any]:
-    """The workbench code measured: git commit and whether workbench/ has local changes."""
-    out: dict[str, Any] = {"root": str(ROOT)}
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=30)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
-                                "workbench"], capture_output=True, text=True, timeout=30)
-        if head.returncode == 0:
-            out["commit"] = head.stdout.strip()
-            out["workbench_changed_files"] = len(dirty.stdout.splitlines())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,7 +112,7 @@ def test_stop_at_layer_reads_only_those_layers(small, backend):
     assert np.array_equal(out.trace["layers.1.resid_post"], ref.trace["layers.1.resid_post"])
 
 
-def test_expert_cache_is_lru_within_budget():
+def test_expert_cache_is_lru_within_a_layer():
     c = ExpertCache(100)
     c.put((0, 0), "a", 40)
     c.put((0, 1), "b", 40)
@@ -122,6 +122,24 @@ def test_expert_cache_is_lru_within_budget():
     assert c.used == 80
     c.put((1, 0), "big", 101)  # larger than the whole budget: not kept
     assert c.get((1, 0)) is None and len(c) == 2
+
+
+def test_expert_cache_does_not_thrash_on_the_layer_cycle():
+    """Room for 7 experts, 8 layers, the same choice every decode step: plain LRU would evict
+    each layer's expert just before it is needed (0 hits); this cache keeps 7 of 8."""
+    c = ExpertCache(7, layers=8)
+    for layer in range(8):  # a prefill that read all 16 experts of every layer
+        for e in range(16):
+            c.put((layer, e), e, 1)
+    assert len({k[0] for k in c._items}) == 7  # spread over layers, not held by layer 0
+    hits = 0
+    for _ in range(5):
+        for layer in range(8):
+            if c.get((layer, 15)) is not None:
+                hits += 1
+            else:
+                c.put((layer, 15), 15, 1)
+    assert hits == 5 * 7
 
 
 def test_byte_budgets_and_bad_offload_arguments(small):

@@ -104,7 +104,7 @@ class StreamedWeights:
         self.put_expert = put_expert
         self.stats = IOStats()
         self.max_memory = max_memory
-        self.cache = ExpertCache(max_memory or 0)
+        self.cache = ExpertCache(max_memory or 0, self.cfg.num_hidden_layers)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wb-prefetch") if prefetch \
             else None
         self._pending: dict[int, Future] = {}
@@ -221,10 +221,20 @@ class ExpertSet:
 
 
 class ExpertCache:
-    """Least-recently-used experts within a byte budget (0 keeps nothing across layers)."""
+    """Experts kept across forwards within a byte budget (0 keeps nothing).
 
-    def __init__(self, budget: int):
+    A forward visits the layers in a cycle, so plain LRU thrashes as soon as the budget is one
+    expert short of a step's working set: it evicts each layer's expert just before that layer
+    needs it again. When full, this cache takes the victim from the layer holding the most
+    experts (counting the newcomer), so a prefill that reads every expert of a layer does not
+    leave the cache to the first layers; among those, the expert whose layer comes back last in
+    the cycle (Belady's choice for a cyclic scan), least recently used among equals. A newcomer
+    that would itself be that victim is not admitted.
+    """
+
+    def __init__(self, budget: int, layers: int = 1):
         self.budget = budget
+        self.layers = max(1, layers)
         self.used = 0
         self._items: OrderedDict[tuple[int, int], tuple[Any, int]] = OrderedDict()
 
@@ -238,11 +248,21 @@ class ExpertCache:
     def put(self, key: tuple[int, int], value: Any, nbytes: int) -> None:
         if nbytes > self.budget:
             return
+        now = key[0]  # the layer being read: its next use is a full cycle away
+        while self.used + nbytes > self.budget:
+            per_layer: dict[int, int] = {now: 1}
+            for k in self._items:
+                per_layer[k[0]] = per_layer.get(k[0], 0) + 1
+            most = max(per_layer.values())
+            age = {k: r for r, k in enumerate(self._items)}  # 0 = least recently used
+            age[key] = len(age)  # the newcomer is the most recent
+            cands = [k for k in (*self._items, key) if per_layer[k[0]] == most]
+            victim = max(cands, key=lambda k: ((k[0] - now - 1) % self.layers, -age[k]))
+            if victim == key:
+                return
+            self.used -= self._items.pop(victim)[1]
         self._items[key] = (value, nbytes)
         self.used += nbytes
-        while self.used > self.budget:
-            _, (_, n) = self._items.popitem(last=False)
-            self.used -= n
 
     def __len__(self) -> int:
         return len(self._items)

@@ -141,8 +141,13 @@ class JaxModel(Model):
             def put(view: np.ndarray) -> jax.Array:
                 return self.put(view, copy=True)
 
+            def put_expert(gu: np.ndarray, dn: np.ndarray) -> tuple[jax.Array, jax.Array]:
+                # read each expert sequentially (np.array), then transpose in memory: a
+                # transposed view of the mapped file would fault its pages in strided order
+                return put(np.array(gu).T), put(np.array(dn).T)
+
             self.weights: ResidentWeights | StreamedWeights = StreamedWeights(
-                stream, put, lambda gu, dn: (put(gu.T), put(dn.T)), max_memory)
+                stream, put, put_expert, max_memory)
         else:
             self.weights = ResidentWeights(config, self.params, lambda i: [
                 tuple(self.params[n] for n in expert_names(i, e)) for e in range(E)])
