@@ -60,6 +60,7 @@ from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
 MAX_STEPS = 256
 _ALIGN = 64  # bytes: host buffers aligned so, jax's CPU client uses in place
+_XLA_TRANSPOSE_BYTES = 32 << 20
 _MIN_KV_CAP = 16
 
 
@@ -141,13 +142,8 @@ class JaxModel(Model):
             def put(view: np.ndarray) -> jax.Array:
                 return self.put(view, copy=True)
 
-            def put_expert(gu: np.ndarray, dn: np.ndarray) -> tuple[jax.Array, jax.Array]:
-                # read each expert sequentially (np.array), then transpose in memory: a
-                # transposed view of the mapped file would fault its pages in strided order
-                return put(np.array(gu).T), put(np.array(dn).T)
-
             self.weights: ResidentWeights | StreamedWeights = StreamedWeights(
-                stream, put, put_expert, max_memory)
+                stream, put, lambda gu, dn: (put(gu.T), put(dn.T)), max_memory)
         else:
             self.weights = ResidentWeights(config, self.params, lambda i: [
                 tuple(self.params[n] for n in expert_names(i, e)) for e in range(E)])
@@ -164,6 +160,12 @@ class JaxModel(Model):
         np_dt = np.dtype(ml_dtypes.bfloat16) if self.dtype == "bfloat16" else \
             np.dtype(np.float32)
         host = np.asarray(a)
+        if host.ndim == 2 and host.nbytes >= _XLA_TRANSPOSE_BYTES and \
+                not host.flags.c_contiguous and host.T.flags.c_contiguous:
+            # a large transposed view (an expert in nn.Linear layout): read it in file order,
+            # then let XLA transpose on the device, several times faster than numpy's strided
+            # copy (small ones are not worth compiling a transpose for)
+            return jnp.transpose(self.put(host.T, copy))
         cpu = self._device.platform == "cpu"
         if cpu and (copy or host.dtype != np_dt or host.ctypes.data % _ALIGN
                     or not host.flags.c_contiguous):
