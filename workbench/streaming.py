@@ -96,8 +96,7 @@ class StreamedWeights:
 
     def __init__(self, ck: Checkpoint, put: Callable[[np.ndarray], Array],
                  put_expert: Callable[[np.ndarray, np.ndarray], Any],
-                 max_memory: int | None = None, prefetch: bool = True,
-                 expert_nbytes: int | None = None):
+                 max_memory: int | None = None, prefetch: bool = True):
         self.ck = ck
         self.cfg: ModelConfig = ck.config
         self.put = put
@@ -108,7 +107,6 @@ class StreamedWeights:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wb-prefetch") if prefetch \
             else None
         self._pending: dict[int, Future] = {}
-        self._layers: dict[int, dict[str, Array]] = {}
         self._limit = self.cfg.num_hidden_layers
         shapes = expected_shapes(self.cfg)
         self._dense: list[list[str]] = [[] for _ in range(self.cfg.num_hidden_layers)]
@@ -116,7 +114,6 @@ class StreamedWeights:
             i = hk.layer_of(n)
             if i is not None and ".experts." not in n and n in ck:
                 self._dense[i].append(n)
-        self.expert_nbytes = expert_nbytes
 
     # ------------------------------------------------------------------ WeightSource
     def begin(self, layers: int) -> None:
@@ -147,11 +144,10 @@ class StreamedWeights:
         self._schedule(i + 1)
         if self.cfg.is_moe(i):
             lp["experts"] = ExpertSet(self, i)
-        self._layers[i] = lp
         return lp
 
     def release(self, i: int) -> None:
-        self._layers.pop(i, None)
+        """Nothing is kept: layer i's weights go when the forward drops them."""
 
     def head(self) -> tuple[Array, Array]:
         t = time.perf_counter()
@@ -204,7 +200,6 @@ class StreamedWeights:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._pending.clear()
-        self._layers.clear()
 
 
 class ExpertSet:
