@@ -145,9 +145,8 @@ REFUSED_SAVES = ["extra_complex64", "norm_uint32", "norm_int32", "unexpected_ten
                  "bad_extra_file_name"]
 
 
-@pytest.mark.parametrize("layout", ["single", "sharded", "new"])
-@pytest.mark.parametrize("case", REFUSED_SAVES)
-def test_refused_save_leaves_everything_as_it_was(ours, tmp_path, case, layout):
+def existing_checkpoint(ours, tmp_path: Path, layout: str) -> tuple[Path, Path]:
+    """(parent, ckpt dir): a single-file or sharded checkpoint, or ("new") no directory yet."""
     parent = tmp_path / "parent"
     parent.mkdir()
     d = parent / "ckpt"
@@ -155,6 +154,13 @@ def test_refused_save_leaves_everything_as_it_was(ours, tmp_path, case, layout):
         copy_ckpt(ours[0], d)
     elif layout == "sharded":
         save_random(d, TINY, seed=1, max_shard_bytes=200_000)
+    return parent, d
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "new"])
+@pytest.mark.parametrize("case", REFUSED_SAVES)
+def test_refused_save_leaves_everything_as_it_was(ours, tmp_path, case, layout):
+    parent, d = existing_checkpoint(ours, tmp_path, layout)
     if d.exists():
         (d / "README.md").write_text("my notes")
     before = snapshot(parent)
@@ -169,13 +175,7 @@ def test_refused_save_leaves_everything_as_it_was(ours, tmp_path, case, layout):
 @pytest.mark.parametrize("layout", ["single", "sharded", "new"])
 def test_interrupted_save_leaves_the_old_checkpoint(ours, tmp_path, monkeypatch, layout,
                                                     after_writes):
-    parent = tmp_path / "parent"
-    parent.mkdir()
-    d = parent / "ckpt"
-    if layout == "single":
-        copy_ckpt(ours[0], d)
-    elif layout == "sharded":
-        save_random(d, TINY, seed=1, max_shard_bytes=200_000)
+    parent, d = existing_checkpoint(ours, tmp_path, layout)
     before = snapshot(parent)
     real = ckmod._write_array
     calls = []
