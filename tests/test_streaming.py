@@ -14,7 +14,7 @@ from oracle import CASES, make_case  # noqa: E402
 import workbench as wb  # noqa: E402
 from workbench.config import ModelConfig  # noqa: E402
 from workbench.random_weights import write_random_checkpoint  # noqa: E402
-from workbench.streaming import ExpertCache, parse_bytes  # noqa: E402
+from workbench.streaming import ExpertCache, ExpertSet, parse_bytes  # noqa: E402
 
 BACKENDS = ["torch", "jax"]
 
@@ -47,6 +47,25 @@ def test_every_hook_equals_resident_on_the_oracle_cases(case, backend):
     a, b = resident.run(ids, capture="*"), streamed.run(ids, capture="*")
     assert np.array_equal(a.logits, b.logits), name
     _same(dict(a.trace), dict(b.trace))
+
+
+def test_jax_runs_chosen_experts_in_byte_bounded_groups(small):
+    """jax holds at most ``expert_group_bytes`` of chosen experts at once; the groups' rows
+    merge to exactly the resident result, with top-k > 1 and every intervention kind."""
+    cfg, path = small
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 17))
+    resident = wb.load(path, backend="jax")
+    streamed = wb.load(path, backend="jax", offload="disk", max_memory=0)
+    experts = ExpertSet(streamed.weights, 0)
+    streamed.expert_group_bytes = 3 * experts.expert_bytes  # three experts per group
+    assert experts.groups(range(8), streamed.expert_group_bytes) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    ivs = [wb.set_top_k(2, layer=1), wb.zero_expert(1, 5), wb.ban_expert(2, 0)]
+    a = resident.run(ids, capture="*", interventions=ivs)
+    b = streamed.run(ids, capture="*", interventions=ivs)
+    assert np.array_equal(a.logits, b.logits)
+    _same(dict(a.trace), dict(b.trace))
+    merged = [k for k in streamed._steps if k[0] == "experts" and k[3] is False]
+    assert merged, "no layer ran its experts in more than one group"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

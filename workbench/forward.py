@@ -229,8 +229,13 @@ def expert_phase(ops: Ops, lp: Params, h: Array, x: Array, idx: Array, gates: Ar
     ``experts`` is in the layout the backend's dispatch reads (possibly only the chosen ones,
     with ``idx`` numbering them)."""
     B, S, D = x.shape
-    routed = ops.dispatch(x.reshape(-1, D), idx, gates, experts)
-    routed = rec("moe.routed_out", routed.reshape(B, S, D))
+    return moe_output(ops, lp, h, x, ops.dispatch(x.reshape(-1, D), idx, gates, experts), rec)
+
+
+def moe_output(ops: Ops, lp: Params, h: Array, x: Array, routed: Array, rec: Recorder) -> Array:
+    """The MoE block's end from the routed expert outputs (B*S, D): shared(x) + routed, then
+    the residual add (resid_post), for backends that compute ``routed`` piecewise."""
+    routed = rec("moe.routed_out", routed.reshape(x.shape))
     shared = rec("moe.shared_out", ops.swiglu(x, lp["feed_forward.shared_expert.gate_proj.weight"],
                                              lp["feed_forward.shared_expert.up_proj.weight"],
                                              lp["feed_forward.shared_expert.down_proj.weight"]))

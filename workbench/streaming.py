@@ -210,6 +210,20 @@ class ExpertSet:
         self.layer = layer
         self.num_experts = source.cfg.num_local_experts
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert (gate_up and down) as stored in the checkpoint."""
+        pre = hk.absolute(self.layer, "feed_forward.experts.")
+        ck = self.source.ck
+        return sum(ck.view(pre + n)[0].nbytes for n in ("gate_up_proj", "down_proj"))
+
+    def groups(self, ids: Iterable[int], max_bytes: int) -> list[list[int]]:
+        """``ids`` in consecutive groups of at most ``max_bytes`` (at least one expert each),
+        so a backend that holds a group's weights at once stays within a memory bound."""
+        per = max(1, max_bytes // max(1, self.expert_bytes))
+        ids = [int(e) for e in ids]
+        return [ids[j:j + per] for j in range(0, len(ids), per)]
+
     def fetch(self, ids: Iterable[int]) -> dict[int, Any]:
         """{e: expert weights} for the given expert ids, each read at most once."""
         return {int(e): self.source.read_expert(self.layer, int(e)) for e in ids}

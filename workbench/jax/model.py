@@ -42,11 +42,11 @@ from ..forward import (
     ResidentWeights,
     attention_phase,
     embed_step,
-    expert_phase,
     first_nonfinite,
     forward,
     head_step,
     layer_step,
+    moe_output,
     route_phase,
 )
 from ..interventions import Plan
@@ -54,7 +54,7 @@ from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import CacheEntry, keep_from
-from .moe import expert_names
+from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
 from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
 
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
@@ -62,6 +62,7 @@ MAX_STEPS = 256
 _ALIGN = 64  # bytes: host buffers aligned so, jax's CPU client uses in place
 _XLA_TRANSPOSE_BYTES = 32 << 20
 _MIN_KV_CAP = 16
+EXPERT_GROUP_BYTES = 1 << 30
 
 
 @dataclass
@@ -153,6 +154,9 @@ class JaxModel(Model):
         # extra XLA options for every compiled step, e.g. {"xla_backend_optimization_level":
         # 0} compiles about twice as fast, for small models where compiling dominates
         self.compiler_options: dict[str, Any] = {}
+        # streamed MoE layers hold at most this many bytes of chosen experts at once (plus
+        # the expert cache): experts are read and run group by group
+        self.expert_group_bytes = EXPERT_GROUP_BYTES
 
     def put(self, a: np.ndarray, copy: bool = False) -> jax.Array:
         """A host array on the device in the model's dtype, with at most one copy: on the CPU
@@ -362,19 +366,38 @@ class _CompiledSteps(Executor):
 
         (h, x, idx, gates), new = self._call(("route", kind, lplan, mode, cap), i, scope, route,
                                              dense, h, ctx.cos, ctx.sin, ctx.temp, kv, start)
+        # the chosen experts, group by group within ``expert_group_bytes``: each group's
+        # assignment rows are computed by one compiled call and merged; the end of the block
+        # (hooks, shared expert, residual) runs once on the merged rows
         used = np.unique(np.asarray(idx))
-        weights = experts.fetch(used.tolist())
-        n = min(experts.num_experts, 1 << (len(used) - 1).bit_length())  # few compiled sizes
-        chosen = [weights[int(e)] for e in used]
-        chosen += [chosen[0]] * (n - len(chosen))
-        remap = np.zeros(experts.num_experts, np.int32)
-        remap[used] = np.arange(len(used), dtype=np.int32)
+        E = experts.num_experts
+        tile = tile_rows(int(np.prod(idx.shape)), E)  # as the resident dispatch: same rows
+        rows = None
+        for group in experts.groups(used.tolist(), self.model.expert_group_bytes):
+            weights = experts.fetch(group)
+            n = min(E, 1 << (len(group) - 1).bit_length())  # few compiled sizes
+            chosen = [weights[e] for e in group]
+            chosen += [chosen[0]] * (n - len(chosen))
+            remap = np.full(E, -1, np.int32)
+            remap[group] = np.arange(len(group), dtype=np.int32)
 
-        def combine(lp, h, x, idx, gates, remap, chosen, rec):
-            return expert_phase(ops, lp, h, x, jnp.take(remap, idx), gates, chosen, rec)
+            def part(x, idx, gates, remap, chosen, rows, rec):
+                local = jnp.take(remap, idx)
+                y = dispatch_rows(x.reshape(-1, x.shape[-1]), local, gates, chosen, tile)
+                if rows is None:
+                    return y
+                return jnp.where((local.reshape(-1) >= 0)[:, None], y, rows)
 
-        h = self._call(("experts", n), i, scope, combine, dense, h, x, idx, gates, remap,
-                       chosen)
+            rows = self._call(("experts", n, tile, rows is None), i, lambda _: False, part,
+                              x, idx, gates, remap, chosen, rows)
+            del weights, chosen
+
+        k = idx.shape[-1]
+
+        def finish(lp, h, x, rows, rec):
+            return moe_output(ops, lp, h, x, combine_rows(rows, k), rec)
+
+        h = self._call(("moe_out", k), i, scope, finish, dense, h, x, rows)
         return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
 
 

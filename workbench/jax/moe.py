@@ -115,28 +115,42 @@ def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
     return y[:A]
 
 
-def dispatch(xf: jax.Array, idx: jax.Array, gates: jax.Array,
-             experts: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
-    """Routed expert outputs (N, D) for tokens xf (N, D) with choices idx/gates (N, k), idx
-    numbering ``experts`` (every expert, or only those a streamed layer read).
+def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
+                  experts: list[tuple[jax.Array, jax.Array]], tile: int) -> jax.Array:
+    """Per-assignment expert outputs (N*k, D), in ``idx.reshape(-1)`` order, for tokens xf
+    (N, D) with choices idx/gates (N, k), idx numbering ``experts``. An id outside
+    [0, len(experts)) gives a zero row and costs nothing, so a streamed layer can run its
+    chosen experts group by group and merge the rows (``where`` on ``idx >= 0``).
 
-    Each assignment's input is ``x * gate`` in the model dtype (HF scales the expert input);
-    with k > 1 the outputs are summed in fp32 and cast once.
+    Each assignment's input is ``x * gate`` in the model dtype (HF scales the expert input).
     """
-    N, D = xf.shape
-    E = len(experts)
     k = idx.shape[1]
+    E = len(experts)
     flat = idx.reshape(-1)
-    A = flat.shape[0]
-    order = jnp.argsort(flat, stable=True)
-    counts = jnp.bincount(flat, length=E)
+    key = jnp.where((flat >= 0) & (flat < E), flat, E)  # outside the group: sorted last
+    order = jnp.argsort(key, stable=True)
+    counts = jnp.bincount(key, length=E + 1)[:E]
     offsets = jnp.cumsum(counts) - counts
     xs = xf[order // k] * gates.reshape(-1)[order][:, None]
-    y = expert_tiles(xs, counts, offsets, experts, tile_rows(A, E))  # looked up per trace
-    out = jnp.zeros_like(y).at[order].set(y)
+    y = expert_tiles(xs, counts, offsets, experts, tile)
+    return jnp.zeros_like(y).at[order].set(y)
+
+
+def combine_rows(rows: jax.Array, k: int) -> jax.Array:
+    """(N*k, D) per-assignment outputs -> (N, D): with k > 1 summed in fp32 and cast once."""
     if k == 1:
-        return out
-    return out.reshape(N, k, D).astype(jnp.float32).sum(1).astype(xf.dtype)
+        return rows
+    N = rows.shape[0] // k
+    return rows.reshape(N, k, -1).astype(jnp.float32).sum(1).astype(rows.dtype)
+
+
+def dispatch(xf: jax.Array, idx: jax.Array, gates: jax.Array,
+             experts: list[tuple[jax.Array, jax.Array]], tile: int | None = None) -> jax.Array:
+    """Routed expert outputs (N, D) for tokens xf (N, D) with choices idx/gates (N, k), idx
+    numbering ``experts`` (every expert, or only those a streamed layer read); ``tile``
+    defaults to ``tile_rows`` of the assignments over ``len(experts)``."""
+    tile = tile or tile_rows(idx.size, len(experts))  # looked up per trace
+    return combine_rows(dispatch_rows(xf, idx, gates, experts, tile), idx.shape[1])
 
 
 def zero_gates(gates: jax.Array, idx: jax.Array, experts: tuple[int, ...]) -> jax.Array:
