@@ -15,6 +15,7 @@ from .interventions import (
     InterventionError,
     ablate_head,
     ban_expert,
+    disable_temperature,
     force_expert,
     patch,
     set_top_k,
@@ -33,7 +34,8 @@ BACKENDS = ("torch", "jax")
 
 def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
          device: Any = None, offload: str | None = None,
-         max_memory: int | str | None = None) -> Model:
+         max_memory: int | str | None = None,
+         max_position_embeddings: int | None = None) -> Model:
     """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``.
 
     ``device``: torch takes "cpu", "cuda", "cuda:N", "mps" or a torch.device; jax takes a
@@ -45,6 +47,10 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
     to the device just before use (the next layer prefetched meanwhile) and dropped after, and
     only the experts the router chose are read, through an LRU cache of ``max_memory`` bytes
     (an int or a string like "6GB"; default: no cache). ``model.io_stats()`` reports the reads.
+
+    ``max_position_embeddings`` replaces the config's limit on sequence length (e.g. to study a
+    small model far past the context it was trained on; RoPE and the query temperature are
+    defined at every position, but the model never saw those past its training length).
     """
     if backend == "torch":
         from .torch import load as _load
@@ -54,7 +60,10 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
         raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} not supported; choose one of {DTYPES}")
-    return _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory)
+    model = _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory)
+    if max_position_embeddings is not None:
+        model.set_max_positions(max_position_embeddings)
+    return model
 
 
 def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
@@ -82,6 +91,6 @@ __all__ = [
     "DeviceError", "HookError", "NonFiniteError", "TraceError",
     "InputError", "InterventionError", "Model", "ModelConfig", "Output", "ParityReport", "Routing",
     "Tokenizer", "Trace", "ablate_head",
-    "ban_expert", "compare", "force_expert", "hook_names", "load", "patch", "set_top_k",
-    "zero_expert",
+    "ban_expert", "compare", "disable_temperature", "force_expert", "hook_names", "load",
+    "patch", "set_top_k", "zero_expert",
 ]

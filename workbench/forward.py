@@ -87,6 +87,21 @@ class Recorder:
             self.finite[name] = self.ops.all_finite(x)
         return x
 
+    def window(self, rel: str, seq: int) -> tuple[int, int] | None:
+        """Rows [lo, hi) of this call's ``seq`` positions that a capture of ``rel`` keeps,
+        when it is captured only (not edited) with a contiguous position slice: the forward
+        may then compute just those rows (``keep``). None: compute the whole value."""
+        name = self.prefix + rel
+        p = self.positions
+        if name not in self.want or name in self.edits or p is None or self.nan_check:
+            return None
+        lo, hi, step = p.indices(seq)
+        return (lo, max(lo, hi)) if step == 1 else None
+
+    def keep(self, rel: str, x: Array) -> None:
+        """Store a captured value already cut to ``window``'s rows."""
+        self.out[self.prefix + rel] = x
+
     def _edit(self, name: str, x: Array) -> Array:
         value = self.patches.get(name)
         if value is not None:
@@ -145,12 +160,13 @@ class LayerPlan:
     force: tuple[tuple[int, tuple[int, ...] | None], ...] = ()
     zero: tuple[int, ...] = ()
     ablate: tuple[int, ...] = ()
+    temperature: bool = True  # False: disable_temperature, queries unscaled
 
     @classmethod
     def of(cls, cfg: ModelConfig, plan: Plan, layer: int) -> LayerPlan:
         return cls(plan.k(cfg, layer), tuple(plan.ban.get(layer, ())),
                    tuple(plan.force.get(layer, ())), tuple(plan.zero.get(layer, ())),
-                   tuple(plan.ablate.get(layer, ())))
+                   tuple(plan.ablate.get(layer, ())), layer not in plan.no_temperature)
 
 
 @dataclass(frozen=True)
@@ -263,7 +279,7 @@ def attention_block(ops: Ops, cfg: ModelConfig, kind: LayerKind, lp: Params, x: 
         if kind.qk_norm:
             q = ops.rms_norm(q, None, cfg.rms_norm_eps)
             k = ops.rms_norm(k, None, cfg.rms_norm_eps)
-    elif kind.temperature:
+    elif kind.temperature and lplan.temperature:
         q = ops.scale_queries(q, ctx.temp)
     q, k, v = rec("attn.q", q), rec("attn.k", k), rec("attn.v", v)
     if cache is not None:
@@ -271,11 +287,25 @@ def attention_block(ops: Ops, cfg: ModelConfig, kind: LayerKind, lp: Params, x: 
     else:
         k_start = ctx.start
     scale = d ** -0.5
-    if rec.wants("attn.pattern"):
+    S = q.shape[2]
+    window = rec.window("attn.pattern", S)
+    if rec.wants("attn.pattern") and window is None:
         probs = ops.attention_probs(q, k, ctx.start, k_start, kind.chunk, scale)
         o = ops.attend(rec("attn.pattern", probs), v)
     else:
         o = ops.attention(q, k, v, ctx.start, k_start, kind.chunk, scale)
+        if window is not None:  # a query window over every key: never the S x T pattern
+            lo, hi = window
+            rec.keep("attn.pattern", ops.attention_probs(
+                ops.seq_slice(q, lo, hi), k, ctx.start + lo, k_start, kind.chunk, scale))
+    if rec.wants("attn.summary"):
+        lo, hi = rec.window("attn.summary", S) or (0, S)
+        summary = ops.attention_summary(ops.seq_slice(q, lo, hi), k, ctx.start + lo, k_start,
+                                        kind.chunk, cfg.attention_chunk_size, scale)
+        if (lo, hi) == (0, S):
+            rec("attn.summary", summary)
+        else:
+            rec.keep("attn.summary", summary)
     if lplan.ablate:
         o = ops.zero_heads(o, lplan.ablate)
     return rec("attn.out", ops.linear(ops.merge_heads(o), lp["self_attn.o_proj.weight"])), cache

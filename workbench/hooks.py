@@ -4,7 +4,7 @@ A hook name is one of::
 
     embed | final_norm | logits
     layers.{i}.(resid_pre | resid_mid | resid_post)
-    layers.{i}.attn.(q | k | v | pattern | out)
+    layers.{i}.attn.(q | k | v | pattern | summary | out)
     layers.{i}.moe.(router_logits | topk_indices | topk_scores | routed_out | shared_out)
     layers.{i}.mlp.out
 
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
+from .numerics import SUMMARY_FEATURES
 
-ATTN_HOOKS = ("q", "k", "v", "pattern", "out")
+ATTN_HOOKS = ("q", "k", "v", "pattern", "summary", "out")
 MOE_HOOKS = ("router_logits", "topk_indices", "topk_scores", "routed_out", "shared_out")
 MLP_HOOKS = ("out",)
 
@@ -168,12 +169,15 @@ def is_pattern(name: str) -> bool:
 
 
 def hook_dtype(name: str, model_dtype: np.dtype) -> np.dtype:
-    """The dtype a hook's value has: int32 for ``moe.topk_indices``, else the model's dtype.
+    """The dtype a hook's value has: int32 for ``moe.topk_indices``, float32 for
+    ``attn.summary`` (statistics computed in fp32), else the model's dtype.
 
     ``name`` is a hook name or a layer-relative one (``moe.topk_indices``).
     """
-    return np.dtype(np.int32) if _block_site(name) == ("moe", "topk_indices") \
-        else np.dtype(model_dtype)
+    site = _block_site(name)
+    if site == ("moe", "topk_indices"):
+        return np.dtype(np.int32)
+    return np.dtype(np.float32) if site == ("attn", "summary") else np.dtype(model_dtype)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -253,7 +257,8 @@ def hook_shape(cfg: ModelConfig, name: str, batch: int, seq: int,
         return (batch, seq, cfg.vocab_size)
     if h.block == "attn":
         return {"q": (batch, H, seq, d), "k": (batch, K, T, d), "v": (batch, K, T, d),
-                "pattern": (batch, H, seq, T), "out": (batch, seq, D)}[h.site]
+                "pattern": (batch, H, seq, T), "out": (batch, seq, D),
+                "summary": (batch, H, seq, len(SUMMARY_FEATURES))}[h.site]
     if h.block == "moe":
         k = top_k or cfg.num_experts_per_tok
         return {"router_logits": (batch, seq, cfg.num_local_experts),

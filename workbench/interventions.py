@@ -8,6 +8,8 @@ Semantics (identical in torch and jax):
   remaining top-k slots go to the best other experts; its gate is sigmoid of its own logit.
 - ``set_top_k``: route each token to k experts (each with its own sigmoid gate, as in Llama 4).
 - ``ablate_head``: the head's attention output is zeroed before ``o_proj``.
+- ``disable_temperature``: a global NoPE layer's queries are not scaled by the position's
+  temperature (``attn_temperature_tuning``), as if tuning were off for that layer.
 - ``patch``: the hook's value is replaced by the given array (broadcast to the hook's shape).
 
 Everything is checked here, before either backend runs, so torch and jax refuse the same
@@ -73,6 +75,12 @@ class AblateHead:
     kind: str = field(default="ablate_head", init=False)
 
 
+@dataclass(frozen=True)
+class DisableTemperature:
+    layer: int | None = None
+    kind: str = field(default="disable_temperature", init=False)
+
+
 @dataclass(frozen=True, eq=False)
 class Patch:
     name: str
@@ -81,7 +89,8 @@ class Patch:
     kind: str = field(default="patch", init=False)
 
 
-Intervention = BanExpert | ZeroExpert | ForceExpert | SetTopK | AblateHead | Patch
+Intervention = BanExpert | ZeroExpert | ForceExpert | SetTopK | AblateHead | DisableTemperature \
+    | Patch
 
 
 def _is_int(x: Any) -> bool:
@@ -136,6 +145,13 @@ def set_top_k(k: int, layer: int | None = None) -> SetTopK:
 def ablate_head(layer: int, head: int) -> AblateHead:
     """Zero one attention head's output before o_proj."""
     return AblateHead(_int(layer, "ablate_head", "layer"), _int(head, "ablate_head", "head"))
+
+
+def disable_temperature(layer: int | None = None) -> DisableTemperature:
+    """Run ``layer`` (every layer with a query temperature when None) without the
+    position-dependent query temperature of ``attn_temperature_tuning``."""
+    return DisableTemperature(None if layer is None else
+                              _int(layer, "disable_temperature", "layer"))
 
 
 def patch(name: str, value: Any, *, allow_nonfinite: bool = False) -> Patch:
@@ -199,6 +215,7 @@ class Plan:
     force: dict[int, list[tuple[int, tuple[int, ...] | None]]] = field(default_factory=dict)
     top_k: dict[int, int] = field(default_factory=dict)
     ablate: dict[int, list[int]] = field(default_factory=dict)
+    no_temperature: set[int] = field(default_factory=set)
     patches: dict[str, np.ndarray] = field(default_factory=dict)
     fns: dict[str, Callable] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -206,7 +223,7 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not (self.ban or self.zero or self.force or self.top_k or self.ablate
-                    or self.patches or self.fns)
+                    or self.no_temperature or self.patches or self.fns)
 
     def k(self, cfg: ModelConfig, layer: int) -> int:
         return self.top_k.get(layer, cfg.num_experts_per_tok)
@@ -222,6 +239,7 @@ class Plan:
                 tuple(sorted((k, tuple(v)) for k, v in self.force.items())),
                 tuple(sorted(self.top_k.items())),
                 tuple(sorted((k, tuple(v)) for k, v in self.ablate.items())),
+                tuple(sorted(self.no_temperature)),
                 tuple(sorted((k, v.shape, str(v.dtype)) for k, v in self.patches.items())),
                 tuple(sorted((k, id(f)) for k, f in self.fns.items())))
 
@@ -317,6 +335,20 @@ def plan(cfg: ModelConfig, interventions: Sequence[Intervention] | None,
                                         f"(num_attention_heads={cfg.num_attention_heads})")
             if head not in p.ablate.setdefault(layer, []):
                 p.ablate[layer].append(head)
+        elif isinstance(iv, DisableTemperature):
+            hot = [i for i in range(cfg.num_hidden_layers) if cfg.uses_temperature(i)]
+            if iv.layer is None:
+                if not hot:
+                    raise InterventionError(f"{what}: no layer of this model scales its queries "
+                                            "by temperature (attn_temperature_tuning is off or "
+                                            "every layer uses RoPE)")
+                p.no_temperature.update(hot)
+            else:
+                layer = _layer(cfg, iv.layer, what, False)
+                if layer not in hot:
+                    raise InterventionError(f"{what}: layer {layer} has no query temperature "
+                                            f"(layers with one: {hot})")
+                p.no_temperature.add(layer)
         elif isinstance(iv, Patch):
             name, val = _patch_value(cfg, iv, what, p, batch, seq)
             if name in patch_src:
@@ -327,7 +359,7 @@ def plan(cfg: ModelConfig, interventions: Sequence[Intervention] | None,
         else:
             raise InterventionError(
                 f"unknown intervention {iv!r}; use wb.ban_expert, zero_expert, force_expert, "
-                "set_top_k, ablate_head or patch")
+                "set_top_k, ablate_head, disable_temperature or patch")
         p.records.append(describe(iv))
     _check_routing(cfg, p, ban_src, force_src, topk_src, patch_src, seq)
     if hooks is not None and not isinstance(hooks, Mapping):

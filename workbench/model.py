@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -144,6 +144,11 @@ class Model(ABC):
             raise InputError(f"sequence of {start + ids.shape[1]} tokens exceeds "
                              f"max_position_embeddings={limit}")
         return ids
+
+    def set_max_positions(self, n: int) -> None:
+        """Accept sequences of up to ``n`` positions (``config.max_position_embeddings``)."""
+        n = _int_arg(n, "max_position_embeddings", 1)
+        self.config = replace(self.config, max_position_embeddings=n)
 
     def run(self, input_ids: Any, capture: str | Iterable[str] | None = None,
             interventions: Sequence[Intervention] | None = None,

@@ -71,3 +71,54 @@ def chunk_boundaries(seq_len: int, chunk: int | None) -> list[int]:
     if chunk is None:
         return []
     return list(range(chunk, seq_len, chunk))
+
+
+# ----------------------------------------------------------------------------- attention summary
+DISTANCE_BUCKETS = 25
+"""Log-spaced key-distance buckets of ``attn.summary``: d = 0, [1, 2), [2, 4), ...,
+[2^22, 2^23), [2^23, inf), where d = query position - key position."""
+
+
+def distance_bucket_edges() -> np.ndarray:
+    """Lower edges (DISTANCE_BUCKETS,) int64 of the distance buckets: 0, 1, 2, 4, ..., 2^23."""
+    return np.array([0] + [1 << j for j in range(DISTANCE_BUCKETS - 1)], np.int64)
+
+
+def distance_bucket_labels() -> tuple[str, ...]:
+    """Names of the distance buckets: "d=0", "d=1", "d[2,4)", ..., "d>=8388608"."""
+    e = distance_bucket_edges()
+    return ("d=0", "d=1", *(f"d[{int(e[j])},{int(e[j + 1])})" for j in range(2, len(e) - 1)),
+            f"d>={int(e[-1])}")
+
+
+SUMMARY_FEATURES: tuple[str, ...] = ("entropy", "own_chunk", "sink", "distance", "max",
+                                     *distance_bucket_labels())
+"""The last axis of ``layers.{i}.attn.summary`` (B, H, S, F), per query position and head:
+
+* ``entropy``: -sum p log p of the attention distribution, in nats;
+* ``own_chunk``: the mass on keys in the query's own ``attention_chunk_size`` chunk (1 on
+  chunked layers, which see nothing else; the whole context when the config has no chunk);
+* ``sink``: the mass on position 0 (the attention sink);
+* ``distance``: the expected query - key distance of the attended keys, in positions;
+* ``max``: the largest single weight;
+* one mass per distance bucket (``distance_bucket_labels``), summing to 1.
+"""
+
+
+def attention_summary_reference(probs: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray,
+                                own_chunk: int | None) -> np.ndarray:
+    """``attn.summary`` (B, H, S, F) float64 from a full pattern (B, H, S, T) over query
+    positions q_pos (S,) and key positions k_pos (T,): the definition the blockwise kernels
+    are tested against (it needs the T x T pattern, so only for short inputs)."""
+    p = np.asarray(probs, np.float64)
+    q = np.asarray(q_pos, np.int64)[:, None]
+    k = np.asarray(k_pos, np.int64)[None, :]
+    dist = q - k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)
+    own = (k // own_chunk == q // own_chunk) if own_chunk else np.ones_like(dist, bool)
+    edges = distance_bucket_edges()
+    bucket = np.searchsorted(edges, np.maximum(dist, 0), side="right") - 1  # (S, T)
+    feats = [ent, (p * own).sum(-1), (p * (k == 0)).sum(-1), (p * dist).sum(-1), p.max(-1)]
+    feats += [(p * (bucket == j)).sum(-1) for j in range(len(edges))]
+    return np.stack(feats, -1)

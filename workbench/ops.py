@@ -76,6 +76,16 @@ class Ops(Protocol):
                         scale: float) -> Array:
         """The masked softmax pattern (B, H, S, T), as an eager implementation computes it."""
 
+    def attention_summary(self, q: Array, k: Array, start: Any, k_start: Any,
+                          chunk: int | None, own_chunk: int | None, scale: float) -> Array:
+        """Per query and head, statistics of the attention distribution (B, H, S, F) float32,
+        F = ``numerics.SUMMARY_FEATURES``, computed blockwise (never an S x T buffer); mask as
+        ``attention``; ``own_chunk`` is the chunk size whose mass the ``own_chunk`` feature
+        measures (None: the whole context)."""
+
+    def seq_slice(self, x: Array, lo: int, hi: int) -> Array:
+        """x[:, :, lo:hi] (the sequence axis of (B, H, S, ...) arrays)."""
+
     def attend(self, probs: Array, v: Array) -> Array:
         """probs (B, H, S, T) times v (B, K, T, d): (B, H, S, d)."""
 
