@@ -35,7 +35,7 @@ BACKENDS = ("torch", "jax")
 def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
          device: Any = None, offload: str | None = None,
          max_memory: int | str | None = None,
-         max_position_embeddings: int | None = None) -> Model:
+         max_position_embeddings: int | None = None, threads: int | None = None) -> Model:
     """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``.
 
     ``device``: torch takes "cpu", "cuda", "cuda:N", "mps" or a torch.device; jax takes a
@@ -51,6 +51,11 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
     ``max_position_embeddings`` replaces the config's limit on sequence length (e.g. to study a
     small model far past the context it was trained on; RoPE and the query temperature are
     defined at every position, but the model never saw those past its training length).
+
+    ``threads`` (torch) fixes the intra-op threads of every forward; by default a CPU forward
+    over fewer than 64 positions (a decode step) runs on one thread and larger ones use
+    torch's setting (``model.threads`` can be changed later). jax's CPU thread pool is fixed
+    when jax starts (``XLA_FLAGS``), so the jax backend refuses ``threads``.
     """
     if backend == "torch":
         from .torch import load as _load
@@ -60,7 +65,15 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
         raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} not supported; choose one of {DTYPES}")
+    if threads is not None:
+        if backend != "torch":
+            raise ValueError("threads= applies to the torch backend; jax sizes its CPU thread "
+                             "pool when it starts (set XLA_FLAGS before importing jax)")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be an int >= 1 (or None)")
     model = _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory)
+    if threads is not None:
+        model.threads = threads
     if max_position_embeddings is not None:
         model.set_max_positions(max_position_embeddings)
     return model

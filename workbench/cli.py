@@ -106,12 +106,21 @@ def cmd_inspect(args) -> int:
 
 def cmd_plan(args) -> int:
     from .describe import PRESETS
-    from .plan import make_plan, plan_text
+    from .plan import context_plan, context_text, make_plan, plan_text
     target = args.checkpoint
+    contexts = [c for part in args.context or [] for c in part.split(",") if c.strip()]
+    if args.memory is None and not contexts:
+        raise UsageError("plan needs --memory (e.g. --memory 24GB), --context (e.g. "
+                         "--context 1M), or both")
     cfg = PRESETS[target]() if target in PRESETS else ModelConfig.from_pretrained(target)
+    if args.memory is None:  # the long-context projection alone
+        plans = [context_plan(cfg, c, args.dtype) for c in contexts]
+        print(f"plan for {target}: {cfg.num_hidden_layers} layers, {args.dtype}")
+        print(context_text(plans, cfg))
+        return 0
     path = None if target in PRESETS else target
     p = make_plan(cfg, args.memory, dtype=args.dtype, prefill_tokens=args.prefill_tokens,
-                  cache=args.cache, backend=args.backend, path=path)
+                  cache=args.cache, backend=args.backend, path=path, context=contexts or None)
     if args.device:
         print(f"device: {args.device} (memory is that device's; reads go host -> device)")
     print(plan_text(p, cfg, target))
@@ -185,13 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="which mode fits (resident or streamed), bytes and time "
                                     "per prefill and decode step")
     p.add_argument("checkpoint", help="checkpoint dir, config.json, or preset: scout | maverick")
-    p.add_argument("--memory", required=True, help="memory budget, e.g. 24GB")
+    p.add_argument("--memory", default=None, help="memory budget, e.g. 24GB (needed unless "
+                   "--context is given)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32",
                                                            "float8"])
     p.add_argument("--backend", default="torch", choices=["torch", "jax"])
     p.add_argument("--device", default=None, help="where the model would run (e.g. cuda)")
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--cache", default=None, help="expert cache budget (max_memory), e.g. 6GB")
+    p.add_argument("--context", action="append", default=None, metavar="T",
+                   help="long-context projection at T tokens (e.g. 1M, 10M, 262144; K = 1024, "
+                   "M = 1024**2; repeat or comma-separate for several): KV cache per layer "
+                   "kind and in total, attention FLOPs of a prefill and of a decode step, KV "
+                   "bytes read per decoded token")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("parity", help="PyTorch vs JAX (or dtype vs dtype) per-hook report")

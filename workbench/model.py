@@ -188,8 +188,10 @@ class Model(ABC):
         self._check_capture_memory(names, p, ids.shape, spec, max_capture_bytes)
         logits, arrays, _ = self._forward(ids, p, spec, None, stop_at_layer)
         self._warn_nonfinite(logits)
-        trace = Trace({n: arrays[n] for n in names if n in arrays}, ids,
-                      self._meta(names, p, capture))
+        meta = self._meta(names, p, capture)
+        if pos is not None:  # which sequence positions the captured hooks hold
+            meta["positions"] = list(range(*pos.indices(ids.shape[1])))
+        trace = Trace({n: arrays[n] for n in names if n in arrays}, ids, meta)
         return Output(logits, trace)
 
     def _warn_nonfinite(self, logits: np.ndarray | None) -> None:

@@ -27,7 +27,8 @@ class TraceError(ValueError):
 # types of the metadata entries the workbench writes (others are free-form JSON)
 _META_TYPES: dict[str, tuple[type, ...]] = {
     "config": (dict,), "capture": (list,), "interventions": (list,),
-    "backend": (str, type(None)), "dtype": (str, type(None)), "path": (str, type(None))}
+    "backend": (str, type(None)), "dtype": (str, type(None)), "path": (str, type(None)),
+    "positions": (list,)}
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class Trace(Mapping[str, np.ndarray]):
     """Hook name -> numpy array, with the input ids and run context.
 
     ``meta`` holds: ``config`` (summary dict), ``capture`` (patterns), ``interventions``
-    (records), ``backend``, ``dtype``, and anything a caller adds (e.g. ``domain``).
+    (records), ``backend``, ``dtype``, ``positions`` (the sequence positions the arrays hold,
+    when a run kept only some), and anything a caller adds (e.g. ``domain``).
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], input_ids: np.ndarray,

@@ -11,6 +11,8 @@ margins), :mod:`.specialisation` (domain, category, vocabulary), :mod:`.dynamics
 cross-layer), :mod:`.experts` (router similarity, shared vs routed), :mod:`.causal` (ablation),
 :mod:`.attention` (head statistics, chunk boundaries), :mod:`.training` (training log schema,
 stability), :mod:`.table` (the per-layer routing table).
+:mod:`.longcontext`: attention by distance and position from ``attn.summary`` (no T × T
+pattern), the query temperature's effect, routing by position and for repeated tokens.
 """
 
 from ._common import moe_layers, num_experts
@@ -76,6 +78,19 @@ from .load import (
     router_z_loss,
     switch_aux_loss,
 )
+from .longcontext import (
+    LAYER_KINDS,
+    distance_profile,
+    distance_profile_past,
+    layer_kind,
+    position_bins,
+    repeat_consistency,
+    routing_by_position,
+    summary_by_position,
+    summary_layers,
+    summary_past,
+    temperature_effect,
+)
 from .specialisation import (
     CategorySpecialisation,
     DomainSpecialisation,
@@ -133,6 +148,10 @@ __all__ = [
     "pattern_layers", "attention_entropy", "mean_attention_distance", "sink_mass",
     "cross_chunk_mass", "distance_by_chunk_offset", "distance_edges", "distance_histogram",
     "layer_type", "attention_summary", "by_layer_type",
+    # long context (attn.summary, routing by position)
+    "LAYER_KINDS", "layer_kind", "summary_layers", "summary_past", "position_bins",
+    "distance_profile", "distance_profile_past", "summary_by_position", "temperature_effect",
+    "routing_by_position", "repeat_consistency",
     # training and stability
     "new_training_log", "training_log_entry", "training_log_entry_from_trace",
     "validate_training_log", "load_training_log", "TrainingCurves", "training_curves",

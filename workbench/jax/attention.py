@@ -6,10 +6,13 @@ passes on accelerators), so fp32 results match torch and transformers to roundin
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from ..numerics import DISTANCE_BUCKETS
 
 PRECISION = jax.lax.Precision.HIGHEST
 Pos = int | jax.Array  # an absolute position: a Python int when static, a traced scalar otherwise
@@ -19,7 +22,14 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w.T`` for an nn.Linear-layout weight (out, in), accumulated in fp32 and rounded
     once to x's dtype, as torch's CPU matmul does. Asking XLA:CPU for an fp32 result is also
     what selects its fast bf16 kernels (a bf16-out dot takes a several times slower path; the
-    benchmarks' README has the measurements)."""
+    benchmarks' README has the measurements).
+
+    A single row (a decode step) is padded to two: for one row of a bf16 x, XLA:CPU converts
+    the whole weight to fp32 first, a temporary twice the weight's size (4 GB for Scout's
+    lm_head) and about ten times slower than the two-row product."""
+    if x.dtype != jnp.float32 and math.prod(x.shape[:-1]) == 1:
+        x2 = jnp.pad(x.reshape(1, x.shape[-1]), ((0, 1), (0, 0)))
+        return linear(x2, w)[0].reshape(*x.shape[:-1], w.shape[0])
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=PRECISION,
                                preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -114,27 +124,272 @@ def _sdpa(q, k, v, mask, scale):
     return o.astype(q.dtype).reshape(B, H, S, d)
 
 
+# ----------------------------------------------------------------------------- blockwise kernels
+BLOCKWISE_MIN = 1 << 22
+"""Score elements per (batch row, head) above which ``fused`` runs the blockwise kernel: the
+unblocked buffer (S x T for a masked call, S x chunk for a chunked prefill) would be larger.
+Shorter calls keep the unblocked kernels and their exact rounding. Read at trace time."""
+BLOCK_Q = 512
+"""Query rows per block of the blockwise kernels (read at trace time)."""
+BLOCK_K = 512
+"""Key columns per block of the blockwise kernels (read at trace time)."""
+_NEG = -1e30
+"""Score of a masked key in the blockwise kernels: finite, so a row that has seen no visible
+key yet stays NaN-free (its garbage is multiplied by exp(_NEG - max) = 0 once it does)."""
+
+
 def fused(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
           chunk: int | None, scale: float) -> jax.Array:
-    """Attention without materialising a T x T buffer for chunked layers: a prefill from
-    position 0 runs blockwise per chunk (B*n blocks of chunk x chunk); otherwise masked."""
+    """Attention without a T x T buffer. A prefill from position 0 of a chunked layer runs
+    per chunk (chunk x chunk blocks); other calls are masked. Calls whose unblocked score
+    buffer would exceed ``BLOCKWISE_MIN`` elements run ``flash`` (for small chunks: the
+    per-chunk kernel, a bounded group of chunks at a time), so short calls keep the
+    unblocked kernels' exact rounding."""
     B, H, S, d = q.shape
+    T = k.shape[2]
     fresh = isinstance(start, int) and start == 0 and isinstance(k_start, int) and k_start == 0
-    if fresh and k.shape[2] == S:
-        if chunk is None or S <= chunk:
-            return _sdpa(q, k, v, _mask(S, S, 0, 0, None), scale)
-        n = -(-S // chunk)
-        pad = n * chunk - S
+    if fresh and T == S and chunk is not None and S > chunk:
+        big = B * H * S * chunk > BLOCKWISE_MIN
+        if big and chunk > BLOCK_Q:
+            return flash(q, k, v, start, k_start, chunk, scale)
+        return _per_chunk(q, k, v, chunk, scale, max(1, BLOCKWISE_MIN // (B * H * chunk * chunk))
+                          if big else None)
+    if B * H * S * T > BLOCKWISE_MIN:
+        return flash(q, k, v, start, k_start, chunk, scale)
+    if fresh and T == S:
+        chunk = None  # S <= chunk: causal only
+    return _sdpa(q, k, v, _mask(S, T, start, k_start, chunk), scale)
 
-        def blocks(t: jax.Array) -> jax.Array:
-            t = jnp.pad(t, ((0, 0), (0, 0), (0, pad), (0, 0)))
-            t = t.reshape(B, t.shape[1], n, chunk, d).transpose(0, 2, 1, 3, 4)
-            return t.reshape(B * n, t.shape[2], chunk, d)
 
-        o = _sdpa(blocks(q), blocks(k), blocks(v), _mask(chunk, chunk, 0, 0, None), scale)
-        o = o.reshape(B, n, H, chunk, d).transpose(0, 2, 1, 3, 4).reshape(B, H, n * chunk, d)
-        return o[:, :, :S]
-    return _sdpa(q, k, v, _mask(S, k.shape[2], start, k_start, chunk), scale)
+def _per_chunk(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int, scale: float,
+               group: int | None) -> jax.Array:
+    """A chunked layer's prefill from position 0 as causal attention within each chunk:
+    all n chunks (x batch) at once, or ``group`` chunks at a time (a sequential map)."""
+    B, H, S, d = q.shape
+    n = -(-S // chunk)
+    g = n if group is None else min(group, n)
+    m = -(-n // g)
+
+    def blocks(t: jax.Array) -> jax.Array:  # (m, g * B, N, chunk, d), chunk-major
+        t = jnp.pad(t, ((0, 0), (0, 0), (0, m * g * chunk - S), (0, 0)))
+        t = t.reshape(B, t.shape[1], m * g, chunk, d).transpose(2, 0, 1, 3, 4)
+        return t.reshape(m, g * B, t.shape[2], chunk, d)
+
+    mask = _mask(chunk, chunk, 0, 0, None)
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    if m == 1:
+        o = _sdpa(qb[0], kb[0], vb[0], mask, scale)[None]
+    else:
+        o = jax.lax.map(lambda a: _sdpa(*a, mask, scale), (qb, kb, vb))
+    o = o.reshape(m * g, B, H, chunk, d).transpose(1, 2, 0, 3, 4)
+    return o.reshape(B, H, m * g * chunk, d)[:, :, :S]
+
+
+def _seq_pad(t: jax.Array, n: int) -> jax.Array:
+    """t (B, N, L, d) zero-padded along the sequence axis to length n."""
+    return jnp.pad(t, ((0, 0), (0, 0), (0, n - t.shape[2]), (0, 0)))
+
+
+def _block_sizes(S: int, T: int, chunk: int | None) -> tuple[int, int]:
+    """Query and key block sizes: ``BLOCK_Q`` x ``BLOCK_K``, at most the input's length and
+    (chunked layers) the chunk, so no block holds more than two chunks' worth of pairs."""
+    c = chunk or max(S, T)
+    return min(BLOCK_Q, S, c), min(BLOCK_K, T, c)
+
+
+def _query_blocks(q: jax.Array, K: int, bq: int) -> jax.Array:
+    """q (B, H, S, d) -> (nq, B, K, G, bq, d): query blocks, grouped by kv head, zero-padded."""
+    B, H, S, d = q.shape
+    nq = -(-S // bq)
+    qb = _seq_pad(q, nq * bq).reshape(B, K, H // K, nq, bq, d)
+    return jnp.moveaxis(qb, 3, 0)
+
+
+def _key_range(q0: jax.Array, bq: int, start: Pos, S: int, k_start: Pos, T: int, bk: int,
+               chunk: int | None) -> tuple[jax.Array, jax.Array]:
+    """Key blocks [lo, hi) that queries q0..q0+bq-1 (the real ones: < start + S) can see."""
+    last = jnp.minimum(q0 + bq, start + S) - 1
+    hi = jnp.clip((last - k_start) // bk + 1, 0, -(-T // bk))
+    first = 0 if chunk is None else (q0 // chunk) * chunk
+    lo = jnp.clip((first - k_start) // bk, 0, hi)
+    return lo, hi
+
+
+def _block_scores(qi: jax.Array, kt: jax.Array, j: jax.Array, bk: int) -> jax.Array:
+    """Unscaled fp32 scores (B, K, G, bq, bk) of query block qi against key block j of the
+    transposed keys kt (B, K, d, T)."""
+    kj = jax.lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=3)
+    return jnp.einsum("bkgqd,bkdt->bkgqt", qi, kj, precision=PRECISION,
+                      preferred_element_type=jnp.float32)
+
+
+def _keys_t(k: jax.Array, bk: int) -> jax.Array:
+    """k (B, K, T, d) -> (B, K, d, T') zero-padded to whole key blocks, laid out so that a
+    key block is a contiguous slice the score dot reads without a copy."""
+    return jnp.swapaxes(_seq_pad(k, -(-k.shape[2] // bk) * bk), 2, 3)
+
+
+def _block_mask(qpos: jax.Array, kpos: jax.Array, kidx: jax.Array, T: int,
+                chunk: int | None) -> jax.Array:
+    """(bq, bk) visibility: causal, a real key slot, and (chunked) the query's chunk."""
+    qp, kp = qpos[:, None], kpos[None, :]
+    m = (kp <= qp) & (kidx < T)[None, :]
+    if chunk is not None:
+        m &= (kp // chunk) == (qp // chunk)
+    return m
+
+
+def _map_blocks(fn, qb: jax.Array) -> jax.Array:
+    """Run fn(i, query block) over the query blocks (sequentially: one block's buffers live at
+    a time); returns the stacked results (nq, ...)."""
+    return jax.lax.map(lambda a: fn(*a), (jnp.arange(qb.shape[0]), qb))
+
+
+def _unblock(o: jax.Array, S: int) -> jax.Array:
+    """(nq, B, K, G, bq, x) per-block results -> (B, K*G, S, x)."""
+    nq, B, K, G, bq, x = o.shape
+    return jnp.moveaxis(o, 0, 3).reshape(B, K * G, nq * bq, x)[:, :, :S]
+
+
+def flash(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
+          chunk: int | None, scale: float) -> jax.Array:
+    """Blockwise (online-softmax) attention, the mask of ``fused``: for each block of
+    ``BLOCK_Q`` queries, a loop over only the ``BLOCK_K``-key blocks it can see (causal; on
+    chunked layers from its first query's chunk on). Memory O(block^2), never S x T; a causal
+    global layer costs S*T/2, a chunked one S*chunk. Rounded as ``_sdpa``: fp32 scores,
+    exp(s - running max) cast to the model dtype for the value product (fp32 accumulation,
+    rescaled when the max grows), divided by the fp32 sum at the end.
+    Key blocks wholly before the block's first query skip the mask on global layers."""
+    B, H, S, d = q.shape
+    K, T = k.shape[1], k.shape[2]
+    G = H // K
+    bq, bk = _block_sizes(S, T, chunk)
+    kt = _keys_t(k, bk)
+    vp = _seq_pad(v, kt.shape[3])
+    dt = q.dtype
+
+    def block(i, qi):
+        q0 = start + i * bq
+        qpos = q0 + jnp.arange(bq)
+        lo, hi = _key_range(q0, bq, start, S, k_start, T, bk, chunk)
+        # blocks before ``mid`` hold only keys <= q0: visible to every query of a global layer
+        mid = lo if chunk is not None else jnp.clip((q0 - k_start + 1) // bk, lo, hi)
+
+        def step(masked):
+            def body(j, carry):
+                m, l, acc = carry
+                r = _block_scores(qi, kt, j, bk)
+                if masked:
+                    kidx = j * bk + jnp.arange(bk)
+                    r = jnp.where(_block_mask(qpos, k_start + kidx, kidx, T, chunk), r, _NEG)
+                # max(r) * scale == max(r * scale): the scaling fuses into the exponential
+                m2 = jnp.maximum(m, jnp.max(r, axis=-1) * scale)
+                a = jnp.exp(m - m2)
+                e = jnp.exp(r * scale - m2[..., None])
+                vj = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=2)
+                pv = jnp.einsum("bkgqt,bktd->bkgqd", e.astype(dt), vj, precision=PRECISION,
+                                preferred_element_type=jnp.float32)
+                return m2, a * l + jnp.sum(e, axis=-1), a[..., None] * acc + pv
+            return body
+
+        carry = (jnp.full((B, K, G, bq), _NEG, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
+                 jnp.zeros((B, K, G, bq, d), jnp.float32))
+        carry = jax.lax.fori_loop(lo, mid, step(False), carry)
+        _, l, acc = jax.lax.fori_loop(mid, hi, step(True), carry)
+        return (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(dt)  # l = 0: padding rows
+
+    return _unblock(_map_blocks(block, _query_blocks(q, K, bq)), S)
+
+
+def _bucket(dist: jax.Array) -> jax.Array:
+    """Distance bucket (``numerics.distance_bucket_edges``) of int32 distances: 0 for d <= 0,
+    floor(log2 d) + 1 for d >= 1, at most ``DISTANCE_BUCKETS - 1``."""
+    b = 32 - jax.lax.clz(jnp.maximum(dist, 1).astype(jnp.int32))
+    return jnp.where(dist <= 0, 0, jnp.minimum(b, DISTANCE_BUCKETS - 1))
+
+
+def attention_summary(q: jax.Array, k: jax.Array, start: Pos, k_start: Pos, chunk: int | None,
+                      own_chunk: int | None, scale: float) -> jax.Array:
+    """``numerics.SUMMARY_FEATURES`` (B, H, S, F) float32 of the attention distribution of each
+    query (mask of ``fused``; fp32 scores from the inputs), computed with ``flash``'s block loop
+    and online softmax (never an S x T buffer). Per query it keeps the running max m and sum
+    l = sum e (e = exp(s - m)) and, rescaled whenever m grows: sum e (s - m) (entropy
+    = log l - that / l), the mass in the query's own ``own_chunk`` chunk, sum e (q - k) and the
+    mass per distance bucket; the sink weight and the max weight (1 / l) come at the end.
+    Key blocks more than a block before the query block (distances within a factor of 2) touch
+    at most two buckets and split their mass with one comparison; nearer blocks compare
+    against every bucket their distances can reach."""
+    B, H, S, d = q.shape
+    K, T = k.shape[1], k.shape[2]
+    G = H // K
+    bq, bk = _block_sizes(S, T, chunk)
+    kt = _keys_t(k, bk)
+    nb = DISTANCE_BUCKETS
+    near_buckets = min((2 * bq + 2 * bk).bit_length() + 1, nb)  # near blocks: d < 2bq + 2bk
+    # key position 0 (the sink): slot -k_start when the keys start there
+    k_zero = jax.lax.dynamic_index_in_dim(k, jnp.clip(-k_start, 0, T - 1), axis=2,
+                                          keepdims=False)  # (B, K, d)
+
+    def block(i, qi):
+        q0 = start + i * bq
+        qpos = q0 + jnp.arange(bq)
+        lo, hi = _key_range(q0, bq, start, S, k_start, T, bk, chunk)
+        # blocks before ``near``: keys at distances [dmin, dmax] with dmax < 2 dmin, dmin >= 1
+        near = jnp.clip(-((k_start + bq + 2 * bk - 3 - q0) // bk), lo, hi)
+
+        def step(far):
+            def body(j, carry):
+                m, l, ent, own, dist, mass = carry
+                s = _block_scores(qi, kt, j, bk) * scale
+                kidx = j * bk + jnp.arange(bk)
+                kpos = k_start + kidx
+                if not far or chunk is not None:
+                    s = jnp.where(_block_mask(qpos, kpos, kidx, T, chunk), s, _NEG)
+                m2 = jnp.maximum(m, jnp.max(s, axis=-1))
+                a = jnp.exp(m - m2)
+                e = jnp.exp(s - m2[..., None])
+                se = jnp.sum(e, axis=-1)
+                ent = a * (ent + (m - m2) * l) + jnp.sum(e * (s - m2[..., None]), axis=-1)
+                if own_chunk is not None:
+                    same = (kpos[None, :] // own_chunk) == (qpos[:, None] // own_chunk)
+                    own = a * own + jnp.sum(jnp.where(same, e, 0.0), axis=-1)
+                dq = qpos[:, None] - kpos[None, :]  # (bq, bk) int32
+                dist = a * dist + jnp.sum(e * dq.astype(jnp.float32), axis=-1)
+                mass = a[..., None] * mass
+                if far:
+                    # the block's distances span buckets b and b + 1 (the latter from 2^b on)
+                    b = _bucket(q0 - (k_start + j * bk + bk - 1))
+                    upper = jnp.sum(jnp.where(dq >= jnp.left_shift(1, jnp.minimum(b, 30)), e,
+                                              0.0), axis=-1)
+                    upper = jnp.where(b < nb - 1, upper, 0.0)
+                    ids = jnp.arange(nb)
+                    mass = (mass + (se - upper)[..., None] * (ids == b)
+                            + upper[..., None] * (ids == b + 1))
+                else:
+                    bid = _bucket(dq)
+                    cols = [jnp.sum(jnp.where(bid == t, e, 0.0), axis=-1)
+                            for t in range(near_buckets)]
+                    mass = mass.at[..., :near_buckets].add(jnp.stack(cols, axis=-1))
+                return m2, a * l + se, ent, own, dist, mass
+            return body
+
+        z = jnp.zeros((B, K, G, bq), jnp.float32)
+        carry = (jnp.full((B, K, G, bq), _NEG, jnp.float32), z, z, z, z,
+                 jnp.zeros((B, K, G, bq, nb), jnp.float32))
+        carry = jax.lax.fori_loop(lo, near, step(True), carry)
+        m, l, ent, own, dist, mass = jax.lax.fori_loop(near, hi, step(False), carry)
+        l = jnp.where(l > 0, l, 1.0)
+        s0 = jnp.einsum("bkgqd,bkd->bkgq", qi, k_zero, precision=PRECISION,
+                        preferred_element_type=jnp.float32) * scale
+        sees0 = (k_start <= 0) & (qpos >= 0)
+        if chunk is not None:
+            sees0 &= qpos < chunk
+        sink = jnp.where(sees0, jnp.exp(jnp.minimum(s0 - m, 0.0)) / l, 0.0)
+        own = own / l if own_chunk is not None else jnp.ones_like(l)
+        feats = [jnp.log(l) - ent / l, own, sink, dist / l, 1.0 / l]
+        return jnp.concatenate([jnp.stack(feats, axis=-1), mass / l[..., None]], axis=-1)
+
+    return _unblock(_map_blocks(block, _query_blocks(q, K, bq)), S)
 
 
 def cache_update(entry: CacheEntry, k: jax.Array, v: jax.Array, start: Pos,

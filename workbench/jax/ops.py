@@ -100,7 +100,11 @@ class JaxOps:
 
     attention = staticmethod(att.fused)
     attention_probs = staticmethod(att.attention_probs)
+    attention_summary = staticmethod(att.attention_summary)
     attend = staticmethod(att.attend)
+
+    def seq_slice(self, x: jax.Array, lo: int, hi: int) -> jax.Array:
+        return x[:, :, lo:hi]
 
     def zero_heads(self, o: jax.Array, heads: tuple[int, ...]) -> jax.Array:
         return o.at[:, np.asarray(heads)].set(0)

@@ -16,6 +16,14 @@ from .diagnostics import (
     training_curves_plot,
 )
 from .export import FORMATS, save
+from .longcontext import (
+    plot_attention_window,
+    plot_distance_profile,
+    plot_repeat_consistency,
+    plot_routing_by_position,
+    plot_summary_by_position,
+    plot_temperature_effect,
+)
 from .routing import (
     expert_flow,
     gate_histogram,
@@ -55,6 +63,9 @@ __all__ = [
     "top_tokens_table", "router_similarity", "routed_share_plot",
     # attention
     "attention_pattern", "attention_by_layer_type", "layer_type_text",
+    # long context
+    "plot_distance_profile", "plot_summary_by_position", "plot_temperature_effect",
+    "plot_attention_window", "plot_routing_by_position", "plot_repeat_consistency",
     # diagnostics
     "parity_errors", "ablation_bars", "training_curves_plot", "routing_stability_plot",
     "capacity_plot",

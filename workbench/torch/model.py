@@ -20,6 +20,8 @@ from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_st
 from .attention import EMPTY
 from .ops import TORCH_DTYPES, TorchOps, from_numpy, resolve_device
 
+SMALL_CALL_TOKENS = 64  # forwards over fewer positions run single-threaded on the CPU
+
 
 class Params(nn.Module):
     """All weights by canonical name (``layers.0.self_attn.q_proj.weight``), as Parameters."""
@@ -49,6 +51,7 @@ class TorchModel(Model):
                  weights: StreamedWeights | None = None):
         super().__init__(config, dtype, path)
         self._device = resolve_device(device)
+        self.threads: int | None = None  # intra-op threads per forward (None: threads_for)
         tdt = TORCH_DTYPES[dtype]
         self.params = Params({n: _to(t, tdt, self._device) for n, t in tensors.items()})
         self.ops = TorchOps(self._device)
@@ -76,6 +79,10 @@ class TorchModel(Model):
         return TORCH_DTYPES[self.dtype]
 
     def new_cache(self, batch: int) -> dict[str, Any]:
+        """``{"start": next position, "layers": {i: attention.KVBuffer}}``: each layer's keys
+        and values in a preallocated buffer appended to in place, made by the layer's first
+        call (``attention.EMPTY`` until then). Continue a cache along one sequence only: it is
+        not copied per call, so two continuations of one cache would overwrite each other."""
         return {"start": 0, "layers": dict.fromkeys(range(self.config.num_hidden_layers),
                                                     EMPTY)}
 
@@ -92,8 +99,30 @@ class TorchModel(Model):
         return forward(ex, self.weights, ids, self._context(start, ids.shape[1]), cache,
                        stop_at_layer)
 
-    @torch.inference_mode()
+    def threads_for(self, tokens: int) -> int | None:
+        """Intra-op threads a forward over ``tokens`` (batch x seq) positions runs with: the
+        model's ``threads`` when set; else, on the CPU, 1 for small calls (decode steps, where
+        each product is too small to split and OpenMP's hand-offs, worse on a busy machine,
+        cost more than they save), torch's setting for the rest; None leaves torch's as is."""
+        if self.threads is not None:
+            return self.threads
+        if self._device.type == "cpu" and tokens < SMALL_CALL_TOKENS:
+            return 1
+        return None
+
     def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
+        n = self.threads_for(int(ids.shape[0] * ids.shape[1]))
+        before = torch.get_num_threads()
+        if n is None or n == before:
+            return self._forward_inner(ids, plan, spec, cache, stop_at_layer)
+        torch.set_num_threads(n)
+        try:
+            return self._forward_inner(ids, plan, spec, cache, stop_at_layer)
+        finally:
+            torch.set_num_threads(before)
+
+    @torch.inference_mode()
+    def _forward_inner(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
         patches = {n: self.ops.asarray(v) for n, v in plan.patches.items()}
         rec = Recorder(self.ops, spec.names, plan, patches, spec.positions,
                        nan_check=spec.nan_check)

@@ -99,7 +99,11 @@ class TorchOps:
 
     attention = staticmethod(att.fused)
     attention_probs = staticmethod(att.attention_probs)
+    attention_summary = staticmethod(att.attention_summary)
     attend = staticmethod(att.attend)
+
+    def seq_slice(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return x[:, :, lo:hi]
 
     def zero_heads(self, o: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
         o = o.clone()
