@@ -3,7 +3,9 @@
 Mini config (issue #2): hidden 1024, 4 layers, 8 heads / 2 kv heads of 128, expert and shared
 width 1024, vocab 8192, seq 512, fp32 (or --dtype bfloat16), at E=16 and E=128. Prints tokens/s,
 ratios measured in this run, achieved GFLOP/s of *active* compute against the machine's
-measured matmul rate, JAX compile time separately, and the cost of capturing hooks.
+measured matmul rate, JAX compile time separately, the cost of capturing hooks, and greedy
+decode tokens/s against its floor (the bytes one step reads over the measured read bandwidth;
+"x floor" is time per token over that floor).
 
     python benchmarks/moe_forward.py [--experts 16 128] [--seq 512] [--repeats 3] [--quick]
                                      [--dtype float32|bfloat16] [--skip-hf] [--json FILE]
@@ -95,6 +97,35 @@ def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
         a.sum()
         best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9
+
+
+def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
+                 prompt: int = 16) -> dict:
+    """Greedy decode tok/s (batch 1, ``new`` cached steps after a ``prompt``-token prefill) in
+    torch and jax, best of two timed runs after a warm-up, and the bytes one step must read
+    (attention, norms, router, shared expert, k experts per MoE layer, lm_head, one embedding
+    row: ``workbench.plan``'s decode count, the same bytes resident or streamed)."""
+    from workbench.plan import make_plan
+    from workbench.torch.model import TorchModel
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, prompt))
+    out = {"decode_bytes": make_plan(cfg, 1 << 50, dtype, read_rate=1e9).decode_read,
+           "decode_new_tokens": new}
+    models = {"torch": TorchModel(cfg, tensors, dtype)}
+    try:
+        from workbench.jax.model import JaxModel
+        models["jax"] = JaxModel(cfg, tensors, dtype)
+    except ImportError:
+        pass
+    for name, m in models.items():
+        m.generate(ids, 4, temperature=0)  # compiles jax's prefill and decode steps
+        best = {1: float("inf"), new + 1: float("inf")}
+        for _ in range(3):  # prefill only, and prefill + ``new`` cached steps, alternating
+            for n in best:
+                t = time.perf_counter()
+                m.generate(ids, n, temperature=0)
+                best[n] = min(best[n], time.perf_counter() - t)
+        out[f"{name}_decode_tok_s"] = new / max(best[new + 1] - best[1], 1e-9)
+    return out
 
 
 def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
@@ -202,6 +233,9 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
         row["max_rel_err_vs_hf"] = float(np.abs(mine - ref).max() / np.abs(ref).max())
         row["next_token_agreement_vs_hf"] = float((mine.argmax(-1) == ref.argmax(-1)).mean())
         del hf, sd
+    del ours
+    gc.collect()
+    row.update(bench_decode(cfg, tensors, dtype))
     ours = tensors = None  # free the weights before the next configuration
     gc.collect()
     return row
@@ -246,6 +280,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{jx / hf if hf and jx else float('nan'):6.1f}x "
               f"{jx / r['torch_tok_s'] if jx else float('nan'):8.2f}x "
               f"{r['torch_gflops']:8.1f} {100 * r['torch_gflops'] / rate:7.0f}%")
+    print()
+    print("decode (batch 1, greedy, cached; floor = bytes one step reads / read bandwidth):")
+    print(f"{'E':>4s} {'MB/step':>8s} {'floor tok/s':>11s} {'torch tok/s':>11s} "
+          f"{'torch/floor':>11s} {'jax tok/s':>9s} {'jax/floor':>9s}")
+    for r in rows:
+        floor = bw * 1e9 / r["decode_bytes"]
+        tt, jt = r["torch_decode_tok_s"], r.get("jax_decode_tok_s", float("nan"))
+        r["decode_floor_tok_s"] = floor
+        print(f"{r['experts']:4d} {r['decode_bytes'] / 1e6:8.1f} {floor:11.0f} {tt:11.0f} "
+              f"{floor / tt:10.2f}x {jt:9.0f} {floor / jt:8.2f}x")
     print()
     print("hook cost (torch, seconds per forward; ratio to the uninstrumented forward):")
     for r in rows:

@@ -67,6 +67,13 @@ def _call(fn, start, k_start, traced, *arrays):
     return _jit(lambda *a: fn(*a, start, k_start))(*arrays)
 
 
+def _unblocked(q, k, v, start, k_start, chunk):
+    """The unblocked kernel on the whole (S, T) mask: what ``flash`` must equal."""
+    S, T = q.shape[2], k.shape[2]
+    return _jit(lambda q, k, v: att._sdpa(q, k, v, att._mask(S, T, start, k_start, chunk),
+                                          SCALE))(q, k, v)
+
+
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
@@ -91,7 +98,7 @@ def test_blockwise_equals_unblocked_fp32(small_blocks, case, traced):
     q, k, v = _inputs(B, H, K, S, T)
     got = _call(lambda q, k, v, s, ks: att.flash(q, k, v, s, ks, chunk, SCALE), start, k_start,
                 traced, q, k, v)
-    want = att._sdpa(q, k, v, att._mask(S, T, start, k_start, chunk), SCALE)
+    want = _unblocked(q, k, v, start, k_start, chunk)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert _rel(got, want) < 2e-6
 
@@ -104,7 +111,7 @@ def test_blockwise_bf16_close_to_unblocked(small_blocks, case):
     q, k, v = _inputs(B, H, K, S, T, jnp.bfloat16, seed=1)
     got = _call(lambda q, k, v, s, ks: att.flash(q, k, v, s, ks, chunk, SCALE), start, k_start,
                 start != 0, q, k, v)
-    want = att._sdpa(q, k, v, att._mask(S, T, start, k_start, chunk), SCALE)
+    want = _unblocked(q, k, v, start, k_start, chunk)
     exact = np.einsum("bhst,bhtd->bhsd", _probs(q, k, start, k_start, chunk),
                       np.repeat(np.asarray(v, np.float64), H // K, axis=1))
     assert got.dtype == jnp.bfloat16
@@ -119,7 +126,7 @@ def test_growing_maximum_rescales_exactly(small_blocks):
     q = jnp.abs(q) * 3
     k = jnp.abs(k)
     got = _jit(lambda q, k, v: att.flash(q, k, v, 0, 0, None, SCALE))(q, k, v)
-    want = att._sdpa(q, k, v, att._mask(64, 64, 0, 0, None), SCALE)
+    want = _unblocked(q, k, v, 0, 0, None)
     assert _rel(got, want) < 2e-6
 
 
@@ -135,7 +142,7 @@ def test_long_calls_route(small_blocks, monkeypatch, chunk, limit, flash):
     monkeypatch.setattr(att, "flash", lambda *a: calls.append(1) or real(*a))
     q, k, v = _inputs(2, 4, 2, 50, 50)
     got = _jit(lambda q, k, v: att.fused(q, k, v, 0, 0, chunk, SCALE))(q, k, v)
-    want = att._sdpa(q, k, v, att._mask(50, 50, 0, 0, chunk), SCALE)
+    want = _unblocked(q, k, v, 0, 0, chunk)
     assert bool(calls) == flash
     assert _rel(got, want) < 2e-6
 

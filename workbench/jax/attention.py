@@ -126,11 +126,15 @@ def _sdpa(q, k, v, mask, scale):
 
 # ----------------------------------------------------------------------------- blockwise kernels
 BLOCKWISE_MIN = 1 << 22
-"""Score elements per (batch row, head) above which ``fused`` runs the blockwise kernel: the
-unblocked buffer (S x T for a masked call, S x chunk for a chunked prefill) would be larger.
-Shorter calls keep the unblocked kernels and their exact rounding. Read at trace time."""
+"""Size (elements, all batch rows and heads) of the unblocked score buffer (B*H*S*T for a
+masked call, B*H*S*chunk for a chunked prefill) above which ``fused`` goes blockwise: 16 MiB
+in fp32, e.g. 1024 x 1024 tokens at 4 heads. Shorter calls keep the unblocked kernels and
+their exact rounding; from about this size on the blockwise kernel is also the faster one
+on CPU (it skips the masked half). Read at trace time."""
 BLOCK_Q = 512
-"""Query rows per block of the blockwise kernels (read at trace time)."""
+"""Query rows per block of the blockwise kernels (read at trace time). 512 x 512 measured
+best on XLA:CPU (fp32 and bf16; 256 and 1024 were 5-20% slower): large enough for efficient
+dots and a short loop, small enough (1 MiB of scores per head) to stay in cache."""
 BLOCK_K = 512
 """Key columns per block of the blockwise kernels (read at trace time)."""
 _NEG = -1e30
@@ -251,6 +255,15 @@ def _unblock(o: jax.Array, S: int) -> jax.Array:
     return jnp.moveaxis(o, 0, 3).reshape(B, K * G, nq * bq, x)[:, :, :S]
 
 
+def _round_to(x: jax.Array, dtype) -> jax.Array:
+    """fp32 x rounded to ``dtype``'s precision, kept in fp32 (a reduce-precision op, which
+    XLA keeps even where it may drop a convert pair)."""
+    fi = jnp.finfo(dtype)
+    if fi.bits >= 32:
+        return x
+    return jax.lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+
+
 def flash(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
           chunk: int | None, scale: float) -> jax.Array:
     """Blockwise (online-softmax) attention, the mask of ``fused``: for each block of
@@ -264,9 +277,12 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
     K, T = k.shape[1], k.shape[2]
     G = H // K
     bq, bk = _block_sizes(S, T, chunk)
-    kt = _keys_t(k, bk)
-    vp = _seq_pad(v, kt.shape[3])
     dt = q.dtype
+    # dots in fp32 on the inputs upcast (exact: the products of model-dtype values and their
+    # fp32 sums are what a model-dtype dot accumulating in fp32 computes), e rounded to dt
+    f32 = jnp.float32
+    kt = _keys_t(k.astype(f32), bk)
+    vp = _seq_pad(v.astype(f32), kt.shape[3])
 
     def block(i, qi):
         q0 = start + i * bq
@@ -287,8 +303,8 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
                 a = jnp.exp(m - m2)
                 e = jnp.exp(r * scale - m2[..., None])
                 vj = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=2)
-                pv = jnp.einsum("bkgqt,bktd->bkgqd", e.astype(dt), vj, precision=PRECISION,
-                                preferred_element_type=jnp.float32)
+                pv = jnp.einsum("bkgqt,bktd->bkgqd", _round_to(e, dt), vj,
+                                precision=PRECISION, preferred_element_type=f32)
                 return m2, a * l + jnp.sum(e, axis=-1), a[..., None] * acc + pv
             return body
 
@@ -298,7 +314,7 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
         _, l, acc = jax.lax.fori_loop(mid, hi, step(True), carry)
         return (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(dt)  # l = 0: padding rows
 
-    return _unblock(_map_blocks(block, _query_blocks(q, K, bq)), S)
+    return _unblock(_map_blocks(block, _query_blocks(q.astype(f32), K, bq)), S)
 
 
 def _bucket(dist: jax.Array) -> jax.Array:
@@ -323,6 +339,7 @@ def attention_summary(q: jax.Array, k: jax.Array, start: Pos, k_start: Pos, chun
     K, T = k.shape[1], k.shape[2]
     G = H // K
     bq, bk = _block_sizes(S, T, chunk)
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)  # exact; fp32 dots are the fast ones
     kt = _keys_t(k, bk)
     nb = DISTANCE_BUCKETS
     near_buckets = min((2 * bq + 2 * bk).bit_length() + 1, nb)  # near blocks: d < 2bq + 2bk
