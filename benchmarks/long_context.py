@@ -9,18 +9,19 @@ too and kills it when its RssAnon passes ``--max-gb`` (default 18, or the machin
 memory less 2 GB) or MemAvailable falls under 1.5 GB; every run has a timeout. In order:
 
 1. ``torch`` / ``jax`` at each of ``--lengths`` (16k, 64k, 256k): ``model.generate(ids,
-   max_new_tokens, temperature=0)``, called twice up to ``--warm-up-to`` tokens (jax: the
-   first call compiles, the second is warm; torch's first call pays its one-off costs too)
-   and once above it. Wrapping ``model._forward`` times the prefill forward and each decode
-   step apart (jax: the seconds compiling, from ``jax.monitoring``). At ``--decode-at`` (64k)
+   max_new_tokens, temperature=0)``, called twice up to ``--warm-up-to`` tokens (jax 64k: its
+   first call compiles, the second is warm; torch 16k: its first call pays one-off costs) and
+   once above. Wrapping ``model._forward`` times the prefill forward and each decode step
+   apart (jax: the seconds spent compiling, from ``jax.monitoring``). At ``--decode-at`` (64k)
    generate makes ``--new`` tokens: the decode rate is the steps after the first (which, in
-   jax, compiles the step for the doubled KV buffer) over their time, from the last call.
-   Elsewhere it makes one token (the prefill alone). The prefill's last-position logits are
+   jax, compiles the step for the doubled KV buffer) over their time, from the last call;
+   elsewhere it makes one token (the prefill alone). The prefill's last-position logits are
    kept (``benchmarks/.cache/long-context/``) to compare the backends and transformers.
-2. ``capture`` at ``--capture-at`` (64k), per backend: ``model.run(ids)`` then ``model.run(ids,
-   capture="*.attn.summary")`` (``summary``) or ``model.run(ids, capture="layers.3.attn.
-   pattern", positions=slice(-64, None))`` (``pattern``), each called as in 1: time and peak
-   RssAnon of the captured call vs the plain one in the same process, and the trace's bytes.
+2. ``capture`` at ``--capture-at`` (64k), one subprocess per backend: ``model.run(ids)``, then
+   ``model.run(ids, capture="*.attn.summary")`` (``summary``) and ``model.run(ids,
+   capture="layers.3.attn.pattern", positions=slice(-64, None))`` (``pattern``): time (jax:
+   less its compile seconds, reported) and peak RssAnon of each captured call against the plain
+   one, and the trace's bytes.
 3. ``hf``: ``transformers.Llama4ForCausalLM.from_pretrained("data/scout-mini",
    dtype=torch.float32, attn_implementation=... (sdpa, eager), max_position_embeddings=T)``
    and one ``model(ids, use_cache=False)`` forward under ``torch.inference_mode()`` at each of
@@ -32,7 +33,8 @@ difference of last-position logits against torch at the same length.
 
     python benchmarks/long_context.py [--only torch,jax,capture,hf] [--lengths 16k,64k,256k]
         [--decode-at 64k] [--new 33] [--capture-at 64k] [--capture summary,pattern]
-        [--hf-lengths 16k,64k] [--hf-attn sdpa,eager] [--warm-up-to 64k] [--timeout 1500]
+        [--hf-lengths 16k,64k] [--hf-attn sdpa,eager] [--warm-up-to jax=64k,torch=16k]
+        [--capture-calls 1] [--timeout 1500]
         [--hf-timeout 600] [--max-gb 18] [--seed 0] [--json benchmarks/results-long-context.json]
     python benchmarks/long_context.py --report-only   # the tables again, from the JSON
 
@@ -172,25 +174,25 @@ def child_wb(backend: str, T: int, new: int, calls: int, seed: int, name: str) -
             "samples": len(sampler.samples)}
 
 
-def child_capture(backend: str, T: int, what: str, calls: int, seed: int) -> dict[str, Any]:
+def child_capture(backend: str, T: int, whats: list[str], calls: int,
+                  seed: int) -> dict[str, Any]:
     versions, events = _start(backend)
     import workbench as wb
     sampler = Sampler(interval=SAMPLE_S)
     sampler.start()
     model = wb.load(MODEL, backend=backend, dtype="float32", max_position_embeddings=T)
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, T))
-    kw = dict(CAPTURES[what])
-    if "positions" in kw:
-        kw["positions"] = slice(*kw["positions"])
-    out: dict[str, Any] = {"kind": "capture", "backend": backend, "tokens": T, "what": what,
-                           "args": {k: str(v) for k, v in kw.items()}, "versions": versions,
-                           "rss_anon_loaded": proc_status()["RssAnon"]}
-    for mode, args in (("plain", {}), ("captured", kw)):
+    out: dict[str, Any] = {"kind": "capture", "backend": backend, "tokens": T, "modes": {},
+                           "versions": versions, "rss_anon_loaded": proc_status()["RssAnon"]}
+    for mode in ["plain", *whats]:
+        kw = dict(CAPTURES.get(mode, {}))
+        if "positions" in kw:
+            kw["positions"] = slice(*kw["positions"])
         rows = []
         for c in range(calls):
             gc.collect()
             t0 = time.monotonic()
-            res = model.run(ids, **args)
+            res = model.run(ids, **kw)
             t1 = time.monotonic()
             trace = res.trace
             rows.append({"call": c + 1, "wall_s": t1 - t0, "compile_s": _compile_s(events, t0, t1),
@@ -198,7 +200,10 @@ def child_capture(backend: str, T: int, what: str, calls: int, seed: int) -> dic
                          "trace_bytes": int(sum(trace[n].nbytes for n in trace)),
                          "shapes": {n: list(trace[n].shape) for n in trace}})
             del res, trace
-        out[mode] = rows
+        args = {k: str(v) for k, v in kw.items()}
+        if "positions" in kw:
+            args["positions"] = "slice({}, {})".format(*CAPTURES[mode]["positions"])
+        out["modes"][mode] = {"args": args, "calls": rows}
     sampler.stop()
     out["peak_rss_anon"] = max(sampler.peak()[0], proc_status()["RssAnon"])
     out["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -286,23 +291,21 @@ def plan_runs(a: argparse.Namespace) -> list[tuple[str, list[str], float]]:
     """(name, child arguments, timeout) of every run, in order."""
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     lengths = [tokens(x) for x in a.lengths.split(",") if x.strip()]
-    decode_at, capture_at, warm = tokens(a.decode_at), tokens(a.capture_at), tokens(a.warm_up_to)
+    decode_at, capture_at = tokens(a.decode_at), tokens(a.capture_at)
     runs = []
     for T in lengths:
         for backend in ("torch", "jax"):
             if backend in only:
                 new = a.new if T == decode_at else 1
-                calls = 2 if T <= warm else 1
+                calls = 2 if T <= tokens(a.warm_up_to[backend]) else 1
                 runs.append((f"{backend}-{label(T)}", ["--child", backend, "--T", str(T),
                                                        "--new", str(new), "--calls", str(calls)],
                              a.timeout))
     if "capture" in only:
-        for what in [s.strip() for s in a.capture.split(",") if s.strip()]:
-            for backend in ("torch", "jax"):
-                calls = 2 if backend == "jax" or capture_at <= warm else 1
-                runs.append((f"capture-{what}-{backend}-{label(capture_at)}",
-                             ["--child", "capture", "--backend", backend, "--T", str(capture_at),
-                              "--what", what, "--calls", str(calls)], a.timeout))
+        for backend in ("torch", "jax"):
+            runs.append((f"capture-{backend}-{label(capture_at)}",
+                         ["--child", "capture", "--backend", backend, "--T", str(capture_at),
+                          "--what", a.capture, "--calls", str(a.capture_calls)], a.timeout))
     if "hf" in only:
         for T in [tokens(x) for x in a.hf_lengths.split(",") if x.strip()]:
             for attn in [s.strip() for s in a.hf_attn.split(",") if s.strip()]:
@@ -324,11 +327,12 @@ def derive(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"ratios": {}, "logits_vs_torch": {}, "targets": {}}
     for T in lengths:
         t, j = ok.get(f"torch-{label(T)}"), ok.get(f"jax-{label(T)}")
-        if t and j:
+        if t and j:  # the last call of each, less jax's compile seconds (0 when warm)
+            ts = _warm(t)["prefill_s"]
+            js = _warm(j)["prefill_s"] - _warm(j)["prefill_compile_s"]
             out["ratios"][label(T)] = {
-                "torch_s": _warm(t)["prefill_s"], "jax_s": _warm(j)["prefill_s"],
-                "jax_speed_vs_torch": _warm(t)["prefill_s"] / _warm(j)["prefill_s"],
-                "warm_calls": len(t["calls"]) > 1 and len(j["calls"]) > 1}
+                "torch_s": ts, "jax_s": js, "jax_speed_vs_torch": ts / js,
+                "torch_calls": len(t["calls"]), "jax_calls": len(j["calls"])}
     OUTD = Path(report.get("logits_dir", OUT))
     for name, row in ok.items():
         if row.get("kind") not in ("jax", "hf") or not (OUTD / f"{name}.npy").exists():
@@ -382,11 +386,11 @@ def tables(report: dict[str, Any]) -> str:
                  f"| {gb(r['peak_rss_anon'])} | {gb(r['ru_maxrss'])} | "
                  f"{gb(r['rss_anon_loaded'])} |")
     if der["ratios"]:
-        L += ["", "| tokens | torch prefill s | jax prefill s | jax speed / torch |",
-              "|---|---|---|---|"]
+        L += ["", "| tokens | torch prefill s (call) | jax prefill s (call; less compile) | "
+              "jax speed / torch |", "|---|---|---|---|"]
         for lab, rr in der["ratios"].items():
-            L.append(f"| {lab} | {rr['torch_s']:.1f} | {rr['jax_s']:.1f} | "
-                     f"{rr['jax_speed_vs_torch']:.2f}× |")
+            L.append(f"| {lab} | {rr['torch_s']:.1f} ({rr['torch_calls']}) | {rr['jax_s']:.1f} "
+                     f"({rr['jax_calls']}) | {rr['jax_speed_vs_torch']:.2f}× |")
     dec = [(n, r) for n, r in runs.items() if n.startswith(("torch-", "jax-"))
            and "error" not in r and "decode_tokens_per_s" in _warm(r)]
     if dec:
@@ -403,22 +407,25 @@ def tables(report: dict[str, Any]) -> str:
                      f"{'' if tref is None else r['new_tokens'] == tref} |")
     caps = [(n, r) for n, r in runs.items() if n.startswith("capture-")]
     if caps:
-        L += ["", "| capture | tokens | plain s | captured s | time overhead | plain peak "
-              "RssAnon GB | captured peak GB | memory overhead GB | trace MB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        L += ["", "| capture | tokens | s (compile s) | time vs plain | peak RssAnon GB | "
+              "memory vs plain GB | trace MB |", "|---|---|---|---|---|---|---|"]
         for n, r in caps:
             if "error" in r:
-                L.append(f"| {n} | | failed: {r['error']} | | | | | | |")
+                L.append(f"| {n} | | failed: {r['error']} | | | | |")
                 continue
-            p, c = r["plain"][-1], r["captured"][-1]
-            pos = r["args"].get("positions")
-            L.append(f"| {r['backend']} {r['what']} (`{r['args']['capture']}`"
-                     f"{'' if pos is None else ', positions=' + pos}) | {r['tokens']} | "
-                     f"{p['wall_s']:.1f} | {c['wall_s']:.1f} | "
-                     f"{100 * (c['wall_s'] / p['wall_s'] - 1):+.0f}% | {gb(p['peak_rss_anon'])} | "
-                     f"{gb(c['peak_rss_anon'])} | "
-                     f"{(c['peak_rss_anon'] - p['peak_rss_anon']) / GB:+.2f} | "
-                     f"{c['trace_bytes'] / 1e6:.1f} |")
+            base = None
+            for mode, m in r["modes"].items():
+                c = m["calls"][-1]
+                s = c["wall_s"] - c["compile_s"]  # jax: compiling excluded
+                what = "no capture" if mode == "plain" else f"`{m['args']['capture']}`" + (
+                    f", positions={m['args']['positions']}" if "positions" in m["args"] else "")
+                vs = "" if base is None else f"{100 * (s / base[0] - 1):+.0f}%"
+                mem = "" if base is None else f"{(c['peak_rss_anon'] - base[1]) / GB:+.2f}"
+                L.append(f"| {r['backend']} {what} | {r['tokens']} | {c['wall_s']:.1f} "
+                         f"({c['compile_s']:.1f}) | {vs} | {gb(c['peak_rss_anon'])} | {mem} | "
+                         f"{c['trace_bytes'] / 1e6:.1f} |")
+                if base is None:
+                    base = (s, c["peak_rss_anon"])
     hfs = [(n, r) for n, r in runs.items() if n.startswith("hf-")]
     if hfs:
         L += ["", "| transformers | tokens | forward s | peak RssAnon GB | ru_maxrss GB | "
@@ -467,10 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-at", default="64k", help="the length whose runs also decode")
     ap.add_argument("--new", type=int, default=33,
                     help="generate's max_new_tokens at --decode-at (33 = 32 decode steps)")
-    ap.add_argument("--warm-up-to", default="64k",
-                    help="call twice (first: compile / warm-up, second: measured) up to here")
+    ap.add_argument("--warm-up-to", default="jax=64k,torch=16k",
+                    help="per backend: call generate twice (first: compile / warm-up, second: "
+                    "measured) up to this length, once above it")
     ap.add_argument("--capture-at", default="64k")
-    ap.add_argument("--capture", default="summary,pattern", help="summary,pattern")
+    ap.add_argument("--capture", default="summary,pattern",
+                    help="after a plain run(): summary, pattern (one subprocess per backend)")
+    ap.add_argument("--capture-calls", type=int, default=1,
+                    help="calls per capture mode (jax's compile seconds are reported and "
+                    "excluded from the comparison)")
     ap.add_argument("--hf-lengths", default="16k,64k")
     ap.add_argument("--hf-attn", default="sdpa,eager")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds per workbench run")
@@ -490,12 +502,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn", default="sdpa", help=argparse.SUPPRESS)
     ap.add_argument("--name", default="run", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    warm = {"jax": "64k", "torch": "16k"}
+    for part in filter(None, (p.strip() for p in a.warm_up_to.split(","))):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            warm[k.strip()] = v.strip()
+        else:
+            warm = dict.fromkeys(warm, part)
+    a.warm_up_to = warm
 
     if a.child:
         if a.child in ("torch", "jax"):
             res = child_wb(a.child, a.T, a.new, a.calls, a.seed, a.name)
         elif a.child == "capture":
-            res = child_capture(a.backend, a.T, a.what, a.calls, a.seed)
+            res = child_capture(a.backend, a.T, [w.strip() for w in a.what.split(",")
+                                                 if w.strip()], a.calls, a.seed)
         else:
             res = child_hf(a.T, a.attn, a.calls, a.seed, a.name)
         print("RESULT " + json.dumps(res), flush=True)
@@ -549,9 +570,11 @@ def main(argv: list[str] | None = None) -> int:
                   + f"; peak RssAnon {gb(row['peak_rss_anon'])} GB, ru_maxrss "
                   f"{gb(row['ru_maxrss'])} GB ({row['wall_s']:.0f} s)", flush=True)
         elif row["kind"] == "capture":
-            print(f"[{name}] plain {row['plain'][-1]['wall_s']:.1f} s, captured "
-                  f"{row['captured'][-1]['wall_s']:.1f} s; peak RssAnon "
-                  f"{gb(row['peak_rss_anon'])} GB ({row['wall_s']:.0f} s)", flush=True)
+            print(f"[{name}] " + ", ".join(
+                f"{mode} {m['calls'][-1]['wall_s']:.1f} s (compile "
+                f"{m['calls'][-1]['compile_s']:.1f})" for mode, m in row["modes"].items())
+                + f"; peak RssAnon {gb(row['peak_rss_anon'])} GB ({row['wall_s']:.0f} s)",
+                flush=True)
         else:
             print(f"[{name}] " + (f"error: {row['error']}" if "error" in row else
                                   f"forward {row['calls'][0]['wall_s']:.1f} s")

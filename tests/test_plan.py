@@ -43,9 +43,11 @@ def test_scout_and_maverick_modes():
     assert make_plan(scout, "300GB", read_rate=2e9).mode == "resident"
     # a decode step streams the active parameters: about 17B in bf16
     assert 30e9 < p.decode_read < 36e9
-    # torch holds one expert at a time; jax the experts a layer chose (up to all 128)
-    assert make_plan(maverick, "24GB", read_rate=2e9).mode == "disk"
-    assert make_plan(maverick, "24GB", read_rate=2e9, backend="jax").mode == "does not fit"
+    # torch holds one expert at a time; jax the chosen experts in groups of at most 1 GiB
+    t = make_plan(maverick, "24GB", read_rate=2e9)
+    j = make_plan(maverick, "24GB", read_rate=2e9, backend="jax")
+    assert t.mode == j.mode == "disk"
+    assert j.streamed_need - t.streamed_need == (2**30 // t.expert - 1) * t.expert
     text = plan_text(p, scout, "scout")
     assert "mode: disk" in text and "decode" in text
     assert expected_experts(16, 1) == pytest.approx(1.0)

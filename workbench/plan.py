@@ -26,6 +26,7 @@ from .config import ModelConfig, human_bytes
 from .streaming import parse_bytes
 
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
+EXPERT_GROUP_BYTES = 1 << 30  # the jax backend's default ``expert_group_bytes``
 
 
 @dataclass(frozen=True)
@@ -277,8 +278,9 @@ def make_plan(cfg: ModelConfig, memory: int | str, dtype: str = "bfloat16",
     """Which mode fits in ``memory`` bytes and what a prefill / decode step reads streamed.
 
     Streamed, the torch backend holds one routed expert at a time; the jax backend holds the
-    experts a layer chose (all of them, in the worst case of a long prefill). ``context`` (a
-    length such as ``"1M"``, or several) adds a ``context_plan`` per length (``contexts``).
+    chosen experts of a layer in groups of at most ``EXPERT_GROUP_BYTES`` (at least one).
+    ``context`` (a length such as ``"1M"``, or several) adds a ``context_plan`` per length
+    (``contexts``).
     """
     if backend not in ("torch", "jax"):
         raise ValueError(f"backend={backend!r}: choose 'torch' or 'jax'")
@@ -301,7 +303,8 @@ def make_plan(cfg: ModelConfig, memory: int | str, dtype: str = "bfloat16",
     cache_b = parse_bytes(cache, "cache") or 0
     # streamed peak: the layer computing and the one prefetched, the experts held at once,
     # the head, and the expert cache
-    at_once = 0 if not n_moe else expert if backend == "torch" else E * expert
+    group = max(1, min(E, EXPERT_GROUP_BYTES // max(expert, 1)))
+    at_once = 0 if not n_moe else expert if backend == "torch" else group * expert
     streamed_need = 2 * dense + at_once + head + cache_b
     resident_need = weights
     mode = "resident" if resident_need <= mem else "disk" if streamed_need <= mem \

@@ -52,6 +52,7 @@ from ..forward import (
 from ..interventions import Plan
 from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
+from ..plan import EXPERT_GROUP_BYTES
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import CacheEntry, keep_from
 from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
@@ -62,7 +63,6 @@ MAX_STEPS = 256
 _ALIGN = 64  # bytes: host buffers aligned so, jax's CPU client uses in place
 _XLA_TRANSPOSE_BYTES = 32 << 20
 _MIN_KV_CAP = 16
-EXPERT_GROUP_BYTES = 1 << 30
 
 
 @dataclass
