@@ -276,3 +276,29 @@ def test_ops_entries():
     want = reference(_probs(q, k, 0, 0, None), np.arange(12),
                                        np.arange(12), 4)
     np.testing.assert_allclose(np.asarray(s), want, rtol=1e-5, atol=1e-5)
+
+
+def test_device_attention_is_causal_gqa_attention():
+    """The GPU path (``jax.nn.dot_product_attention``; here its portable "xla" form) computes
+    the same causal GQA attention as the unblocked kernel, and ``fused`` routes a long bf16
+    global prefill to it only on a GPU platform."""
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in ((2, 4, 40, D), (2, 2, 40, D), (2, 2, 40, D)))
+    ref = att._sdpa(q, k, v, att._mask(40, 40, 0, 0, None), SCALE)
+    got = att.device_attention(q, k, v, SCALE, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-6, atol=2e-6)
+    S = 1152  # 1 x 4 x S x S > BLOCKWISE_MIN: a long call
+    assert 4 * S * S > att.BLOCKWISE_MIN
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+               for s in ((1, 4, S, D), (1, 2, S, D), (1, 2, S, D)))
+    gpu = att.fused(q, k, v, 0, 0, None, SCALE, platform="gpu")
+    cpu = att.fused(q, k, v, 0, 0, None, SCALE)
+    assert float(jnp.max(jnp.abs(gpu.astype(jnp.float32) - cpu.astype(jnp.float32)))) < 0.02
+
+    def text(platform: str) -> str:
+        return jax.jit(lambda a, b, c: att.fused(a, b, c, 0, 0, None, SCALE, platform)).lower(
+            q, k, v).as_text()
+
+    # off a GPU, dot_product_attention's portable form holds the S x S scores; flash does not
+    assert f"{S}x{S}x" in text("gpu") and f"{S}x{S}x" not in text("cpu")

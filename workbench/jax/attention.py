@@ -142,16 +142,33 @@ _NEG = -1e30
 key yet stays NaN-free (its garbage is multiplied by exp(_NEG - max) = 0 once it does)."""
 
 
+def device_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                     implementation: str | None = None) -> jax.Array:
+    """Causal GQA attention of a prefill from position 0 (q, k, v at the same positions) by
+    ``jax.nn.dot_product_attention``: on an NVIDIA GPU with bf16/fp16 inputs, cuDNN's fused
+    flash kernel (``implementation=None`` lets jax choose; "xla" is the portable reference)."""
+    def bthd(t: jax.Array) -> jax.Array:
+        return t.transpose(0, 2, 1, 3)
+
+    o = jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), scale=scale, is_causal=True,
+                                     implementation=implementation)
+    return bthd(o)
+
+
 def fused(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
-          chunk: int | None, scale: float) -> jax.Array:
+          chunk: int | None, scale: float, platform: str = "cpu") -> jax.Array:
     """Attention without a T x T buffer. A prefill from position 0 of a chunked layer runs
     per chunk (chunk x chunk blocks); other calls are masked. Calls whose unblocked score
     buffer would exceed ``BLOCKWISE_MIN`` elements run ``flash`` (for small chunks: the
     per-chunk kernel, a bounded group of chunks at a time), so short calls keep the
-    unblocked kernels' exact rounding."""
+    unblocked kernels' exact rounding. On a GPU (``platform="gpu"``), a long bf16/fp16
+    prefill of a global layer runs ``device_attention`` (cuDNN) instead of ``flash``."""
     B, H, S, d = q.shape
     T = k.shape[2]
     fresh = isinstance(start, int) and start == 0 and isinstance(k_start, int) and k_start == 0
+    if platform == "gpu" and fresh and T == S and chunk is None and \
+            B * H * S * T > BLOCKWISE_MIN and q.dtype in (jnp.bfloat16, jnp.float16):
+        return device_attention(q, k, v, scale)
     if fresh and T == S and chunk is not None and S > chunk:
         big = B * H * S * chunk > BLOCKWISE_MIN
         if big and chunk > BLOCK_Q:
