@@ -435,6 +435,13 @@ def cache_update(entry: CacheEntry, k: jax.Array, v: jax.Array, start: Pos,
     window starting at the kept position (the host grows ``cap`` beforehand if needed).
     """
     S = k.shape[2]
+    if entry.k is not None and chunk is None:
+        # a global layer keeps every key: write in place (the host sized ``cap`` to hold
+        # them), no copy of the whole cache per call; unwritten slots are masked as future
+        off = start - entry.k_start
+        ks = jax.lax.dynamic_update_slice_in_dim(entry.k, k.astype(entry.k.dtype), off, axis=2)
+        vs = jax.lax.dynamic_update_slice_in_dim(entry.v, v.astype(entry.v.dtype), off, axis=2)
+        return ks, vs, entry.k_start, CacheEntry(ks, vs, entry.k_start, entry.cap)
     if entry.k is None:
         ks, vs, k_start = k, v, start
     else:
