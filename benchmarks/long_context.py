@@ -287,14 +287,24 @@ def run_child(args: list[str], timeout: float, limit: int, min_avail: int) -> di
     return row
 
 
+def code_fingerprint() -> str:
+    """sha1 of workbench/**/*.py now (the package is edited between runs while it is measured)."""
+    import hashlib
+    h = hashlib.sha1()
+    for f in sorted((ROOT / "workbench").rglob("*.py")):
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def plan_runs(a: argparse.Namespace) -> list[tuple[str, list[str], float]]:
     """(name, child arguments, timeout) of every run, in order."""
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     lengths = [tokens(x) for x in a.lengths.split(",") if x.strip()]
     decode_at, capture_at = tokens(a.decode_at), tokens(a.capture_at)
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     runs = []
     for T in lengths:
-        for backend in ("torch", "jax"):
+        for backend in backends:
             if backend in only:
                 new = a.new if T == decode_at else 1
                 calls = 2 if T <= tokens(a.warm_up_to[backend]) else 1
@@ -302,7 +312,7 @@ def plan_runs(a: argparse.Namespace) -> list[tuple[str, list[str], float]]:
                                                        "--new", str(new), "--calls", str(calls)],
                              a.timeout))
     if "capture" in only:
-        for backend in ("torch", "jax"):
+        for backend in backends:
             runs.append((f"capture-{backend}-{label(capture_at)}",
                          ["--child", "capture", "--backend", backend, "--T", str(capture_at),
                           "--what", a.capture, "--calls", str(a.capture_calls)], a.timeout))
@@ -370,6 +380,11 @@ def tables(report: dict[str, Any]) -> str:
     L = ["| run | tokens | 1st call prefill s (compile s) | warm prefill s | prefill tokens/s "
          "(warm) | peak RssAnon GB | ru_maxrss GB | RssAnon after load GB |",
          "|---|---|---|---|---|---|---|---|"]
+    group = {"torch": (0, 0), "jax": (0, 1), "capture": (1, 0), "hf": (2, 0)}
+    runs = dict(sorted(runs.items(), key=lambda kv: (
+        group.get(kv[0].split("-")[0], (3, 0))[0],
+        kv[1].get("tokens") or tokens(kv[0].split("-")[-1]),
+        group.get(kv[0].split("-")[0], (3, 0))[1], kv[0])))
     for name, r in runs.items():
         if not name.startswith(("torch-", "jax-")):
             continue
@@ -407,23 +422,26 @@ def tables(report: dict[str, Any]) -> str:
                      f"{'' if tref is None else r['new_tokens'] == tref} |")
     caps = [(n, r) for n, r in runs.items() if n.startswith("capture-")]
     if caps:
-        L += ["", "| capture | tokens | s (compile s) | time vs plain | peak RssAnon GB | "
-              "memory vs plain GB | trace MB |", "|---|---|---|---|---|---|---|"]
+        L += ["", "| capture | tokens | s per call (compile s) | fastest vs plain | "
+              "peak RssAnon GB | memory vs plain GB | trace MB |", "|---|---|---|---|---|---|---|"]
         for n, r in caps:
             if "error" in r:
                 L.append(f"| {n} | | failed: {r['error']} | | | | |")
                 continue
             base = None
             for mode, m in r["modes"].items():
-                c = m["calls"][-1]
-                s = c["wall_s"] - c["compile_s"]  # jax: compiling excluded
+                c = m["calls"][-1]  # memory: the last (warm) call
+                best = min(m["calls"], key=lambda x: x["wall_s"] - x["compile_s"])
+                s = best["wall_s"] - best["compile_s"]  # time: the fastest call less compiling
                 what = "no capture" if mode == "plain" else f"`{m['args']['capture']}`" + (
                     f", positions={m['args']['positions']}" if "positions" in m["args"] else "")
                 vs = "" if base is None else f"{100 * (s / base[0] - 1):+.0f}%"
                 mem = "" if base is None else f"{(c['peak_rss_anon'] - base[1]) / GB:+.2f}"
-                L.append(f"| {r['backend']} {what} | {r['tokens']} | {c['wall_s']:.1f} "
-                         f"({c['compile_s']:.1f}) | {vs} | {gb(c['peak_rss_anon'])} | {mem} | "
-                         f"{c['trace_bytes'] / 1e6:.1f} |")
+                per_call = " / ".join(f"{x['wall_s']:.1f}" + (f" ({x['compile_s']:.1f})"
+                                                                if x["compile_s"] else "")
+                                      for x in m["calls"])
+                L.append(f"| {r['backend']} {what} | {r['tokens']} | {per_call} | {vs} | "
+                         f"{gb(c['peak_rss_anon'])} | {mem} | {c['trace_bytes'] / 1e6:.1f} |")
                 if base is None:
                     base = (s, c["peak_rss_anon"])
     hfs = [(n, r) for n, r in runs.items() if n.startswith("hf-")]
@@ -432,7 +450,7 @@ def tables(report: dict[str, Any]) -> str:
               "last-position logits vs ours (torch) |", "|---|---|---|---|---|---|"]
         for n, r in hfs:
             attn = n.split("-")[1]
-            tok = r.get("tokens", n.split("-")[-1])
+            tok = r.get("tokens", tokens(n.split("-")[-1]))
             if "error" in r or "calls" not in r:
                 peak = r.get("peak_rss_anon", r.get("parent_peak_rss_anon"))
                 L.append(f"| {attn} | {tok} | failed: {r['error']} | ≥ {gb(peak)} | "
@@ -471,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(KINDS), help="which of " + ",".join(KINDS))
     ap.add_argument("--lengths", default="16k,64k,256k")
+    ap.add_argument("--backends", default="torch,jax", help="workbench backends to run")
     ap.add_argument("--decode-at", default="64k", help="the length whose runs also decode")
     ap.add_argument("--new", type=int, default=33,
                     help="generate's max_new_tokens at --decode-at (33 = 32 decode steps)")
@@ -494,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                     "results-long-context.json")
     ap.add_argument("--report-only", action="store_true",
                     help="re-derive the tables from --json without running")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other runs of an existing --json; replace the ones run now")
     ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     ap.add_argument("--T", type=int, help=argparse.SUPPRESS)
@@ -543,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) for k, v in vars(a).items() if k not in ("child",)},
         "runs": {},
     }
+    if a.merge and a.json.exists():
+        old = json.loads(a.json.read_text())
+        report["runs"] = old.get("runs", {})
+        report["earlier"] = old.get("earlier", []) + [
+            {k: old.get(k) for k in ("code", "machine", "args", "total_s")}]
     print(f"memory available {avail / GB:.1f} GB; runs killed above {limit / GB:.1f} GB "
           "RssAnon or under 1.5 GB MemAvailable", flush=True)
 
@@ -554,9 +580,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, args, timeout in plan_runs(a):
         print(f"[{name}] load avg {os.getloadavg()[0]:.1f}, available "
               f"{mem_available() / GB:.1f} GB; starting ...", flush=True)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        fingerprint = code_fingerprint()
         row = run_child([*args, "--seed", str(a.seed), "--name", name], timeout, limit,
                         int(1.5 * GB))
+        row["started_at"], row["workbench_sha1"] = started, fingerprint
+        if code_fingerprint() != fingerprint:
+            row["workbench_changed_during_run"] = True
         row["load_avg_after"] = os.getloadavg()
+        row["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        report["runs"].pop(name, None)  # re-measured runs go last, in the order run
         report["runs"][name] = row
         if "error" in row:
             print(f"[{name}] FAILED: {row['error']} ({row['wall_s']:.0f} s)\n"
