@@ -277,3 +277,69 @@ def code_version() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
+
+
+class ChildRun:
+    """A finished sampled subprocess: its stdout/stderr, the parent's sampler, wall time, and
+    ``result``: the JSON of its last ``RESULT `` line (None when it has none or failed)."""
+
+    def __init__(self, proc: subprocess.Popen, out: str, err: str, sampler: Sampler,
+                 timed_out: bool, wall: float, timeout: float):
+        self.returncode, self.out, self.err = proc.returncode, out, err
+        self.sampler, self.timed_out, self.wall = sampler, timed_out, wall
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        ok = proc.returncode == 0 and bool(lines)
+        self.result: dict[str, Any] | None = json.loads(lines[-1][len("RESULT "):]) if ok else None
+        self.why = ("" if ok else
+                    f"timed out after {timeout:.0f} s" if timed_out else
+                    f"killed: {sampler.why}" if sampler.tripped else
+                    f"exit code {proc.returncode}")
+
+
+def run_sampled(cmd: list[str], timeout: float, limit: int | None = None,
+                min_available: int | None = None, interval: float = SAMPLE_S) -> ChildRun:
+    """Runs ``cmd`` in a fresh subprocess whose RssAnon is sampled from here; it is killed when
+    it passes ``limit`` or the machine's MemAvailable falls below ``min_available``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(proc.pid, interval=interval, limit=limit, on_limit=proc.kill,
+                      min_available=min_available)
+    sampler.start()
+    t0 = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        timed_out = True
+    sampler.stop()
+    return ChildRun(proc, out, err, sampler, timed_out, time.monotonic() - t0, timeout)
+
+
+def child_row(run: ChildRun) -> dict[str, Any]:
+    """The result row of a benchmark child: its RESULT plus the parent's view, or the error."""
+    if run.result is None:
+        return {"error": run.why, "stderr_tail": run.err[-3000:], "wall_s": run.wall,
+                "parent_peak_rss_anon": run.sampler.peak()[0]}
+    row = dict(run.result)
+    row["parent_peak_rss_anon"] = run.sampler.peak()[0]
+    row["wall_s"] = run.wall
+    row["stderr_tail"] = run.err[-1500:]
+    return row
+
+
+def error_record(e: BaseException, t0: float | None = None) -> dict[str, Any]:
+    """What a benchmark records instead of raising: the error and its traceback's tail."""
+    import traceback
+    rec: dict[str, Any] = {"error": f"{type(e).__name__}: {e}"[:2000],
+                           "traceback_tail": traceback.format_exc()[-3000:]}
+    if t0 is not None:
+        rec["failed_after_s"] = time.monotonic() - t0
+    return rec
+
+
+def memory_record(sampler: Sampler) -> dict[str, int]:
+    """Peak RssAnon (sampled, and now) and ru_maxrss of this process, in bytes."""
+    import resource
+    return {"peak_rss_anon": max(sampler.peak()[0], proc_status()["RssAnon"]),
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -43,7 +43,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,13 +56,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _synth import (  # noqa: E402  (the writer and sampler shared with streaming.py)
+from _synth import (  # noqa: E402  (the writer, sampler and child runner)
     GB,
     Sampler,
     code_version,
     ensure_checkpoint,
     mem_available,
     proc_status,
+    run_sampled,
     warm_page_cache,
 )
 
@@ -167,28 +167,15 @@ def run_loader(loader: str, path: Path, tmp: Path, timeout: float, limit: int
     logits_file = tmp / f"{loader}.npy"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", loader, "--path", str(path),
            "--logits", str(logits_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = Sampler(proc.pid, limit=limit, on_limit=proc.kill)
-    sampler.start()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        timed_out = True
-    sampler.stop()
+    run = run_sampled(cmd, timeout, limit)
+    sampler = run.sampler
     row: dict[str, Any] = {"loader": loader}
-    result = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not result:
-        why = ("timed out" if timed_out else
-               f"killed: RssAnon passed the {limit / GB:.1f} GB guard" if sampler.tripped else
-               f"exit code {proc.returncode}")
-        row["error"] = why
-        row["stderr_tail"] = err[-3000:]
+    if run.result is None:
+        row["error"] = run.why
+        row["stderr_tail"] = run.err[-3000:]
         row["parent_peak_rss_anon"] = sampler.peak()[0]
         return row
-    row.update(json.loads(result[-1][len("RESULT "):]))
+    row.update(run.result)
     # the parent's samples over the load window (a little slack for the stamps' granularity)
     t0, t1 = row["t_load_start"], row["t_load_end"]
     peak, n = sampler.peak(t0 - 0.002, t1 + 0.002)

@@ -48,7 +48,6 @@ import gc
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from importlib import metadata
@@ -61,7 +60,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _synth import CACHE_ROOT, GB, Sampler, code_version, mem_available, proc_status  # noqa: E402
+from _synth import (  # noqa: E402
+    CACHE_ROOT,
+    GB,
+    Sampler,
+    child_row,
+    code_version,
+    error_record,
+    mem_available,
+    memory_record,
+    proc_status,
+    run_sampled,
+)
 
 MODEL = ROOT / "data" / "scout-mini"
 OUT = CACHE_ROOT / "long-context"  # last-position logits per run (git-ignored)
@@ -205,8 +215,7 @@ def child_capture(backend: str, T: int, whats: list[str], calls: int,
             args["positions"] = "slice({}, {})".format(*CAPTURES[mode]["positions"])
         out["modes"][mode] = {"args": args, "calls": rows}
     sampler.stop()
-    out["peak_rss_anon"] = max(sampler.peak()[0], proc_status()["RssAnon"])
-    out["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.update(memory_record(sampler))
     return out
 
 
@@ -244,13 +253,9 @@ def child_hf(T: int, attn: str, calls: int, seed: int, name: str) -> dict[str, A
                          sampler.peak(t1, t2)[0]})
             out["calls"] = rows
     except Exception as e:  # reported, not raised: the outcome is the measurement
-        import traceback
-        out["error"] = f"{type(e).__name__}: {e}"[:2000]
-        out["traceback_tail"] = traceback.format_exc()[-3000:]
-        out["failed_after_s"] = time.monotonic() - t0
+        out.update(error_record(e, t0))
     sampler.stop()
-    out["peak_rss_anon"] = max(sampler.peak()[0], proc_status()["RssAnon"])
-    out["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.update(memory_record(sampler))
     return out
 
 
@@ -260,31 +265,7 @@ def child_hf(T: int, attn: str, calls: int, seed: int, name: str) -> dict[str, A
 def run_child(args: list[str], timeout: float, limit: int, min_avail: int) -> dict[str, Any]:
     """A fresh subprocess, sampled from here too; its RESULT line, or why it has none."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = Sampler(proc.pid, interval=0.02, limit=limit, on_limit=proc.kill,
-                      min_available=min_avail)
-    sampler.start()
-    t0 = time.monotonic()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        timed_out = True
-    sampler.stop()
-    wall = time.monotonic() - t0
-    result = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not result:
-        why = (f"timed out after {timeout:.0f} s" if timed_out else
-               f"killed: {sampler.why}" if sampler.tripped else f"exit code {proc.returncode}")
-        return {"error": why, "stderr_tail": err[-3000:], "wall_s": wall,
-                "parent_peak_rss_anon": sampler.peak()[0]}
-    row = json.loads(result[-1][len("RESULT "):])
-    row["parent_peak_rss_anon"] = sampler.peak()[0]
-    row["wall_s"] = wall
-    row["stderr_tail"] = err[-1500:]
-    return row
+    return child_row(run_sampled(cmd, timeout, limit, min_avail, interval=0.02))
 
 
 def code_fingerprint() -> str:

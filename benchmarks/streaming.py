@@ -52,7 +52,6 @@ import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,11 +69,15 @@ from _synth import (  # noqa: E402
     CACHE_ROOT,
     GB,
     Sampler,
+    child_row,
     code_version,
     drop_page_cache,
     ensure_checkpoint,
+    error_record,
     mem_available,
+    memory_record,
     proc_status,
+    run_sampled,
 )
 
 from workbench.checkpoint import Checkpoint, expected_shapes  # noqa: E402
@@ -307,42 +310,16 @@ def child_hf(path: Path, tokens: int, new: int, seed: int) -> dict[str, Any]:
             out["generate_s"] = time.monotonic() - t1
             out["sequence_tail"] = seq[0, tokens:].tolist()
         except Exception as e:  # reported, not raised: the run's outcome is the measurement
-            import traceback
-            out["error"] = f"{type(e).__name__}: {e}"[:2000]
-            out["traceback_tail"] = traceback.format_exc()[-3000:]
-            out["failed_after_s"] = time.monotonic() - t0
+            out.update(error_record(e, t0))
     sampler.stop()
-    out["peak_rss_anon"] = max(sampler.peak()[0], proc_status()["RssAnon"])
-    out["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.update(memory_record(sampler))
     return out
 
 
 def run_child(args: list[str], timeout: float, limit: int, min_avail: int) -> dict[str, Any]:
     """A fresh subprocess, sampled from here too; its RESULT line, or why it has none."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = Sampler(proc.pid, interval=0.02, limit=limit, on_limit=proc.kill,
-                      min_available=min_avail)
-    sampler.start()
-    t0 = time.monotonic()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        timed_out = True
-    sampler.stop()
-    result = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not result:
-        why = (f"timed out after {timeout:.0f} s" if timed_out else
-               f"killed: {sampler.why}" if sampler.tripped else f"exit code {proc.returncode}")
-        return {"error": why, "stderr_tail": err[-3000:], "wall_s": time.monotonic() - t0,
-                "parent_peak_rss_anon": sampler.peak()[0]}
-    row = json.loads(result[-1][len("RESULT "):])
-    row["parent_peak_rss_anon"] = sampler.peak()[0]
-    row["stderr_tail"] = err[-1500:]
-    return row
+    return child_row(run_sampled(cmd, timeout, limit, min_avail, interval=0.02))
 
 
 # ----------------------------------------------------------------------------- analysis
