@@ -216,14 +216,18 @@ class JaxModel(Model):
             opts.setdefault("xla_allow_excess_precision", False)
         return opts
 
-    def _step(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+    def _step(self, key: tuple, build: Callable[[], Callable],
+              donate: tuple[int, ...] = ()) -> Callable:
+        """The compiled function of ``key`` (built once); ``donate``: argument positions whose
+        buffers the call may reuse for its outputs (a continued KV cache is updated in place
+        instead of copied on every decoding step)."""
         opts = self._options()
-        key = key + (tuple(sorted(opts.items())),)
+        key = key + (tuple(sorted(opts.items())), donate)
         fn = self._steps.get(key)
         if fn is not None:
             self._steps.move_to_end(key)
             return fn
-        fn = jax.jit(build(), compiler_options=opts or None)
+        fn = jax.jit(build(), compiler_options=opts or None, donate_argnums=donate)
         self._steps[key] = fn
         while len(self._steps) > MAX_STEPS:
             self._steps.popitem(last=False)
@@ -290,7 +294,7 @@ class _CompiledSteps(Executor):
         self.patches = patches
 
     def _call(self, key: tuple, layer: int | None, scope: Callable[[str], bool],
-              step: Callable[..., Any], *args: Any) -> Any:
+              step: Callable[..., Any], *args: Any, donate: tuple[int, ...] = ()) -> Any:
         rel = hk.relative if layer is not None else (lambda n: n)
         want = frozenset(rel(n) for n in self.spec.names if scope(n))
         fns = {rel(n): f for n, f in self.plan.fns.items() if scope(n)}
@@ -308,7 +312,9 @@ class _CompiledSteps(Executor):
                 return step(*a, rec), rec.out, rec.finite
             return run
 
-        result, out, finite = self.model._step(full, build)(patches, *args)
+        # argument i of ``args`` is argument i + 1 of ``run``
+        fn = self.model._step(full, build, tuple(i + 1 for i in donate))
+        result, out, finite = fn(patches, *args)
         prefix = "" if layer is None else hk.absolute(layer, "")
         for n, v in out.items():
             self.rec.out[prefix + n] = v
@@ -337,6 +343,8 @@ class _CompiledSteps(Executor):
         kv = None if entry is None else (entry.k, entry.v, entry.k_start)
         start = ctx.start if mode == "continue" else None
         scope = lambda n: hk.layer_of(n) == i  # noqa: E731
+        # a continued cache's buffers are replaced by the step's outputs: let XLA reuse them
+        donate = (5,) if mode == "continue" else ()
         experts = lp.get("experts")
 
         def cache_in(kv):
@@ -352,7 +360,7 @@ class _CompiledSteps(Executor):
                 return h, cache_out(e)
 
             h, new = self._call(("layer", kind, lplan, mode, cap), i, scope, step, lp, h,
-                                ctx.cos, ctx.sin, ctx.temp, kv, start)
+                                ctx.cos, ctx.sin, ctx.temp, kv, start, donate=donate)
             return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
 
         # streamed experts: attention and routing, then read the chosen experts, then them
@@ -365,7 +373,8 @@ class _CompiledSteps(Executor):
             return (h, x, idx, gates), cache_out(e)
 
         (h, x, idx, gates), new = self._call(("route", kind, lplan, mode, cap), i, scope, route,
-                                             dense, h, ctx.cos, ctx.sin, ctx.temp, kv, start)
+                                             dense, h, ctx.cos, ctx.sin, ctx.temp, kv, start,
+                                             donate=donate)
         # the chosen experts, group by group within ``expert_group_bytes``: each group's
         # assignment rows are computed by one compiled call and merged; the end of the block
         # (hooks, shared expert, residual) runs once on the merged rows
