@@ -442,6 +442,12 @@ class Model(ABC):
                              "positions; use run() on the full sequence instead")
         self._check_capture_memory(names, p, ids.shape, CaptureSpec(frozenset(names)),
                                    max_capture_bytes, new_tokens=max_new_tokens)
+        if mask is not None and not mask[:, -1].all():
+            import warnings
+            warnings.warn("generate: a prompt is right-padded; its new tokens follow the pads, "
+                          "so chunked layers see them in other chunks than the prompt alone "
+                          "would (as in transformers): pad prompts on the left for generation",
+                          UserWarning, stacklevel=2)
         pad = None if mask is None else Padding.from_mask(mask)
         logits, arrays, cache = self._forward(ids, p, CaptureSpec(frozenset(names)), cache,
                                               pad=pad)
