@@ -151,7 +151,7 @@ def test_routing_explorer_surfaces_errors(tiny, caplog):
     def broken():
         raise RuntimeError("renderer exploded")
 
-    e.state.render_tokens = broken
+    e.state.render_load = broken
     # an observe callback: outside a kernel the error propagates to whoever changed the value
     with caplog.at_level(logging.ERROR, logger="workbench.widgets"):
         with pytest.raises(RuntimeError, match="renderer exploded"):
@@ -166,7 +166,7 @@ def test_routing_explorer_surfaces_errors(tiny, caplog):
     assert isinstance(e.errors[-1], ValueError)
     assert "running the model" in e.error_box.value
     # the next successful action clears the box
-    del e.state.render_tokens
+    del e.state.render_load
     e.text.value = LONG
     e.run_button.click()
     assert e.error_box.value == "" and len(e.errors) == 2
