@@ -94,26 +94,55 @@ def test_routing_state(tiny):
 
 def test_routing_explorer_updates_figures(tiny):
     e = W.RoutingExplorer(tiny, text=IDS)
-    assert e.errors == [] and e.tokens_image.value and e.path_image.value
-    before = (e.tokens_image.value, e.load_image.value)
+    assert e.errors == [] and e.path_image.value and e.load_image.value
+    assert len(e.token_buttons) == 40 and list(e.token_box.children) == e.token_buttons
+    colours = [b.style.button_color for b in e.token_buttons]
+    load = e.load_image.value
     e.layer_slider.value = 3
-    assert e.state.layer == 3
-    assert e.tokens_image.value != before[0] and e.load_image.value != before[1]
+    assert e.state.layer == 3 and e.load_image.value != load
+    top1 = e.state.experts()
+    assert [b.style.button_color for b in e.token_buttons] != colours  # recoloured
+    same = [i for i in range(40) if top1[i] == top1[0]]
+    assert len({e.token_buttons[i].style.button_color for i in same}) == 1
+    assert "3px solid" in e.token_buttons[39].layout.border  # the last token is selected
     path = e.path_image.value
-    e.token_picker.value = 4
+    e.token_buttons[4].click()  # tokens are clickable
     assert e.state.position == 4 and e.path_image.value != path
+    assert "3px solid" in e.token_buttons[4].layout.border
+    assert "3px solid" not in e.token_buttons[39].layout.border
+    assert e.token_buttons[4].style.font_size == "15px"
     e.text.value = LONG
     e.run_button.click()
     assert e.errors == []
-    assert len(e.token_picker.options) == 30 and e.token_picker.value == 29
+    assert len(e.token_buttons) == 30 and e.state.position == 29
     assert "ready" in e.status.value and e.progress.layout.visibility == "hidden"
     # driving the state from code, then refresh(): the controls follow
     e.state.set_text(IDS)
     e.state.set_layer(1)
     e.state.select_token(7)
     e.refresh()
-    assert e.text.value == IDS and e.layer_slider.value == 1 and e.token_picker.value == 7
-    assert len(e.token_picker.options) == 40 and e.errors == []
+    assert e.text.value == IDS and e.layer_slider.value == 1
+    assert len(e.token_buttons) == 40 and "3px solid" in e.token_buttons[7].layout.border
+    assert e.errors == []
+
+
+def test_routing_prompt_dropdown_follows_the_text(tiny_path):
+    """After a prompt, custom text resets the dropdown to "(custom)"; picking the same prompt
+    again then loads it again."""
+    from workbench.tokenizer import Tokenizer
+    from workbench.widgets._common import PROMPTS, bundled_path
+    tok = Tokenizer.from_pretrained(bundled_path())
+    model = wb.load(bundled_path())
+    e = W.RoutingExplorer(model, tok, text="hello there")
+    assert e.prompt.value == "(custom)"
+    e.prompt.value = "numeric"
+    assert e.text.value == PROMPTS["numeric"] and e.state.text == PROMPTS["numeric"]
+    e.text.value = "a custom sentence"
+    e.run_button.click()
+    assert e.prompt.value == "(custom)" and e.errors == []
+    e.prompt.value = "numeric"  # a change again: loads it
+    assert e.state.text == PROMPTS["numeric"]
+    assert e.token_buttons[0].description and e.errors == []
 
 
 def test_routing_explorer_surfaces_errors(tiny, caplog):
@@ -122,7 +151,7 @@ def test_routing_explorer_surfaces_errors(tiny, caplog):
     def broken():
         raise RuntimeError("renderer exploded")
 
-    e.state.render_tokens = broken
+    e.state.render_load = broken
     # an observe callback: outside a kernel the error propagates to whoever changed the value
     with caplog.at_level(logging.ERROR, logger="workbench.widgets"):
         with pytest.raises(RuntimeError, match="renderer exploded"):
@@ -137,7 +166,7 @@ def test_routing_explorer_surfaces_errors(tiny, caplog):
     assert isinstance(e.errors[-1], ValueError)
     assert "running the model" in e.error_box.value
     # the next successful action clears the box
-    del e.state.render_tokens
+    del e.state.render_load
     e.text.value = LONG
     e.run_button.click()
     assert e.error_box.value == "" and len(e.errors) == 2
@@ -258,18 +287,48 @@ def test_intervention_explorer(tiny):
     assert e.state.banned == {(1, 3)} and e.effect_image.value != effect
     assert "ban L1 E3" in e.summary.value
     e.mode.value = "force"
-    assert not any(t.value for t in e.expert_toggles)  # toggles show the force state now
+    # the ban stays active, and its toggle says so (labelled, coloured) in every mode
+    assert e.state.banned == {(1, 3)}
+    assert e.expert_toggles[3].value and e.expert_toggles[3].description == "E3 ban"
+    assert e.expert_toggles[3].button_style == "danger"
+    assert [t.value for t in e.expert_toggles].count(True) == 1
     e.expert_toggles[2].value = True
     e.expert_toggles[6].value = True
-    assert e.state.forced == {1: 6}
-    assert [t.value for t in e.expert_toggles].count(True) == 1 and e.expert_toggles[6].value
+    assert e.state.forced == {1: 6} and not e.expert_toggles[2].value
+    assert e.expert_toggles[6].description == "E6 force"
+    # clicking a toggle that shows on removes what it holds, whatever the mode
+    e.expert_toggles[3].value = False
+    assert e.state.banned == set() and e.expert_toggles[3].description == "E3"
+    assert e.state.interventions() == [wb.force_expert(1, 6)]
     e.head_toggles[0].value = True
     assert e.state.ablated == {(1, 0)}
     e.layer_slider.value = 2
-    assert not e.head_toggles[0].value  # layer 2 has no ablated head
+    assert not e.head_toggles[0].value  # layer 2 has no ablated head ...
+    labels = [b.description for b in e.active_box.children[1:]]
+    assert labels == ["✕ force L1 E6", "✕ ablate L1 H0"]  # ... but layer 1's is listed
+    e.head_toggles[0].value = True
+    assert e.state.ablated == {(1, 0), (2, 0)}
+    e.active_box.children[2].click()  # remove "ablate L1 H0" from layer 2
+    assert e.state.ablated == {(2, 0)} and e.head_toggles[0].value
+    e.layer_slider.value = 1
+    assert not e.head_toggles[0].value and e.expert_toggles[6].value
     e.clear_button.click()
     assert e.state.interventions() == [] and e.state.effect.delta_loss == 0
+    assert e.active_box.children[0].value == "active: none"
     assert e.errors == []
+
+
+def test_intervention_state_one_intervention_per_expert(tiny):
+    s = W.InterventionState(tiny, text=IDS)
+    assert s.toggle("ban", 1, 3) is True and s.mode_of(1, 3) == "ban"
+    assert s.toggle("force", 1, 3) is False  # an expert holding one: toggling removes it
+    assert s.mode_of(1, 3) is None and s.interventions() == []
+    assert s.toggle("zero", 1, 3) is True and s.active() == [("zero", 1, 3)]
+    s.toggle_head(0, 1)
+    s.remove("zero", 1, 3)
+    assert s.active() == [("ablate", 0, 1)]
+    with pytest.raises(ValueError, match="no ban intervention on layer 1, expert 2"):
+        s.remove("ban", 1, 2)
 
 
 # --------------------------------------------------------------------------- parity

@@ -93,7 +93,7 @@ def __getattr__(name: str) -> Any:
     if name == "ParityReport":
         from .parity import ParityReport
         return ParityReport
-    if name in ("analysis", "plots", "widgets", "parity"):
+    if name in ("analysis", "plots", "widgets", "parity", "data"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -170,15 +170,52 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class Padding:
+    """A padded batch, on the host: what ``run(..., attention_mask=)`` hands the backend.
+
+    ``valid`` (B, L) bool marks real tokens over absolute slots 0..L-1 (the cache's and this
+    call's; slots past the call may be padded with True); ``positions`` (B, S) are the RoPE
+    positions of this call's tokens (real tokens count 0, 1, ...; pads get 1, as transformers'
+    ``generate`` computes ``position_ids``); ``shift`` (B,) is each row's left padding, which
+    moves the chunks of chunked layers to start at its first real token (as transformers).
+    """
+
+    valid: np.ndarray
+    positions: np.ndarray
+    shift: np.ndarray
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> Padding:
+        """From a (B, S) 0/1 attention mask of a whole (uncached) input."""
+        m = np.asarray(mask).astype(bool)
+        pos = np.cumsum(m, axis=1) - 1
+        pos = np.where(m, pos, 1)
+        shift = np.argmax(m, axis=1)  # leading pads (every row holds a token)
+        return cls(m, pos.astype(np.int64), shift.astype(np.int64))
+
+
+class PadMask(NamedTuple):
+    """``Padding`` on the backend, as attention kernels take it: ``valid`` (B, L) bool over
+    absolute key slots and ``shift`` (B,) int, the left padding of each row. A query at slot q
+    of row b sees key slot k iff k <= q, k is valid or k == q (a pad query sees itself, so its
+    row stays finite), and on chunked layers (k - shift) // chunk == (q - shift) // chunk."""
+
+    valid: Array
+    shift: Array
+
+
+@dataclass(frozen=True)
 class Context:
-    """Per-call inputs shared by every layer: RoPE tables and query temperatures for the
-    positions of this call (backend arrays), and the absolute position of its first token
-    (an int, or a traced scalar while a compiled backend decodes)."""
+    """Per-call inputs shared by every layer: RoPE tables ((S, d/2), or (B, S, d/2) for a padded
+    batch) and query temperatures for the positions of this call (backend arrays), the
+    absolute position of its first token (an int, or a traced scalar while a compiled backend
+    decodes), and the padding mask (None without padding)."""
 
     cos: Array
     sin: Array
     temp: Array | None
     start: Any = 0
+    pad: PadMask | None = None
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -282,22 +319,24 @@ def attention_block(ops: Ops, cfg: ModelConfig, kind: LayerKind, lp: Params, x: 
     elif kind.temperature and lplan.temperature:
         q = ops.scale_queries(q, ctx.temp)
     q, k, v = rec("attn.q", q), rec("attn.k", k), rec("attn.v", v)
+    pad = ctx.pad
     if cache is not None:
-        k, v, k_start, cache = ops.cache_update(cache, k, v, ctx.start, kind.chunk)
+        k, v, k_start, cache = ops.cache_update(cache, k, v, ctx.start, kind.chunk,
+                                                None if pad is None else pad.shift)
     else:
         k_start = ctx.start
     scale = d ** -0.5
     S = q.shape[2]
     window = rec.window("attn.pattern", S)
     if rec.wants("attn.pattern") and window is None:
-        probs = ops.attention_probs(q, k, ctx.start, k_start, kind.chunk, scale)
+        probs = ops.attention_probs(q, k, ctx.start, k_start, kind.chunk, scale, pad)
         o = ops.attend(rec("attn.pattern", probs), v)
     else:
-        o = ops.attention(q, k, v, ctx.start, k_start, kind.chunk, scale)
+        o = ops.attention(q, k, v, ctx.start, k_start, kind.chunk, scale, pad)
         if window is not None:  # a query window over every key: never the S x T pattern
             lo, hi = window
             rec.keep("attn.pattern", ops.attention_probs(
-                ops.seq_slice(q, lo, hi), k, ctx.start + lo, k_start, kind.chunk, scale))
+                ops.seq_slice(q, lo, hi), k, ctx.start + lo, k_start, kind.chunk, scale, pad))
     if rec.wants("attn.summary"):
         lo, hi = rec.window("attn.summary", S) or (0, S)
         summary = ops.attention_summary(ops.seq_slice(q, lo, hi), k, ctx.start + lo, k_start,

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import hooks as hk
 from .config import ModelConfig, human_bytes
+from .forward import Padding
 from .interventions import Intervention, Plan, plan
 from .trace import Trace
 
@@ -87,9 +88,11 @@ class Model(ABC):
     # ----------------------------------------------------------------- to implement
     @abstractmethod
     def _forward(self, ids: np.ndarray, plan: Plan, spec: CaptureSpec, cache: Any = None,
-                 stop_at_layer: int | None = None
+                 stop_at_layer: int | None = None, pad: Padding | None = None
                  ) -> tuple[np.ndarray | None, dict[str, np.ndarray], Any]:
-        """One forward pass over ``ids`` (B, S), continuing ``cache`` when given.
+        """One forward pass over ``ids`` (B, S), continuing ``cache`` when given; ``pad``
+        describes a padded batch (key mask over every slot so far, RoPE positions, left
+        padding).
 
         Returns float32 logits (B, S, V) (None with ``stop_at_layer``), the captured arrays
         (numpy, after the capture spec), and the updated cache.
@@ -115,8 +118,85 @@ class Model(ABC):
                 f"{c.num_local_experts} experts top-{c.num_experts_per_tok}, d={c.hidden_size}, "
                 f"{self.dtype} on {self.device}{', ' + str(self.path) if self.path else ''}>")
 
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's ``wb.Tokenizer`` (its tokenizer.json, read when first asked for),
+        or one assigned here; None when the model has neither. ``run`` and ``generate`` use
+        it to encode text given in place of token ids."""
+        tok = getattr(self, "_tokenizer", None)
+        if tok is None and self.path is not None:
+            from pathlib import Path
+            if (Path(self.path) / "tokenizer.json").is_file():
+                from .tokenizer import Tokenizer
+                tok = self._tokenizer = Tokenizer.from_pretrained(self.path)
+        return tok
+
+    @tokenizer.setter
+    def tokenizer(self, tok: Any) -> None:
+        self._tokenizer = tok
+
+    def _inputs(self, input_ids: Any, attention_mask: Any, padding_side: str
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Token ids (B, S) int64 and the attention mask (None when nothing is padded) from
+        ids or text: a string is encoded with the model's tokenizer, a list of strings
+        encoded and padded on ``padding_side``."""
+        texts = None
+        if isinstance(input_ids, str):
+            texts = [input_ids]
+        elif isinstance(input_ids, list | tuple) and input_ids and \
+                all(isinstance(t, str) for t in input_ids):
+            texts = list(input_ids)
+        if texts is None:
+            ids = self.check_ids(input_ids)
+            return ids, self.check_mask(attention_mask, ids)
+        tok = self.tokenizer
+        if tok is None:
+            raise InputError("this model has no tokenizer (no tokenizer.json next to its "
+                             "weights): encode first with wb.Tokenizer, e.g. "
+                             "tok = wb.Tokenizer.from_pretrained(path); "
+                             "model.run(tok.encode(text)), or set model.tokenizer = tok")
+        if attention_mask is not None:
+            raise InputError("attention_mask is for token ids; text input is padded here "
+                             "(pass token ids with their mask, or text without a mask)")
+        if len(texts) == 1:
+            ids = self.check_ids(tok.encode(texts[0]))
+            return ids, None
+        batch = tok.encode_batch(texts, pad=True, padding_side=padding_side)
+        ids = self.check_ids(batch.input_ids)
+        return ids, self.check_mask(batch.attention_mask, ids)
+
+    def check_mask(self, attention_mask: Any, ids: np.ndarray) -> np.ndarray | None:
+        """Validate an attention mask for ids (B, S): 0/1 (or bool) of the same shape, at
+        least one token per row, as transformers takes it. Returns it as bool, or None when
+        it pads nothing (the unpadded path is then taken, with identical results)."""
+        if attention_mask is None:
+            return None
+        if hasattr(attention_mask, "detach"):
+            attention_mask = attention_mask.detach().cpu().numpy()
+        try:
+            m = np.asarray(attention_mask)
+        except Exception as e:  # noqa: BLE001 - anything numpy cannot read is an input error
+            raise InputError(f"attention_mask could not be read as an array: {e}") from None
+        if m.ndim == 1 and ids.shape[0] == 1:
+            m = m[None, :]
+        if m.shape != ids.shape:
+            raise InputError(f"attention_mask has shape {m.shape}; it must match input_ids "
+                             f"{ids.shape} (1 = token, 0 = padding)")
+        if m.dtype.kind not in "biu" or not np.isin(m, (0, 1)).all():
+            raise InputError(f"attention_mask must hold 0 (padding) and 1 (token) only, got "
+                             f"{m.dtype} values {np.unique(m)[:6].tolist()}")
+        m = m.astype(bool)
+        empty = np.flatnonzero(~m.any(axis=1))
+        if len(empty):
+            raise InputError(f"attention_mask row {int(empty[0])} has no token (all padding); "
+                             "every sequence needs at least one")
+        return None if m.all() else m
+
     def check_ids(self, input_ids: Any, start: int = 0) -> np.ndarray:
         """Validate token ids and return them as int64 (batch, seq); 1-D input gets batch 1."""
+        if isinstance(input_ids, str):
+            raise InputError("input_ids is a string: run() and generate() encode text with "
+                             "the model's tokenizer; elsewhere encode first with wb.Tokenizer")
         if hasattr(input_ids, "detach"):  # a torch tensor, possibly on a GPU or with grad
             input_ids = input_ids.detach().cpu().numpy()
         try:
@@ -152,11 +232,21 @@ class Model(ABC):
 
     def run(self, input_ids: Any, capture: str | Iterable[str] | None = None,
             interventions: Sequence[Intervention] | None = None,
-            hooks: Mapping[str, Callable] | None = None, *, capture_dtype: Any = None,
+            hooks: Mapping[str, Callable] | None = None, *, attention_mask: Any = None,
+            capture_dtype: Any = None,
             positions: slice | Sequence[int] | None = None,
             stop_at_layer: int | None = None, max_capture_bytes: float | None = None,
             nan_check: bool = False) -> Output:
         """Run the model on ``input_ids`` (batch, seq), capturing hooks matching ``capture``.
+
+        ``input_ids`` may also be text (a string, or a list of strings padded on the right)
+        when the model knows its tokenizer (``model.tokenizer``). ``attention_mask`` (B, S),
+        transformers' convention (1 = token, 0 = padding, left or right), runs a padded batch:
+        padded keys are masked, RoPE positions count real tokens only (as transformers'
+        ``generate`` derives ``position_ids``) and chunked layers' chunks start at each row's
+        first token; real tokens then get what transformers gives them for the same mask.
+        Values at pad positions are meaningless; the trace records the mask
+        (``trace.attention_mask``) and analyses leave pads out.
 
         ``interventions`` (wb.ban_expert, ...) and ``hooks`` ({name: fn}, a function of the
         backend's array type returning a replacement) change the forward pass.
@@ -171,8 +261,9 @@ class Model(ABC):
         """
         if not isinstance(nan_check, bool | np.bool_):
             raise InputError(f"nan_check must be True or False, got {nan_check!r}")
-        ids = self.check_ids(input_ids)
+        ids, mask = self._inputs(input_ids, attention_mask, "right")
         names = hk.resolve(self.config, capture)
+        self._check_padded_capture(names, mask)
         L = self.config.num_hidden_layers
         dtype = _np_dtype(capture_dtype)
         pos = _as_slice(positions, ids.shape[1])
@@ -186,13 +277,27 @@ class Model(ABC):
         p = plan(self.config, interventions, hooks, ids.shape[0], ids.shape[1])
         spec = CaptureSpec(frozenset(names), dtype, pos, bool(nan_check))
         self._check_capture_memory(names, p, ids.shape, spec, max_capture_bytes)
-        logits, arrays, _ = self._forward(ids, p, spec, None, stop_at_layer)
-        self._warn_nonfinite(logits)
+        pad = None if mask is None else Padding.from_mask(mask)
+        logits, arrays, _ = self._forward(ids, p, spec, None, stop_at_layer, pad)
+        self._warn_nonfinite(logits if mask is None else logits[mask] if logits is not None
+                             else None)
         meta = self._meta(names, p, capture)
         if pos is not None:  # which sequence positions the captured hooks hold
             meta["positions"] = list(range(*pos.indices(ids.shape[1])))
-        trace = Trace({n: arrays[n] for n in names if n in arrays}, ids, meta)
+        trace = Trace({n: arrays[n] for n in names if n in arrays}, ids, meta, mask)
         return Output(logits, trace)
+
+    @staticmethod
+    def _check_padded_capture(names: Iterable[str], mask: np.ndarray | None) -> None:
+        """A padded batch cannot capture ``attn.summary`` (its blockwise statistics take no
+        key mask): refuse it, naming what to do."""
+        if mask is None:
+            return
+        bad = [n for n in names if n.endswith(".attn.summary")]
+        if bad:
+            raise InputError(f"{bad[0]}: attention summaries are computed blockwise without "
+                             "a padding mask; run padded rows one at a time (unpadded) to "
+                             "capture attn.summary, or capture attn.pattern instead")
 
     def _warn_nonfinite(self, logits: np.ndarray | None) -> None:
         """Warn once per model when a forward gives NaN/Inf logits (a cheap first-use check
@@ -298,7 +403,8 @@ class Model(ABC):
             + "; ".join(narrow) + ", or pass max_capture_bytes= to raise the limit")
 
     # ----------------------------------------------------------------- generation
-    def generate(self, input_ids: Any, max_new_tokens: int, *, temperature: float = 1.0,
+    def generate(self, input_ids: Any, max_new_tokens: int, *, attention_mask: Any = None,
+                 temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = 0, capture: str | Iterable[str] |
                  None = None, interventions: Sequence[Intervention] | None = None,
                  stop_ids: Iterable[int] | None = None,
@@ -307,9 +413,11 @@ class Model(ABC):
 
         The prompt is one prefill pass; each new token is one cached step. Captured hooks of
         the prompt and every generated step are concatenated along the sequence axis (attention
-        patterns are kept per step, since their key length grows).
+        patterns are kept per step, since their key length grows). ``attention_mask`` runs a
+        padded batch of prompts (see ``run``; text prompts are padded on the left): each row
+        continues from its last real token, new tokens are appended after the padded prompt.
         """
-        ids = self.check_ids(input_ids)
+        ids, mask = self._inputs(input_ids, attention_mask, "left")
         max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 0)
         temperature = _real_arg(temperature, "temperature")
         top_p = _real_arg(top_p, "top_p")
@@ -322,6 +430,7 @@ class Model(ABC):
         eos = self._stop_ids(stop_ids)
         self.check_ids(np.zeros((1, 1), np.int64), start=ids.shape[1] + max_new_tokens - 1)
         names = hk.resolve(self.config, capture)
+        self._check_padded_capture(names, mask)
         step_names = frozenset(n for n in names if not hk.is_pattern(n))
         rng = np.random.default_rng(seed)
         B = ids.shape[0]
@@ -333,13 +442,26 @@ class Model(ABC):
                              "positions; use run() on the full sequence instead")
         self._check_capture_memory(names, p, ids.shape, CaptureSpec(frozenset(names)),
                                    max_capture_bytes, new_tokens=max_new_tokens)
-        logits, arrays, cache = self._forward(ids, p, CaptureSpec(frozenset(names)), cache)
+        if mask is not None and not mask[:, -1].all():
+            import warnings
+            warnings.warn("generate: a prompt is right-padded; its new tokens follow the pads, "
+                          "so chunked layers see them in other chunks than the prompt alone "
+                          "would (as in transformers): pad prompts on the left for generation",
+                          UserWarning, stacklevel=2)
+        pad = None if mask is None else Padding.from_mask(mask)
+        logits, arrays, cache = self._forward(ids, p, CaptureSpec(frozenset(names)), cache,
+                                              pad=pad)
         pieces: dict[str, list[np.ndarray]] = {n: [a] for n, a in arrays.items()
                                                if n in step_names}
         patterns = {n: [a] for n, a in arrays.items() if hk.is_pattern(n)}
         new = np.zeros((B, 0), np.int64)
         done = np.zeros(B, bool)
-        last = logits[:, -1]
+        if mask is None:
+            last = logits[:, -1]
+        else:  # each row's last real token (right padding: before its pads)
+            last_pos = ids.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+            last = logits[np.arange(B), last_pos]
+            next_pos = mask.sum(axis=1).astype(np.int64)  # RoPE position of the next token
         for _ in range(max_new_tokens):
             tok = sample(last, temperature, top_p, rng)
             tok = np.where(done, self.config.pad_token_id or 0, tok)
@@ -347,15 +469,22 @@ class Model(ABC):
             done |= np.isin(tok, sorted(eos))
             if done.all() or new.shape[1] == max_new_tokens:
                 break
+            if pad is not None:
+                pad = Padding(np.concatenate([pad.valid, np.ones((B, 1), bool)], axis=1),
+                              next_pos[:, None].copy(), pad.shift)
+                next_pos += 1
             logits, arrays, cache = self._forward(tok[:, None], p,
-                                                  CaptureSpec(frozenset(names)), cache)
+                                                  CaptureSpec(frozenset(names)), cache,
+                                                  pad=pad)
             for n, a in arrays.items():
                 (patterns if hk.is_pattern(n) else pieces).setdefault(n, []).append(a)
             last = logits[:, -1]
         arrays = {n: np.concatenate(v, axis=hk.seq_axis(n)) for n, v in pieces.items()}
         full = np.concatenate([ids, new], axis=1)
-        trace = Trace(arrays, full[:, : full.shape[1] - (1 if new.shape[1] else 0)],
-                      self._meta(names, p, capture))
+        fed = full.shape[1] - (1 if new.shape[1] else 0)
+        fed_mask = None if mask is None else np.concatenate(
+            [mask, np.ones_like(new, bool)], axis=1)[:, :fed]
+        trace = Trace(arrays, full[:, :fed], self._meta(names, p, capture), fed_mask)
         return Generation(full, new, trace, {n: v for n, v in patterns.items()})
 
     def _stop_ids(self, stop_ids: Any) -> set[int]:

@@ -4,6 +4,7 @@ attention masks. Keeping them here means torch and jax see bit-identical tables.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +65,17 @@ def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, chunk: int | None) -> n
     if chunk is not None:
         m &= (k // chunk) == (q // chunk)
     return m
+
+
+def chunk_keep(start: Any, n: int, chunk: int, shift: Any = None) -> Any:
+    """First position a chunked layer's KV cache must keep after queries start..start+n-1:
+    the start of the last query's chunk, or with ``shift`` (per-row left padding of a padded
+    batch, whose chunks start at its first real token) the earliest such start of any row.
+    Works on Python ints, numpy and jax arrays alike (traced positions included)."""
+    last = start + n - 1
+    if shift is None:
+        return (last // chunk) * chunk
+    return (((last - shift) // chunk) * chunk + shift).min()
 
 
 def chunk_boundaries(seq_len: int, chunk: int | None) -> list[int]:

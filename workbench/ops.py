@@ -61,20 +61,23 @@ class Ops(Protocol):
         """(B, H, S, d) -> (B, S, H*d)."""
 
     def rope(self, x: Array, cos: Array, sin: Array) -> Array:
-        """Interleaved-pair RoPE on x (B, N, S, d) with tables (S, d/2), computed in fp32."""
+        """Interleaved-pair RoPE on x (B, N, S, d) with tables (S, d/2), or (B, S, d/2) per
+        row of a padded batch, computed in fp32."""
 
     def scale_queries(self, q: Array, temp: Array) -> Array:
         """q (B, H, S, d) times a per-position temperature (S,), rounded to q's dtype."""
 
     def attention(self, q: Array, k: Array, v: Array, start: Any, k_start: Any,
-                  chunk: int | None, scale: float) -> Array:
+                  chunk: int | None, scale: float, pad: Any = None) -> Array:
         """Causal (and, with ``chunk``, chunk-local) GQA softmax attention without a
         materialised pattern where possible: q (B, H, S, d) at positions start.., k/v
-        (B, K, T, d) at positions k_start..; returns (B, H, S, d)."""
+        (B, K, T, d) at positions k_start..; returns (B, H, S, d). ``pad`` (a
+        ``forward.PadMask``) adds a padded batch's key mask and shifted chunks."""
 
     def attention_probs(self, q: Array, k: Array, start: Any, k_start: Any, chunk: int | None,
-                        scale: float) -> Array:
-        """The masked softmax pattern (B, H, S, T), as an eager implementation computes it."""
+                        scale: float, pad: Any = None) -> Array:
+        """The masked softmax pattern (B, H, S, T), as an eager implementation computes it
+        (``pad``: as ``attention``; padded keys get probability 0)."""
 
     def attention_summary(self, q: Array, k: Array, start: Any, k_start: Any,
                           chunk: int | None, own_chunk: int | None, scale: float) -> Array:
@@ -93,10 +96,11 @@ class Ops(Protocol):
         """o (B, H, S, d) with the given heads set to zero."""
 
     def cache_update(self, entry: Any, k: Array, v: Array, start: Any,
-                     chunk: int | None) -> tuple[Array, Array, Any, Any]:
+                     chunk: int | None, shift: Any = None) -> tuple[Array, Array, Any, Any]:
         """Append this call's keys/values to a layer's cache entry: (keys and values to attend
         to, the position of their first slot, the updated entry). Chunked layers keep only
-        what a later query can still see."""
+        what a later query can still see (of any row, with ``shift``: a padded batch's left
+        padding per row, which moves its chunks)."""
 
     # mixture of experts
     def select_experts(self, logits: Array, k: int, ban: tuple[int, ...],

@@ -19,6 +19,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
@@ -138,6 +139,14 @@ def token_category(s: str) -> str:
     return "other"
 
 
+class Batch(NamedTuple):
+    """Padded token ids and their attention mask, as ``encode_batch(..., pad=True)`` returns
+    them (unpacks as ``ids, mask = ...``)."""
+
+    input_ids: np.ndarray  # (B, T) int64, pad_id at padding
+    attention_mask: np.ndarray  # (B, T) int64: 1 = token, 0 = pad
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer with Llama-style special tokens.
 
@@ -254,11 +263,36 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else list(ids)
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
-        """:meth:`encode` for many texts at once (parallel inside ``tokenizers``)."""
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = True, *, pad: bool = False,
+                     padding_side: str = "right") -> list[list[int]] | Batch:
+        """:meth:`encode` for many texts at once (parallel inside ``tokenizers``).
+
+        Without ``pad``: one list of ids per text (ragged). With ``pad=True``: a
+        :class:`Batch` of ``input_ids`` (B, T) int64 filled with ``pad_id`` and
+        ``attention_mask`` (B, T) int64 (1 = token, 0 = pad), padded on ``padding_side``
+        ("right", or "left" for generation), ready for ``model.run(ids, attention_mask=mask)``.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a list of strings; use encode() for one text")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side={padding_side!r}: choose 'right' or 'left'")
         encs = self.backend.encode_batch(list(texts), add_special_tokens=False)
         prefix = [self.bos_id] if add_bos else []
-        return [prefix + list(e.ids) for e in encs]
+        rows = [prefix + list(e.ids) for e in encs]
+        if not pad:
+            return rows
+        if not rows:
+            raise ValueError("encode_batch(pad=True) got no texts")
+        T = max(1, max(len(r) for r in rows))
+        ids = np.full((len(rows), T), self.pad_id, np.int64)
+        mask = np.zeros((len(rows), T), np.int64)
+        for b, r in enumerate(rows):
+            if not r:
+                continue
+            sl = slice(0, len(r)) if padding_side == "right" else slice(T - len(r), T)
+            ids[b, sl] = r
+            mask[b, sl] = 1
+        return Batch(ids, mask)
 
     def check_ids(self, ids: Iterable[int], what: str = "decode") -> list[int]:
         """``ids`` as a list of ints in ``0..vocab_size-1``; TokenIdError otherwise.

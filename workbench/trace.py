@@ -31,6 +31,63 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "positions": (list,)}
 
 
+class ByLayer(Mapping[int, np.ndarray]):
+    """Per-layer arrays indexed by layer id (not by position in the list of captured layers):
+    ``by[3]`` is layer 3, ``by[3, 0, 5]`` indexes into it, ``np.asarray(by)`` stacks them
+    (n_layers, ...) in ``layers`` order. Interleaved models (dense layers between MoE ones)
+    thus index the same way as the config numbers their layers."""
+
+    def __init__(self, arrays: Mapping[int, np.ndarray], what: str = "value"):
+        self._by = {int(i): arrays[i] for i in sorted(arrays)}
+        self.what = what
+
+    @property
+    def layers(self) -> list[int]:
+        """Layer ids held, ascending."""
+        return list(self._by)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The arrays stacked along a new first axis, in ``layers`` order."""
+        if not self._by:
+            raise ValueError(f"no layers hold a {self.what}: nothing to stack")
+        return np.stack(list(self._by.values()))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.array
+        return a if dtype is None else a.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            if not key:
+                raise KeyError("index with a layer id first, e.g. by[3] or by[3, 0, 5]")
+            key, rest = key[0], key[1:]
+        if isinstance(key, bool | np.bool_) or not isinstance(key, int | np.integer):
+            raise KeyError(f"index by layer id (an int), got {type(key).__name__} {key!r}; "
+                           f"layers held: {self.layers}")
+        if int(key) not in self._by:
+            raise KeyError(f"layer {int(key)} has no {self.what} here (layers are indexed by "
+                           f"their id, not by position); layers held: {self.layers}")
+        a = self._by[int(key)]
+        return a[rest] if rest else a
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._by)
+
+    def __len__(self) -> int:
+        return len(self._by)
+
+    def __repr__(self) -> str:
+        shapes = {tuple(a.shape) for a in self._by.values()}
+        shape = shapes.pop() if len(shapes) == 1 else "mixed"
+        return f"ByLayer({self.what}, layers={self.layers}, shape={shape})"
+
+
 @dataclass(frozen=True)
 class Routing:
     """One MoE layer's routing for every token: arrays of shape (batch, seq, ...)."""
@@ -49,10 +106,19 @@ class Trace(Mapping[str, np.ndarray]):
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], input_ids: np.ndarray,
-                 meta: Mapping[str, Any] | None = None):
+                 meta: Mapping[str, Any] | None = None,
+                 attention_mask: np.ndarray | None = None):
         self._arrays = dict(arrays)
         self.input_ids = np.asarray(input_ids)
         self.meta: dict[str, Any] = dict(meta or {})
+        if attention_mask is not None:
+            m = np.asarray(attention_mask)
+            if m.shape != self.input_ids.shape:
+                raise ValueError(f"attention_mask shape {m.shape} does not match input_ids "
+                                 f"{self.input_ids.shape}")
+            attention_mask = m.astype(bool)
+        self.attention_mask: np.ndarray | None = attention_mask
+        """(B, T) bool, True at real tokens, when the run was padded; None: no padding."""
 
     # Mapping protocol
     def __getitem__(self, name: str) -> np.ndarray:
@@ -105,9 +171,21 @@ class Trace(Mapping[str, np.ndarray]):
         return Routing(self._arrays[p + "topk_indices"], self._arrays.get(p + "topk_scores"),
                        self._arrays.get(p + "router_logits"))
 
-    def top1(self) -> np.ndarray:
-        """(n_moe_layers, B, T) first-choice experts of every captured MoE layer."""
-        return np.stack([self.routing(i).indices[..., 0] for i in self.moe_layers])
+    def top1(self) -> ByLayer:
+        """First-choice experts (B, T) of every captured MoE layer, indexed by layer id:
+        ``trace.top1()[3]`` is layer 3's; ``np.asarray(trace.top1())`` stacks them."""
+        return ByLayer({i: self.routing(i).indices[..., 0] for i in self.moe_layers},
+                       "captured routing")
+
+    def token_mask(self) -> np.ndarray:
+        """(B, T') bool: True at real tokens, False at padding, aligned with the captured
+        arrays' sequence axis (the kept ``positions`` when the run kept only some)."""
+        m = self.attention_mask
+        if m is None:
+            m = np.ones(self.input_ids.shape if self.input_ids.ndim == 2
+                        else (1, self.input_ids.size), bool)
+        pos = self.meta.get("positions")
+        return m[:, pos] if pos is not None else m
 
     def select(self, pattern: str) -> dict[str, np.ndarray]:
         import fnmatch
@@ -123,6 +201,8 @@ class Trace(Mapping[str, np.ndarray]):
         p.parent.mkdir(parents=True, exist_ok=True)
         arrays = dict(self._arrays)
         arrays["__input_ids__"] = self.input_ids.astype(np.int64)
+        if self.attention_mask is not None:
+            arrays["__attention_mask__"] = self.attention_mask.astype(np.uint8)
         write_safetensors(p, arrays, {"workbench_trace": dumps(self.meta)})
         return p
 
@@ -170,10 +250,15 @@ class Trace(Mapping[str, np.ndarray]):
             raise TraceError(f"{p}: metadata config.experts must be a non-negative int, got "
                              f"{experts!r}")
         ids = arrays.pop("__input_ids__")
+        mask = arrays.pop("__attention_mask__", None)
+        if mask is not None and (mask.shape != ids.shape or mask.dtype.kind not in "iub"):
+            raise TraceError(f"{p}: attention mask of {mask.dtype} shape {mask.shape} does not "
+                             f"match the input ids {ids.shape}")
         if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):
             raise TraceError(f"{p}: input ids must be a 1-D or 2-D integer array, got "
                              f"{ids.dtype} of shape {ids.shape}")
-        return cls({k: np.array(v) for k, v in arrays.items()}, np.array(ids), info)
+        return cls({k: np.array(v) for k, v in arrays.items()}, np.array(ids), info,
+                   None if mask is None else np.array(mask))
 
 
 def _parsed(name: str) -> HookName | None:

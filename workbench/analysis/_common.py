@@ -4,6 +4,8 @@ Conventions used by every analysis module:
 - ``traces`` is one :class:`~workbench.trace.Trace` or a sequence of them; tokens of all traces
   (every batch row, every position) are concatenated in order (trace, batch row, position).
 - Entropies are in nats unless a function says otherwise; Jensen-Shannon divergence is in bits.
+- Padding is ignored: tokens a trace's ``attention_mask`` marks as pad are left out of the
+  concatenated token arrays (``indices``, ``logits``) and of token-aligned labels.
 - Load counts every top-k assignment; "top1" functions use slot 0 of ``topk_indices`` (the first
   choice).
 """
@@ -84,11 +86,21 @@ def indices_per_trace(traces: Traces, layer: int, what: str) -> list[np.ndarray]
     return out
 
 
+def real_tokens(trace: Trace, a: np.ndarray) -> np.ndarray:
+    """A (B, T, ...) hook value of ``trace`` as (N, ...) over its real tokens: every token
+    without padding, the ``attention_mask``'s ones with it."""
+    if trace.attention_mask is not None:
+        m = trace.token_mask()
+        if m.shape == a.shape[:2]:
+            return a[m]
+    return a.reshape(-1, *a.shape[2:])
+
+
 def indices(traces: Traces, layer: int, what: str) -> np.ndarray:
-    """All tokens' chosen experts at ``layer``, concatenated: int64 (N, k)."""
-    per = indices_per_trace(traces, layer, what)
-    k = per[0].shape[-1]
-    return np.concatenate([a.reshape(-1, k) for a in per])
+    """All real tokens' chosen experts at ``layer``, concatenated: int64 (N, k)."""
+    ts = as_list(traces)
+    per = indices_per_trace(ts, layer, what)
+    return np.concatenate([real_tokens(t, a) for t, a in zip(ts, per)])
 
 
 def logits_per_trace(traces: Traces, layer: int, what: str) -> list[np.ndarray]:
@@ -98,12 +110,13 @@ def logits_per_trace(traces: Traces, layer: int, what: str) -> list[np.ndarray]:
 
 
 def logits(traces: Traces, layer: int, what: str) -> np.ndarray:
-    """All tokens' router logits at ``layer``, concatenated: float64 (N, E)."""
-    per = logits_per_trace(traces, layer, what)
+    """All real tokens' router logits at ``layer``, concatenated: float64 (N, E)."""
+    ts = as_list(traces)
+    per = logits_per_trace(ts, layer, what)
     es = {a.shape[-1] for a in per}
     if len(es) > 1:
         raise ValueError(f"{what}: traces have different numbers of experts {sorted(es)}")
-    return np.concatenate([a.reshape(-1, a.shape[-1]) for a in per])
+    return np.concatenate([real_tokens(t, a) for t, a in zip(ts, per)])
 
 
 def num_experts(traces: Traces, layer: int | None = None) -> int:
@@ -210,6 +223,11 @@ def flat_labels(labels: object, n: int, what: str, traces: list[Trace] | None = 
         arr = np.concatenate([np.asarray(x, dtype=object).ravel() for x in labels])
     else:
         arr = np.asarray(labels, dtype=object).ravel()
+    if traces is not None and arr.size != n and any(t.attention_mask is not None
+                                                    for t in traces):
+        keep = np.concatenate([t.token_mask().ravel() for t in traces])
+        if keep.size == arr.size and int(keep.sum()) == n:  # labels for pads too: drop them
+            arr = arr[keep]
     if arr.size != n:
         raise ValueError(f"{what}: got {arr.size} labels for {n} tokens; pass one label per "
                          "token, aligned with trace.input_ids (flattened over batch and "

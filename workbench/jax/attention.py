@@ -12,7 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..numerics import DISTANCE_BUCKETS
+from ..forward import PadMask
+from ..numerics import DISTANCE_BUCKETS, chunk_keep
 
 PRECISION = jax.lax.Precision.HIGHEST
 Pos = int | jax.Array  # an absolute position: a Python int when static, a traced scalar otherwise
@@ -48,7 +49,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
     xc = jax.lax.complex(xf[..., 0], xf[..., 1])
-    y = xc * jax.lax.complex(cos, sin)[None, None]
+    f = jax.lax.complex(cos, sin)
+    y = xc * (f[:, None] if f.ndim == 3 else f[None, None])  # (B, S, d/2): a padded batch
     return jnp.stack((y.real, y.imag), axis=-1).reshape(x.shape).astype(x.dtype)
 
 
@@ -66,10 +68,12 @@ class CacheEntry(NamedTuple):
     cap: int
 
 
-def keep_from(start: Pos, n: int, chunk: int) -> Pos:
+def keep_from(start: Pos, n: int, chunk: int, shift=None) -> Pos:
     """First position a chunked layer must keep after queries start..start+n-1 (the last
-    query's chunk start); works on Python ints (host bookkeeping) and traced scalars alike."""
-    return ((start + n - 1) // chunk) * chunk
+    query's chunk start; with ``shift``, a padded batch's left padding per row, the earliest
+    such start of any row); works on Python ints (host bookkeeping) and traced scalars
+    alike."""
+    return chunk_keep(start, n, chunk, shift)
 
 
 def _mask(S: int, Tk: int, start: Pos, k_start: Pos, chunk: int | None) -> jax.Array:
@@ -83,8 +87,24 @@ def _mask(S: int, Tk: int, start: Pos, k_start: Pos, chunk: int | None) -> jax.A
     return m
 
 
+def _pad_mask(S: int, Tk: int, start: Pos, k_start: Pos, chunk: int | None,
+              pad: PadMask) -> jax.Array:
+    """(B, S, Tk) boolean mask of a padded batch (``forward.PadMask``'s rule): causal, a valid
+    key or the query itself, and (chunked layers) the same chunk counted from each row's
+    first real token. Key slots past ``pad.valid`` count as valid (causality hides them)."""
+    q = start + jnp.arange(S)[:, None]
+    k = k_start + jnp.arange(Tk)[None, :]
+    m = (k <= q)[None]
+    if chunk is not None:
+        s = pad.shift[:, None, None]
+        m &= ((k[None] - s) // chunk) == ((q[None] - s) // chunk)
+    valid = jnp.take(pad.valid, k_start + jnp.arange(Tk), axis=1, mode="fill",
+                     fill_value=True)
+    return m & (valid[:, None, :] | (k == q)[None])
+
+
 def attention_probs(q: jax.Array, k: jax.Array, start: Pos, k_start: Pos, chunk: int | None,
-                    scale: float) -> jax.Array:
+                    scale: float, pad: PadMask | None = None) -> jax.Array:
     """Softmax probabilities (B, H, S, T) after the mask, as HF eager attention computes them:
     scores and probabilities rounded to the model dtype (softmax itself runs in fp32)."""
     B, H, S, d = q.shape
@@ -93,7 +113,8 @@ def attention_probs(q: jax.Array, k: jax.Array, start: Pos, k_start: Pos, chunk:
     scores = jnp.einsum("bkgsd,bktd->bkgst", qg, k, precision=PRECISION,
                         preferred_element_type=jnp.float32).astype(q.dtype) * scale
     scores = scores.reshape(B, H, S, Tk)
-    m = _mask(S, Tk, start, k_start, chunk)
+    m = _mask(S, Tk, start, k_start, chunk) if pad is None else \
+        _pad_mask(S, Tk, start, k_start, chunk, pad)[:, None]
     scores = jnp.where(m, scores, jnp.finfo(scores.dtype).min)
     return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
 
@@ -156,15 +177,23 @@ def device_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
 
 
 def fused(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
-          chunk: int | None, scale: float, platform: str = "cpu") -> jax.Array:
+          chunk: int | None, scale: float, platform: str = "cpu",
+          pad: PadMask | None = None) -> jax.Array:
     """Attention without a T x T buffer. A prefill from position 0 of a chunked layer runs
     per chunk (chunk x chunk blocks); other calls are masked. Calls whose unblocked score
     buffer would exceed ``BLOCKWISE_MIN`` elements run ``flash`` (for small chunks: the
     per-chunk kernel, a bounded group of chunks at a time), so short calls keep the
     unblocked kernels' exact rounding. On a GPU (``platform="gpu"``), a long bf16/fp16
-    prefill of a global layer runs ``device_attention`` (cuDNN) instead of ``flash``."""
+    prefill of a global layer runs ``device_attention`` (cuDNN) instead of ``flash``.
+    A padded batch (``pad``) runs masked: ``flash`` with the padding mask above
+    ``BLOCKWISE_MIN``, else one masked kernel (never the per-chunk or cuDNN paths)."""
     B, H, S, d = q.shape
     T = k.shape[2]
+    if pad is not None:
+        if B * H * S * T > BLOCKWISE_MIN:
+            return flash(q, k, v, start, k_start, chunk, scale, pad)
+        return _sdpa(q, k, v, _pad_mask(S, T, start, k_start, chunk, pad)[:, None, None],
+                     scale)
     fresh = isinstance(start, int) and start == 0 and isinstance(k_start, int) and k_start == 0
     if platform == "gpu" and fresh and T == S and chunk is None and \
             B * H * S * T > BLOCKWISE_MIN and q.dtype in (jnp.bfloat16, jnp.float16):
@@ -251,13 +280,23 @@ def _keys_t(k: jax.Array, bk: int) -> jax.Array:
 
 
 def _block_mask(qpos: jax.Array, kpos: jax.Array, kidx: jax.Array, T: int,
-                chunk: int | None) -> jax.Array:
-    """(bq, bk) visibility: causal, a real key slot, and (chunked) the query's chunk."""
+                chunk: int | None, pad: PadMask | None = None) -> jax.Array:
+    """(bq, bk) visibility: causal, a real key slot, and (chunked) the query's chunk; with
+    ``pad`` (B, 1, 1, bq, bk): also a valid key or the query itself, chunks shifted by each
+    row's left padding."""
     qp, kp = qpos[:, None], kpos[None, :]
     m = (kp <= qp) & (kidx < T)[None, :]
+    if pad is None:
+        if chunk is not None:
+            m &= (kp // chunk) == (qp // chunk)
+        return m
+    m = m[None]
     if chunk is not None:
-        m &= (kp // chunk) == (qp // chunk)
-    return m
+        s = pad.shift[:, None, None]
+        m &= ((kp[None] - s) // chunk) == ((qp[None] - s) // chunk)
+    valid = jnp.take(pad.valid, kpos, axis=1, mode="fill", fill_value=True)
+    m &= valid[:, None, :] | (kp == qp)[None]
+    return m[:, None, None]
 
 
 def _map_blocks(fn, qb: jax.Array) -> jax.Array:
@@ -282,14 +321,16 @@ def _round_to(x: jax.Array, dtype) -> jax.Array:
 
 
 def flash(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
-          chunk: int | None, scale: float) -> jax.Array:
+          chunk: int | None, scale: float, pad: PadMask | None = None) -> jax.Array:
     """Blockwise (online-softmax) attention, the mask of ``fused``: for each block of
     ``BLOCK_Q`` queries, a loop over only the ``BLOCK_K``-key blocks it can see (causal; on
     chunked layers from its first query's chunk on). Memory O(block^2), never S x T; a causal
     global layer costs S*T/2, a chunked one S*chunk. Rounded as ``_sdpa``: fp32 scores,
     exp(s - running max) cast to the model dtype for the value product (fp32 accumulation,
     rescaled when the max grows), divided by the fp32 sum at the end.
-    Key blocks wholly before the block's first query skip the mask on global layers."""
+    Key blocks wholly before the block's first query skip the mask on global layers. A padded
+    batch (``pad``) masks every block (and on chunked layers starts at the first key block,
+    since its rows' chunks are shifted)."""
     B, H, S, d = q.shape
     K, T = k.shape[1], k.shape[2]
     G = H // K
@@ -305,8 +346,11 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
         q0 = start + i * bq
         qpos = q0 + jnp.arange(bq)
         lo, hi = _key_range(q0, bq, start, S, k_start, T, bk, chunk)
+        if pad is not None:
+            lo = jnp.zeros_like(lo)
         # blocks before ``mid`` hold only keys <= q0: visible to every query of a global layer
-        mid = lo if chunk is not None else jnp.clip((q0 - k_start + 1) // bk, lo, hi)
+        mid = lo if chunk is not None or pad is not None else \
+            jnp.clip((q0 - k_start + 1) // bk, lo, hi)
 
         def step(masked):
             def body(j, carry):
@@ -314,7 +358,8 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
                 r = _block_scores(qi, kt, j, bk)
                 if masked:
                     kidx = j * bk + jnp.arange(bk)
-                    r = jnp.where(_block_mask(qpos, k_start + kidx, kidx, T, chunk), r, _NEG)
+                    r = jnp.where(_block_mask(qpos, k_start + kidx, kidx, T, chunk, pad), r,
+                                  _NEG)
                 # max(r) * scale == max(r * scale): the scaling fuses into the exponential
                 m2 = jnp.maximum(m, jnp.max(r, axis=-1) * scale)
                 a = jnp.exp(m - m2)
@@ -427,7 +472,8 @@ def attention_summary(q: jax.Array, k: jax.Array, start: Pos, k_start: Pos, chun
 
 
 def cache_update(entry: CacheEntry, k: jax.Array, v: jax.Array, start: Pos,
-                 chunk: int | None) -> tuple[jax.Array, jax.Array, Pos, CacheEntry]:
+                 chunk: int | None, shift: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, Pos, CacheEntry]:
     """Append new keys/values; chunked layers drop keys no later query can see.
 
     Returns the keys/values this call attends to, the position of their first slot, and the
@@ -453,7 +499,7 @@ def cache_update(entry: CacheEntry, k: jax.Array, v: jax.Array, start: Pos,
     keep = k_start
     if chunk is not None:
         # keys needed by the queries of this call are used above: trim after use
-        keep = jnp.maximum(k_start, keep_from(start, S, chunk))
+        keep = jnp.maximum(k_start, keep_from(start, S, chunk, shift))
     idx = (keep - k_start) + jnp.arange(entry.cap)
     new = CacheEntry(jnp.take(ks, idx, axis=2, mode="fill", fill_value=0),
                      jnp.take(vs, idx, axis=2, mode="fill", fill_value=0), keep, entry.cap)

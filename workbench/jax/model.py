@@ -38,6 +38,7 @@ from ..forward import (
     Executor,
     LayerKind,
     LayerPlan,
+    PadMask,
     Recorder,
     ResidentWeights,
     attention_phase,
@@ -79,6 +80,7 @@ class KVCache:
     start: int = 0
     kv: dict[int, tuple[jax.Array, jax.Array]] = field(default_factory=dict)
     k_start: dict[int, int] = field(default_factory=dict)
+    shift: np.ndarray | None = None  # a padded batch's left padding per row
 
     def prepare(self, cfg: ModelConfig, n: int) -> dict[int, CacheEntry]:
         """Grow buffers for n new positions; the per-layer entries the forward continues."""
@@ -86,7 +88,8 @@ class KVCache:
         for layer in range(cfg.num_hidden_layers):
             chunk = cfg.chunk_size(layer)
             ks = self.k_start.get(layer, 0)
-            kept = self.start + n - (max(ks, keep_from(self.start, n, chunk)) if chunk else ks)
+            kept = self.start + n - (max(ks, int(keep_from(self.start, n, chunk, self.shift)))
+                                     if chunk else ks)
             have = self.kv[layer][0].shape[2] if layer in self.kv else 0
             cap = have
             if kept > have:
@@ -107,7 +110,7 @@ class KVCache:
             chunk = cfg.chunk_size(layer)
             if chunk is not None:
                 ks = self.k_start.get(layer, 0)
-                self.k_start[layer] = max(ks, keep_from(self.start, n, chunk))
+                self.k_start[layer] = max(ks, int(keep_from(self.start, n, chunk, self.shift)))
             else:
                 self.k_start[layer] = 0
             self.kv[layer] = (entries[layer].k, entries[layer].v)
@@ -233,18 +236,29 @@ class JaxModel(Model):
             self._steps.popitem(last=False)
         return fn
 
-    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
+    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None, pad=None):
         cfg = self.config
         S = ids.shape[1]
         start = 0 if cache is None else cache.start
         positions = np.arange(start, start + S)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = rope_cos_sin(positions if pad is None else pad.positions, self.inv_freq)
+        # the query temperature follows the slot, as transformers' Llama 4 computes it
         temp = temperature_scales(positions, cfg) if cfg.attn_temperature_tuning else None
+        if cache is not None:
+            cache.shift = None if pad is None else pad.shift
         entries = None if cache is None else cache.prepare(cfg, S)
         continuing = cache is not None and bool(cache.kv)
+        mask = None
+        if pad is not None:
+            # slots padded (as valid) to a power of two: decode steps reuse compiled steps
+            L = pad.valid.shape[1]
+            valid = np.ones((pad.valid.shape[0], 1 << max(4, (L - 1).bit_length())), bool)
+            valid[:, :L] = pad.valid
+            mask = PadMask(jax.device_put(valid, self._device),
+                           self.ops.asarray(pad.shift.astype(np.int32)))
         ctx = Context(self.ops.asarray(cos), self.ops.asarray(sin),
                       None if temp is None else self.ops.asarray(temp),
-                      np.int32(start) if continuing else 0)
+                      np.int32(start) if continuing else 0, mask)
         before = {} if cache is None else dict(cache.k_start)
         pos = spec.positions
         self._signatures.add((plan.key(), spec.names, None if pos is None else
@@ -252,7 +266,7 @@ class JaxModel(Model):
                               "none" if cache is None else "continue" if continuing else "fresh",
                               None if entries is None else tuple(e.cap for e in
                                                                  entries.values()),
-                              stop_at_layer, spec.nan_check))
+                              stop_at_layer, spec.nan_check, pad is not None))
         ex = _CompiledSteps(self, plan, spec, {n: host_array(v) for n, v in
                                                plan.patches.items()})
         logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer)
@@ -354,27 +368,27 @@ class _CompiledSteps(Executor):
             return None if e is None else (e.k, e.v, e.k_start)
 
         if experts is None or isinstance(experts, list):  # every weight resident: one step
-            def step(lp, h, cos, sin, temp, kv, start, rec):
-                c = Context(cos, sin, temp, start if mode == "continue" else 0)
+            def step(lp, h, cos, sin, temp, kv, start, pad, rec):
+                c = Context(cos, sin, temp, start if mode == "continue" else 0, pad)
                 h, e = layer_step(ops, cfg, kind, lp, h, c, rec, lplan, cache_in(kv))
                 return h, cache_out(e)
 
             h, new = self._call(("layer", kind, lplan, mode, cap), i, scope, step, lp, h,
-                                ctx.cos, ctx.sin, ctx.temp, kv, start, donate=donate)
+                                ctx.cos, ctx.sin, ctx.temp, kv, start, ctx.pad, donate=donate)
             return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
 
         # streamed experts: attention and routing, then read the chosen experts, then them
         dense = {n: a for n, a in lp.items() if n != "experts"}
 
-        def route(lp, h, cos, sin, temp, kv, start, rec):
-            c = Context(cos, sin, temp, start if mode == "continue" else 0)
+        def route(lp, h, cos, sin, temp, kv, start, pad, rec):
+            c = Context(cos, sin, temp, start if mode == "continue" else 0, pad)
             h, x, e = attention_phase(ops, cfg, kind, lp, h, c, rec, lplan, cache_in(kv))
             idx, gates = route_phase(ops, cfg, lp, x, rec, lplan)
             return (h, x, idx, gates), cache_out(e)
 
         (h, x, idx, gates), new = self._call(("route", kind, lplan, mode, cap), i, scope, route,
                                              dense, h, ctx.cos, ctx.sin, ctx.temp, kv, start,
-                                             donate=donate)
+                                             ctx.pad, donate=donate)
         # the chosen experts, group by group within ``expert_group_bytes``: each group's
         # assignment rows are computed by one compiled call and merged; the end of the block
         # (hooks, shared expert, residual) runs once on the merged rows

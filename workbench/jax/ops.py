@@ -98,8 +98,8 @@ class JaxOps:
     def scale_queries(self, q: jax.Array, temp: jax.Array) -> jax.Array:
         return (q * temp[None, None, :, None]).astype(q.dtype)
 
-    def attention(self, q, k, v, start, k_start, chunk, scale):
-        return att.fused(q, k, v, start, k_start, chunk, scale, self.device.platform)
+    def attention(self, q, k, v, start, k_start, chunk, scale, pad=None):
+        return att.fused(q, k, v, start, k_start, chunk, scale, self.device.platform, pad)
     attention_probs = staticmethod(att.attention_probs)
     attention_summary = staticmethod(att.attention_summary)
     attend = staticmethod(att.attend)

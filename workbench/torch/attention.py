@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..numerics import attention_mask, distance_bucket_edges
+from ..forward import PadMask
+from ..numerics import attention_mask, chunk_keep, distance_bucket_edges
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -28,7 +29,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x: (B, N, S, d); cos/sin: (S, d/2).
     """
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    f = torch.complex(cos, sin)[None, None]
+    f = torch.complex(cos, sin)
+    f = f[:, None] if f.ndim == 3 else f[None, None]  # per-row tables of a padded batch
     return torch.view_as_real(xc * f).flatten(-2).to(x.dtype)
 
 
@@ -39,13 +41,31 @@ def mask(S: int, T: int, start: int, k_start: int, chunk: int | None,
     return torch.from_numpy(m).to(device)
 
 
+def pad_mask(S: int, T: int, start: int, k_start: int, chunk: int | None,
+             pad: PadMask) -> torch.Tensor:
+    """(B, 1, S, T) boolean mask of a padded batch (``forward.PadMask``'s rule): causal, a
+    valid key or the query itself, and (chunked layers) the same chunk counted from each
+    row's first real token."""
+    dev = pad.valid.device
+    q = torch.arange(start, start + S, device=dev)[:, None]
+    k = torch.arange(k_start, k_start + T, device=dev)[None, :]
+    m = (k <= q)[None]
+    if chunk is not None:
+        s = pad.shift[:, None, None]
+        m = m & (torch.div(k[None] - s, chunk, rounding_mode="floor")
+                 == torch.div(q[None] - s, chunk, rounding_mode="floor"))
+    valid = pad.valid[:, k_start:k_start + T]
+    return (m & (valid[:, None, :] | (k == q)[None]))[:, None]
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, start: int, k_start: int,
-                    chunk: int | None, scale: float) -> torch.Tensor:
+                    chunk: int | None, scale: float, pad: PadMask | None = None) -> torch.Tensor:
     """Softmax probabilities (B, H, S, T) after the mask, as HF eager attention computes them."""
     H, K = q.shape[1], k.shape[1]
     kr = k.repeat_interleave(H // K, dim=1)
     scores = (q @ kr.transpose(-1, -2)) * scale
-    m = mask(q.shape[2], k.shape[2], start, k_start, chunk, q.device)
+    m = (mask(q.shape[2], k.shape[2], start, k_start, chunk, q.device) if pad is None
+         else pad_mask(q.shape[2], k.shape[2], start, k_start, chunk, pad))
     scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1)
 
@@ -62,13 +82,16 @@ float buffer, so one S x T mask would grow quadratically with a long continuatio
 
 
 def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, k_start: int,
-          chunk: int | None, scale: float) -> torch.Tensor:
+          chunk: int | None, scale: float, pad: PadMask | None = None) -> torch.Tensor:
     """SDPA with no T x T buffer built here: a prefill runs causal SDPA (per chunk on chunked
     layers), a decode step that sees every key given runs unmasked, and any other call (a
     continuation) runs masked, in query blocks of at most ``MASK_ELEMS`` mask elements over the
-    keys each block can see when one mask would be larger."""
+    keys each block can see when one mask would be larger. A padded batch (``pad``) always
+    runs masked (``pad_mask``), in query blocks when its mask would be larger."""
     B, H, S, d = q.shape
     T = k.shape[2]
+    if pad is not None:
+        return _fused_padded(q, k, v, start, k_start, chunk, scale, pad)
     if start == 0 and k_start == 0 and T == S:
         if chunk is None or S <= chunk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
@@ -96,6 +119,27 @@ def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, k_start
         m = mask(i1 - i0, hi - lo, start + i0, k_start + lo, chunk, q.device)
         o[:, :, i0:i1] = F.scaled_dot_product_attention(
             q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=m, scale=scale,
+            enable_gqa=True)
+    return o
+
+
+def _fused_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                  k_start: int, chunk: int | None, scale: float, pad: PadMask) -> torch.Tensor:
+    """``fused`` for a padded batch: SDPA with its (B, 1, S, T) mask, per block of queries
+    (over the keys up to the block's last query) when the mask would exceed ``MASK_ELEMS``."""
+    B, H, S, d = q.shape
+    T = k.shape[2]
+    bq = max(1, MASK_ELEMS // max(1, B * T))
+    if S <= bq:
+        m = pad_mask(S, T, start, k_start, chunk, pad)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=True)
+    o = q.new_empty(B, H, S, d)
+    for i0 in range(0, S, bq):
+        i1 = min(S, i0 + bq)
+        hi = max(1, min(T, start + i1 - k_start))
+        m = pad_mask(i1 - i0, hi, start + i0, k_start, chunk, pad)
+        o[:, :, i0:i1] = F.scaled_dot_product_attention(
+            q[:, :, i0:i1], k[:, :, :hi], v[:, :, :hi], attn_mask=m, scale=scale,
             enable_gqa=True)
     return o
 
@@ -302,7 +346,8 @@ def _capacity(need: int, chunk: int | None) -> int:
 
 
 def cache_update(entry: CacheEntry, k: torch.Tensor, v: torch.Tensor, start: int,
-                 chunk: int | None) -> tuple[torch.Tensor, torch.Tensor, int, CacheEntry]:
+                 chunk: int | None, shift: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, CacheEntry]:
     """Append new keys/values; chunked layers drop keys no later query can see.
 
     Returns the keys/values this call attends to (the cached keys then the new ones, from the
@@ -338,7 +383,8 @@ def cache_update(entry: CacheEntry, k: torch.Tensor, v: torch.Tensor, start: int
             ck, cv = entry.keys()
             ks, vs = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
     # what later queries can see: everything (global), from the last query's chunk (chunked)
-    keep = k_start if chunk is None else max(k_start, ((start + S - 1) // chunk) * chunk)
+    keep = k_start if chunk is None else max(k_start, int(chunk_keep(
+        start, S, chunk, None if shift is None else shift.cpu().numpy())))
     cut = keep - k_start
     n_keep = n_all - cut
     if in_buf:

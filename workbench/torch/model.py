@@ -12,7 +12,16 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
-from ..forward import Context, Executor, Recorder, ResidentWeights, first_nonfinite, forward
+from ..forward import (
+    Context,
+    Executor,
+    Padding,
+    PadMask,
+    Recorder,
+    ResidentWeights,
+    first_nonfinite,
+    forward,
+)
 from ..interventions import Plan
 from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
@@ -86,17 +95,23 @@ class TorchModel(Model):
         return {"start": 0, "layers": dict.fromkeys(range(self.config.num_hidden_layers),
                                                     EMPTY)}
 
-    def _context(self, start: int, n: int) -> Context:
+    def _context(self, start: int, n: int, pad: Padding | None = None) -> Context:
         positions = np.arange(start, start + n)
-        cos, sin = (self.ops.asarray(a) for a in rope_cos_sin(positions, self.inv_freq))
+        rope_pos = positions if pad is None else pad.positions
+        cos, sin = (self.ops.asarray(a) for a in rope_cos_sin(rope_pos, self.inv_freq))
+        # the query temperature follows the slot, as transformers' Llama 4 computes it
         temp = (self.ops.asarray(temperature_scales(positions, self.config))
                 if self.config.attn_temperature_tuning else None)
-        return Context(cos, sin, temp, start)
+        mask = None if pad is None else PadMask(
+            torch.from_numpy(np.ascontiguousarray(pad.valid, bool)).to(self._device),
+            self.ops.asarray(pad.shift.astype(np.int64)))
+        return Context(cos, sin, temp, start, mask)
 
     def _run(self, ids: torch.Tensor, plan: Plan, rec: Recorder, start: int = 0,
-             cache: dict | None = None, stop_at_layer: int | None = None):
+             cache: dict | None = None, stop_at_layer: int | None = None,
+             pad: Padding | None = None):
         ex = Executor(self.ops, self.config, plan, rec)
-        return forward(ex, self.weights, ids, self._context(start, ids.shape[1]), cache,
+        return forward(ex, self.weights, ids, self._context(start, ids.shape[1], pad), cache,
                        stop_at_layer)
 
     def threads_for(self, tokens: int) -> int | None:
@@ -110,25 +125,26 @@ class TorchModel(Model):
             return 1
         return None
 
-    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
+    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None, pad=None):
         n = self.threads_for(int(ids.shape[0] * ids.shape[1]))
         before = torch.get_num_threads()
         if n is None or n == before:
-            return self._forward_inner(ids, plan, spec, cache, stop_at_layer)
+            return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad)
         torch.set_num_threads(n)
         try:
-            return self._forward_inner(ids, plan, spec, cache, stop_at_layer)
+            return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad)
         finally:
             torch.set_num_threads(before)
 
     @torch.inference_mode()
-    def _forward_inner(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
+    def _forward_inner(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None,
+                       pad=None):
         patches = {n: self.ops.asarray(v) for n, v in plan.patches.items()}
         rec = Recorder(self.ops, spec.names, plan, patches, spec.positions,
                        nan_check=spec.nan_check)
         start = 0 if cache is None else cache["start"]
         logits, _ = self._run(ids, plan, rec, start,
-                              None if cache is None else cache["layers"], stop_at_layer)
+                              None if cache is None else cache["layers"], stop_at_layer, pad)
         if cache is not None:
             cache["start"] = start + ids.shape[1]
         raise_nonfinite(first_nonfinite(rec.finite, self.hook_names()), "torch")

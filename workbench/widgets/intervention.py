@@ -35,6 +35,9 @@ from .routing import _layer_slider
 
 CAPTURE = ["*.moe.topk_indices", "*.moe.router_logits"]
 MODES = ("ban", "zero", "force")
+MODE_STYLES = {"ban": "danger", "zero": "warning", "force": "success"}
+"""ipywidgets button style of an expert toggle holding each kind of intervention."""
+DONE = {"ban": "banned", "zero": "zeroed", "force": "forced"}
 
 
 @dataclass
@@ -124,20 +127,52 @@ class InterventionState:
         self.forced[lay] = e
 
     def toggle(self, mode: str, layer: int, expert: int) -> bool:
-        """Toggle ``mode`` ("ban", "zero" or "force") for one expert; returns the new state."""
+        """Toggle one expert (``mode``: "ban", "zero" or "force"); returns whether it now
+        holds an intervention. An expert holds at most one: toggling an expert that holds
+        any (whatever ``mode`` is selected now) removes it, so a toggle shown on always means
+        an active intervention and off means none."""
         check_choice(mode, MODES, "mode")
+        layer, expert = self._expert(layer, expert)
+        if self.mode_of(layer, expert) is not None:
+            self.remove(self.mode_of(layer, expert), layer, expert)
+            return False
         if mode == "ban":
             return self.toggle_ban(layer, expert)
         if mode == "zero":
             return self.toggle_zero(layer, expert)
-        on = self.forced.get(int(layer)) != int(expert)
-        self.set_force(layer, expert if on else None)
-        return on
+        self.set_force(layer, expert)
+        return True
 
     def is_on(self, mode: str, layer: int, expert: int) -> bool:
         key = (int(layer), int(expert))
         return {"ban": key in self.banned, "zero": key in self.zeroed,
                 "force": self.forced.get(key[0]) == key[1]}[mode]
+
+    def mode_of(self, layer: int, expert: int) -> str | None:
+        """The intervention one expert holds ("ban", "zero", "force"), or None."""
+        return next((m for m in MODES if self.is_on(m, layer, expert)), None)
+
+    def active(self) -> list[tuple[str, int, int]]:
+        """Every active intervention as (kind, layer, expert or head), kinds "ban", "zero",
+        "force" and "ablate", on every layer (not only the selected one)."""
+        out = [("ban", lay, e) for lay, e in sorted(self.banned)]
+        out += [("zero", lay, e) for lay, e in sorted(self.zeroed)]
+        out += [("force", lay, e) for lay, e in sorted(self.forced.items())]
+        out += [("ablate", lay, h) for lay, h in sorted(self.ablated)]
+        return out
+
+    def remove(self, kind: str, layer: int, index: int) -> None:
+        """Remove one active intervention (an item of :meth:`active`)."""
+        check_choice(kind, (*MODES, "ablate"), "intervention kind")
+        key = (int(layer), int(index))
+        if key not in {(lay, i) for k, lay, i in self.active() if k == kind}:
+            raise ValueError(f"no {kind} intervention on layer {layer}, "
+                             f"{'head' if kind == 'ablate' else 'expert'} {index}; active: "
+                             f"{self.describe()}")
+        if kind == "force":
+            self.forced.pop(key[0])
+        else:
+            {"ban": self.banned, "zero": self.zeroed, "ablate": self.ablated}[kind].discard(key)
 
     def toggle_head(self, layer: int, head: int) -> bool:
         """Ablate or restore an attention head; returns whether it is now ablated."""
@@ -291,11 +326,12 @@ class InterventionExplorer(Explorer):
         self.mode = widgets.ToggleButtons(options=list(MODES), value="ban",
                                           description="experts")
         self.expert_toggles = [widgets.ToggleButton(description=f"E{e}",
-                                                    layout=widgets.Layout(width="52px"))
+                                                    layout=widgets.Layout(width="72px"))
                                for e in range(s.experts)]
         self.head_toggles = [widgets.ToggleButton(description=f"H{h}",
                                                   layout=widgets.Layout(width="52px"))
                              for h in range(s.heads)]
+        self.active_box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.summary = widgets.HTML()
         self.effect_image = self.image()
         self.tokens_image = self.image()
@@ -316,6 +352,7 @@ class InterventionExplorer(Explorer):
             widgets.HBox([self.mode]),
             widgets.HBox(self.expert_toggles, layout=widgets.Layout(flex_flow="row wrap")),
             widgets.HBox([widgets.Label("ablate heads"), *self.head_toggles]),
+            self.active_box,
             self.summary,
             self.effect_image,
             self.tokens_image,
@@ -325,15 +362,45 @@ class InterventionExplorer(Explorer):
         self.guard("drawing", self.refresh)
 
     def sync_toggles(self) -> None:
-        """Set the toggles from the state for the selected layer and mode."""
+        """Set the toggles from the state for the selected layer: an expert toggle is on when
+        the expert holds any intervention (labelled and coloured by its kind, whatever mode
+        is selected), a head toggle when the head is ablated; every active intervention, on
+        any layer, is listed with a button that removes it."""
         s = self.state
         moe = s.layer in s.moe_layers
         with self.quiet():
             for e, t in enumerate(self.expert_toggles):
+                mode = s.mode_of(s.layer, e) if moe else None
                 t.disabled = not moe
-                t.value = moe and s.is_on(self.mode.value, s.layer, e)
+                t.value = mode is not None
+                t.description = f"E{e} {mode}" if mode else f"E{e}"
+                t.button_style = MODE_STYLES.get(mode, "")
+                t.tooltip = (f"layer {s.layer}: expert {e} is {DONE[mode]}; click to remove"
+                             if mode else f"click to {self.mode.value} expert {e}")
             for h, t in enumerate(self.head_toggles):
                 t.value = (s.layer, h) in s.ablated
+                t.button_style = "danger" if t.value else ""
+        self.active_box.children = [widgets.Label("active:"), *self._active_buttons()] \
+            if s.active() else [widgets.Label("active: none")]
+
+    def _active_buttons(self) -> list[widgets.Button]:
+        buttons = []
+        for kind, layer, i in self.state.active():
+            what = f"H{i}" if kind == "ablate" else f"E{i}"
+            b = widgets.Button(description=f"✕ {kind} L{layer} {what}",
+                               tooltip="remove this intervention",
+                               layout=widgets.Layout(width="auto"))
+            b.on_click(self.callback(f"removing {kind} L{layer} {what}",
+                                     self._remover(kind, layer, i)))
+            buttons.append(b)
+        return buttons
+
+    def _remover(self, kind: str, layer: int, i: int) -> Any:
+        def run() -> None:
+            self.state.remove(kind, layer, i)
+            self.state.update()
+            self.refresh()
+        return run
 
     def refresh(self) -> None:
         """Set the controls from the state and redraw (also after driving ``state`` from

@@ -203,9 +203,25 @@ class RoutingState:
         return fig
 
 
+def _hex(rgba: tuple[float, ...]) -> str:
+    return "#" + "".join(f"{int(round(255 * c)):02x}" for c in rgba[:3])
+
+
+def _ink(rgba: tuple[float, ...]) -> str:
+    """Black or white text, whichever reads better on ``rgba``."""
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
+
+
+def _shown(token: str) -> str:
+    """A token as a button label: spaces and line breaks made visible, never empty."""
+    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+
+
 class RoutingExplorer(Explorer):
-    """Explore routing interactively: text box and prompt picker, layer slider, token picker;
-    shows tokens coloured by expert, the selected token's path and per-layer load bars."""
+    """Explore routing interactively: text box and prompt picker, layer slider; the tokens as
+    buttons coloured by their top-1 expert (click one to follow it), the selected token's path
+    and per-layer load bars."""
 
     def __init__(self, model: Any = None, tokenizer: Any = None, text: str | None = None,
                  layer: int | None = None, **kwargs: Any):
@@ -216,22 +232,22 @@ class RoutingExplorer(Explorer):
                                        description="prompt")
         self.text_controls(s.text, "70px")
         self.layer_slider = _layer_slider(s.layers, s.layer)
-        self.token_picker = widgets.Dropdown(options=s.token_options(), value=s.position,
-                                             description="token")
-        self.tokens_image = self.image()
+        self.legend = widgets.HTML()
+        self.token_buttons: list[widgets.Button] = []
+        self.token_box = widgets.Box(layout=widgets.Layout(flex_flow="row wrap", width="100%"))
         self.path_image = self.image()
         self.load_image = self.image()
         self.path_table = widgets.HTML()
         self.prompt.observe(self.callback("loading the prompt", self._on_prompt), "value")
         self.run_button.on_click(self.callback("running the model", self.run_text))
         self.layer_slider.observe(self.callback("changing the layer", self._on_layer), "value")
-        self.token_picker.observe(self.callback("selecting the token", self._on_token), "value")
         self.children = [
             self.header(),
             widgets.HBox([self.prompt, self.run_button]),
             self.text,
-            widgets.HBox([self.layer_slider, self.token_picker]),
-            self.tokens_image,
+            self.layer_slider,
+            self.legend,
+            self.token_box,
             widgets.HBox([self.path_image, self.path_table]),
             self.load_image,
             *self.footer(),
@@ -239,16 +255,66 @@ class RoutingExplorer(Explorer):
         self.guard("drawing", self.refresh)
 
     def refresh(self) -> None:
-        """Set the controls from the state and redraw every figure (call it after driving
+        """Set the controls from the state and redraw everything (call it after driving
         ``explorer.state`` from code)."""
         s = self.state
         with self.quiet():
             self.text.value = s.text
             self.layer_slider.value = s.layer
-            self.token_picker.options = s.token_options()
-            self.token_picker.value = s.position
-        self.show(self.tokens_image, s.render_tokens())
+            self.prompt.value = next((n for n, t in PROMPTS.items() if t == s.text),
+                                     "(custom)")
+        if len(self.token_buttons) != len(s.tokens) or \
+                [b.description for b in self.token_buttons] != [_shown(t) for t in s.tokens]:
+            self._build_tokens()
+        self.style_tokens()
         self.refresh_token()
+
+    def _build_tokens(self) -> None:
+        """One button per token (clicking selects it)."""
+        buttons = []
+        for p, tok in enumerate(self.state.tokens):
+            b = widgets.Button(description=_shown(tok),
+                               layout=widgets.Layout(width="auto", height="30px",
+                                                     margin="1px", padding="0 5px"))
+            b.style.font_size = "15px"
+            b.on_click(self.callback(f"selecting token {p}", self._selector(p)))
+            buttons.append(b)
+        self.token_buttons = buttons
+        self.token_box.children = buttons
+
+    def _selector(self, p: int) -> Any:
+        def run() -> None:
+            self.select(p)
+        return run
+
+    def select(self, position: int) -> None:
+        """Select the token at ``position`` (what clicking its button does) and redraw."""
+        self.state.select_token(position)
+        self.style_tokens()
+        self.refresh_token()
+
+    def style_tokens(self) -> None:
+        """Colour each token button by its top-1 expert at the selected layer; frame the
+        selected token, dash-frame near-ties."""
+        s = self.state
+        experts = s.experts()
+        r = s.trace.routing(s.layer)
+        z = np.sort(np.asarray(r.logits, dtype=np.float64)[0], axis=-1)
+        margins = z[:, -1] - z[:, -2] if z.shape[-1] > 1 else np.full(len(z), np.inf)
+        for p, b in enumerate(self.token_buttons):
+            c = expert_color(int(experts[p]))
+            b.style.button_color = _hex(c)
+            b.style.text_color = _ink(c)
+            b.style.font_weight = "bold" if p == s.position else "normal"
+            b.layout.border = ("3px solid black" if p == s.position else
+                               f"2px dashed {WARN}" if margins[p] < s.eps else "1px solid #ccc")
+            b.tooltip = (f"position {p}: {s.tokens[p]!r} → E{int(experts[p])} at layer "
+                         f"{s.layer} (margin {margins[p]:.3g})")
+        self.legend.value = (
+            f"<span style='font-size:14px'>tokens coloured by their top-1 expert at layer "
+            f"<b>{s.layer}</b>; <b>click a token</b> to follow it through the layers "
+            f"(selected: <b>{s.position}</b> {s.tokens[s.position]!r}; black frame = selected, "
+            f"dashed red = near-tie)</span>")
 
     def refresh_token(self) -> None:
         s = self.state
@@ -263,15 +329,8 @@ class RoutingExplorer(Explorer):
 
     def _on_layer(self) -> None:
         self.state.set_layer(self.layer_slider.value)
-        self.show(self.tokens_image, self.state.render_tokens())
+        self.style_tokens()
         self.show(self.load_image, self.state.render_load())
-
-    def _on_token(self) -> None:
-        if self.token_picker.value is None:
-            return
-        self.state.select_token(self.token_picker.value)
-        self.show(self.tokens_image, self.state.render_tokens())
-        self.refresh_token()
 
 
 def _layer_slider(layers: list[int], value: int, description: str = "layer") -> widgets.Widget:
