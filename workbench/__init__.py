@@ -35,7 +35,8 @@ BACKENDS = ("torch", "jax")
 def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
          device: Any = None, offload: str | None = None,
          max_memory: int | str | None = None,
-         max_position_embeddings: int | None = None, threads: int | None = None) -> Model:
+         max_position_embeddings: int | None = None, threads: int | None = None,
+         expert_parallel: bool = False, mesh: Any = None) -> Model:
     """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``.
 
     ``device``: torch takes "cpu", "cuda", "cuda:N", "mps" or a torch.device; jax takes a
@@ -56,6 +57,13 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
     over fewer than 64 positions (a decode step) runs on one thread and larger ones use
     torch's setting (``model.threads`` can be changed later). jax's CPU thread pool is fixed
     when jax starts (``XLA_FLAGS``), so the jax backend refuses ``threads``.
+
+    ``expert_parallel=True`` shards each MoE layer's experts: jax over ``jax.devices()`` on a
+    mesh axis named "expert" (or over ``mesh=``, a ``jax.sharding.Mesh`` with an "expert" and
+    optionally a "data" axis); torch over the ``torch.distributed`` process group the caller
+    initialised, each rank loading (or, with ``offload="disk"``, reading) only its E/N experts.
+    Tokens reach their experts by all-to-all; results, hooks and interventions are those of
+    one device. On torch every rank runs the same ``run`` call and returns the same Output.
     """
     if backend == "torch":
         from .torch import load as _load
@@ -71,7 +79,17 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
                              "pool when it starts (set XLA_FLAGS before importing jax)")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1 (or None)")
-    model = _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory)
+    if not isinstance(expert_parallel, bool):
+        raise ValueError(f"expert_parallel={expert_parallel!r} must be True or False")
+    if mesh is not None and backend != "jax":
+        raise ValueError("mesh= is a jax.sharding.Mesh for backend='jax'; the torch backend "
+                         "shards experts over its process group with expert_parallel=True")
+    parallel: dict[str, Any] = {}
+    if expert_parallel or mesh is not None:
+        parallel = {"expert_parallel": True} if backend == "torch" else \
+            {"expert_parallel": True, "mesh": mesh}
+    model = _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory,
+                  **parallel)
     if threads is not None:
         model.threads = threads
     if max_position_embeddings is not None:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import hooks as hk
 from ..checkpoint import Checkpoint
@@ -55,6 +56,7 @@ from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..plan import EXPERT_GROUP_BYTES
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
+from . import parallel
 from .attention import CacheEntry, keep_from
 from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
 from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
@@ -131,17 +133,31 @@ class JaxModel(Model):
     def __init__(self, config: ModelConfig, tensors: Mapping[str, np.ndarray],
                  dtype: str = "float32", path: str | None = None, device: Any = None, *,
                  done: Callable[[str], None] | None = None,
-                 stream: Checkpoint | None = None, max_memory: int | None = None):
+                 stream: Checkpoint | None = None, max_memory: int | None = None,
+                 mesh: Mesh | None = None):
         super().__init__(config, dtype, path)
-        self._device = resolve_device(device)
+        self.mesh = mesh  # expert parallel: experts sharded on its "expert" axis (parallel.py)
+        self._device = resolve_device(device) if mesh is None else mesh.devices.flat[0]
+        self._placement: Any = self._device if mesh is None else \
+            NamedSharding(mesh, PartitionSpec())
         self.params: Params = {}
         self.aliased = 0  # tensors adopted from host memory without a copy (CPU only)
-        for n, a in to_params(config, tensors, done):
+        for n, a in to_params(config, tensors if mesh is None else
+                              parallel.without_experts(config, tensors), done):
             self.params[n] = self.put(a)
             del a
-        self.ops = JaxOps(self._device)
+        self.ops = JaxOps(self._device) if mesh is None else parallel.ExpertParallelOps(mesh)
         E = config.num_local_experts
-        if stream is not None:  # streamed: copies on demand, experts in nn.Linear layout
+        if mesh is not None:  # every device holds its E/n experts of each MoE layer
+            self.expert_slots = {}
+            for i in config.moe_layers:
+                self.expert_slots[i] = parallel.shard_experts(config, mesh, tensors, i,
+                                                              self._np_dtype)
+                for n in expert_names(i):
+                    if done:
+                        done(n)
+            self.weights = ResidentWeights(config, self.params, self.expert_slots.__getitem__)
+        elif stream is not None:  # streamed: copies on demand, experts in nn.Linear layout
 
             def put(view: np.ndarray) -> jax.Array:
                 return self.put(view, copy=True)
@@ -164,8 +180,7 @@ class JaxModel(Model):
     def put(self, a: np.ndarray, copy: bool = False) -> jax.Array:
         """A host array on the device in the model's dtype, with at most one copy: on the CPU
         a 64-byte-aligned array already in the dtype is adopted in place (unless ``copy``)."""
-        np_dt = np.dtype(ml_dtypes.bfloat16) if self.dtype == "bfloat16" else \
-            np.dtype(np.float32)
+        np_dt = self._np_dtype
         host = np.asarray(a)
         if host.ndim == 2 and host.nbytes >= _XLA_TRANSPOSE_BYTES and \
                 not host.flags.c_contiguous and host.T.flags.c_contiguous:
@@ -179,10 +194,14 @@ class JaxModel(Model):
             host = _aligned(host, np_dt)  # the one copy, which jax then adopts
         elif host.dtype != np_dt:
             host = host.astype(np_dt)
-        arr = jax.device_put(host, self._device)
+        arr = jax.device_put(host, self._placement)
         if cpu and not copy and _pointer(arr) == np.asarray(a).ctypes.data:
             self.aliased += 1
         return arr
+
+    @property
+    def _np_dtype(self) -> np.dtype:
+        return np.dtype(ml_dtypes.bfloat16) if self.dtype == "bfloat16" else np.dtype(np.float32)
 
     @property
     def device(self) -> jax.Device:
@@ -286,8 +305,12 @@ class JaxModel(Model):
         Checkpoint.save)."""
         if isinstance(self.weights, StreamedWeights):
             return streamed_state_dict(self.weights)
-        return from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
-                                          self.params.items()})
+        out = from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
+                                         self.params.items()})
+        if self.mesh is not None:
+            for i, slots in self.expert_slots.items():
+                out.update(parallel.stacked_experts(self.config, self.mesh, slots, i))
+        return out
 
 
 class _CompiledSteps(Executor):
@@ -482,15 +505,26 @@ def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np
 
 def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
          device: Any = None, offload: str | None = None,
-         max_memory: int | str | None = None) -> JaxModel:
+         max_memory: int | str | None = None, expert_parallel: bool = False,
+         mesh: Mesh | None = None) -> JaxModel:
     """Load a checkpoint directory into the jax backend, one tensor at a time.
 
     Tensors are read from the memory-mapped shards and placed on the device one by one; a
     tensor jax could not adopt in place has its file pages released once it is copied.
     ``offload="disk"`` streams instead: nothing is read until a forward needs it
     (``workbench.streaming``), with an expert cache of ``max_memory`` bytes.
+    ``expert_parallel=True`` / ``mesh=`` shard the experts over a device mesh
+    (``workbench.jax.parallel``).
     """
     ck = checkpoint or Checkpoint.open(path)
+    ep_mesh = parallel.resolve_mesh(ck.config, expert_parallel, mesh, device)
+    if ep_mesh is not None:
+        if offload is not None:
+            raise ValueError("expert_parallel / mesh= hold every expert in device memory, "
+                             "sharded; offload='disk' streams them from one host instead: "
+                             "choose one")
+        views = _Views(ck)
+        return JaxModel(ck.config, views, dtype, str(path), done=views.done, mesh=ep_mesh)
     if check_offload(offload, max_memory) == "disk":
         ck.weight_names()  # a streamed forward needs every layer too
         return JaxModel(ck.config, {}, dtype, str(path), device, stream=ck,

@@ -28,6 +28,13 @@ from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import EMPTY
 from .ops import TORCH_DTYPES, TorchOps, from_numpy, resolve_device
+from .parallel import (
+    ExpertParallelOps,
+    ExpertShard,
+    LocalExperts,
+    ShardedStreamedWeights,
+    gather_experts,
+)
 
 SMALL_CALL_TOKENS = 64  # forwards over fewer positions run single-threaded on the CPU
 
@@ -57,21 +64,26 @@ class TorchModel(Model):
 
     def __init__(self, config: ModelConfig, tensors: dict[str, Any], dtype: str = "float32",
                  path: str | None = None, device: Any = None, *,
-                 weights: StreamedWeights | None = None):
+                 weights: StreamedWeights | None = None, shard: ExpertShard | None = None):
         super().__init__(config, dtype, path)
+        self.shard = shard  # expert parallel: this rank's experts and process group
         self._device = resolve_device(device)
         self.threads: int | None = None  # intra-op threads per forward (None: threads_for)
         tdt = TORCH_DTYPES[dtype]
         self.params = Params({n: _to(t, tdt, self._device) for n, t in tensors.items()})
-        self.ops = TorchOps(self._device)
+        self.ops = TorchOps(self._device) if shard is None else \
+            ExpertParallelOps(self._device, shard)
         self.inv_freq = rope_inv_freq(config)
         self.weights = weights if weights is not None else self._weights()
 
     def _weights(self) -> ResidentWeights:
         p = self.params.as_dict()
         pre = "layers.{}.feed_forward.experts."
-        return ResidentWeights(self.config, p, lambda i: (p[pre.format(i) + "gate_up_proj"],
-                                                          p[pre.format(i) + "down_proj"]))
+
+        def experts(i: int) -> Any:
+            pair = (p[pre.format(i) + "gate_up_proj"], p[pre.format(i) + "down_proj"])
+            return pair if self.shard is None else LocalExperts(self.shard.lo, pair)
+        return ResidentWeights(self.config, p, experts)
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +176,12 @@ class TorchModel(Model):
         """Weights as float32 numpy arrays by canonical name (for Checkpoint.save)."""
         if isinstance(self.weights, StreamedWeights):
             return streamed_state_dict(self.weights)
-        return {n: t.detach().float().cpu().numpy() for n, t in self.params.as_dict().items()}
+        params = self.params.as_dict()
+        out = {n: t.detach().float().cpu().numpy() for n, t in params.items()
+               if self.shard is None or not self.shard.owns(n)}
+        if self.shard is not None:  # a collective: every rank's experts
+            out.update(gather_experts(params, self.shard))
+        return out
 
 
 def _to(t: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -176,7 +193,7 @@ def _to(t: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
          device: Any = None, offload: str | None = None,
-         max_memory: int | str | None = None) -> TorchModel:
+         max_memory: int | str | None = None, expert_parallel: bool = False) -> TorchModel:
     """Load a checkpoint directory into the torch backend, one copy of the weights.
 
     On the CPU, tensors stored in the requested dtype are zero-copy views of the memory-mapped
@@ -184,23 +201,27 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
     converted or copied to the device one at a time and its file pages are released.
     ``offload="disk"`` streams instead: nothing is read until a forward needs it
     (``workbench.streaming``), with an expert cache of ``max_memory`` bytes.
+    ``expert_parallel=True`` keeps only this rank's experts (``workbench.torch.parallel``).
     """
     ck = checkpoint or Checkpoint.open(path)
     dev = resolve_device(device)
     tdt = TORCH_DTYPES[dtype]
+    shard = ExpertShard.current(ck.config) if expert_parallel else None
     if check_offload(offload, max_memory) == "disk":
         ck.weight_names()  # a streamed forward needs every layer too
 
         def put(view: np.ndarray) -> torch.Tensor:
             return from_numpy(np.asarray(view)).to(device=dev, dtype=tdt, copy=True)
 
-        source = StreamedWeights(ck, put, lambda gu, dn: (put(gu), put(dn)),
-                                 parse_bytes(max_memory))
-        return TorchModel(ck.config, {}, dtype, str(path), dev, weights=source)
+        args = (ck, put, lambda gu, dn: (put(gu), put(dn)), parse_bytes(max_memory))
+        source = StreamedWeights(*args) if shard is None else ShardedStreamedWeights(shard, *args)
+        return TorchModel(ck.config, {}, dtype, str(path), dev, weights=source, shard=shard)
     tensors: dict[str, torch.Tensor] = {}
     kept_views = False
     for name in ck.weight_names():
         view = ck.view(name)
+        if shard is not None and shard.owns(name):
+            view = shard.local(view)  # this rank's experts only: only their pages are read
         t = from_numpy(view) if _aligned(view) else from_numpy(view.copy())
         if t.dtype == tdt and dev.type == "cpu" and t.data_ptr() == view.ctypes.data:
             kept_views = True
@@ -209,7 +230,7 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
         tensors[name] = t.to(device=dev, dtype=tdt, copy=True)
         del t, view
         ck.evict(name)
-    model = TorchModel(ck.config, tensors, dtype, str(path), dev)
+    model = TorchModel(ck.config, tensors, dtype, str(path), dev, shard=shard)
     if not kept_views:
         ck.close()
     return model

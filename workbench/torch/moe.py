@@ -73,21 +73,26 @@ def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
     order = torch.argsort(flat_e, stable=True)
     tok = order // k
     xin = xf[tok] * gates.reshape(-1)[order, None]
-    if isinstance(experts, tuple):
-        gate_up, down = experts
-        counts = torch.bincount(flat_e, minlength=gate_up.shape[0])
-        counts_list = counts.tolist()
-        gu = expert_matmul(xin, gate_up, counts, counts_list)
-        inter = gu.shape[-1] // 2
-        y = expert_matmul(gu[:, inter:] * F.silu(gu[:, :inter]), down, counts, counts_list)
-    else:
-        y = _streamed(xin, flat_e[order], experts)
+    y = expert_rows(xin, flat_e[order], experts)
     if k == 1:
         routed = torch.empty_like(y)
         routed[order] = y
         return routed
     routed = torch.zeros(xf.shape, dtype=torch.float32, device=xf.device)
     return routed.index_add_(0, tok, y.float()).to(xf.dtype)
+
+
+def expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torch.Tensor:
+    """Expert-sorted rows xin (A, D) through their experts: row j through expert sorted_e[j]
+    of ``experts`` (the stacked pair, or a streamed set, as ``dispatch`` takes them)."""
+    if isinstance(experts, tuple):
+        gate_up, down = experts
+        counts = torch.bincount(sorted_e, minlength=gate_up.shape[0])
+        counts_list = counts.tolist()
+        gu = expert_matmul(xin, gate_up, counts, counts_list)
+        inter = gu.shape[-1] // 2
+        return expert_matmul(gu[:, inter:] * F.silu(gu[:, :inter]), down, counts, counts_list)
+    return _streamed(xin, sorted_e, experts)
 
 
 def _streamed(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torch.Tensor:
