@@ -35,7 +35,8 @@ BACKENDS = ("torch", "jax")
 def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
          device: Any = None, offload: str | None = None,
          max_memory: int | str | None = None,
-         max_position_embeddings: int | None = None, threads: int | None = None) -> Model:
+         max_position_embeddings: int | None = None, threads: int | None = None,
+         quant: str | None = None) -> Model:
     """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``.
 
     ``device``: torch takes "cpu", "cuda", "cuda:N", "mps" or a torch.device; jax takes a
@@ -56,6 +57,11 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
     over fewer than 64 positions (a decode step) runs on one thread and larger ones use
     torch's setting (``model.threads`` can be changed later). jax's CPU thread pool is fixed
     when jax starts (``XLA_FLAGS``), so the jax backend refuses ``threads``.
+
+    FP8 checkpoints (compressed-tensors, e.g. Maverick-FP8 or ``workbench quantize`` output)
+    keep their routed experts in FP8, resident or streamed, dequantised at use. ``quant``:
+    "weights" (the default for them) runs activations in ``dtype``; "w8a8" also quantises
+    each expert matmul's input per token to FP8, as vLLM-style servers do.
     """
     if backend == "torch":
         from .torch import load as _load
@@ -71,7 +77,8 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
                              "pool when it starts (set XLA_FLAGS before importing jax)")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1 (or None)")
-    model = _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory)
+    model = _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory,
+                  quant=quant)
     if threads is not None:
         model.threads = threads
     if max_position_embeddings is not None:

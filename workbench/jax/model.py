@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from .. import hooks as hk
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, ExpertWeights
 from ..config import ModelConfig
 from ..forward import (
     EMBED_HOOKS,
@@ -53,10 +53,12 @@ from ..interventions import Plan
 from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..plan import EXPERT_GROUP_BYTES
+from ..quant import FP8, check_quant, dequantize
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import CacheEntry, keep_from
 from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
 from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
+from .quant import FP8Expert
 
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
 MAX_STEPS = 256
@@ -128,26 +130,45 @@ class JaxModel(Model):
     def __init__(self, config: ModelConfig, tensors: Mapping[str, np.ndarray],
                  dtype: str = "float32", path: str | None = None, device: Any = None, *,
                  done: Callable[[str], None] | None = None,
-                 stream: Checkpoint | None = None, max_memory: int | None = None):
+                 stream: Checkpoint | None = None, max_memory: int | None = None,
+                 quant: str | None = None):
         super().__init__(config, dtype, path)
         self._device = resolve_device(device)
+        self.quant = quant  # None, or how FP8 weights run: "weights" | "w8a8"
         self.params: Params = {}
         self.aliased = 0  # tensors adopted from host memory without a copy (CPU only)
         for n, a in to_params(config, tensors, done):
-            self.params[n] = self.put(a)
+            # FP8 experts stay FP8 and their scales float32; the rest in the model dtype
+            self.params[n] = self.put_stored(a) if n.endswith("_scale") or a.dtype == FP8 \
+                else self.put(a)
             del a
         self.ops = JaxOps(self._device)
         E = config.num_local_experts
+        act = quant == "w8a8"
         if stream is not None:  # streamed: copies on demand, experts in nn.Linear layout
 
             def put(view: np.ndarray) -> jax.Array:
                 return self.put(view, copy=True)
 
+            def put_expert(w: ExpertWeights) -> Any:
+                if not w.quantized:
+                    return put(w.gate_up.T), put(w.down.T)
+                return FP8Expert(*(self.put_stored(a) for a in (
+                    w.gate_up.T, w.down.T, w.gate_up_scale, w.down_scale)), act=act)
+
             self.weights: ResidentWeights | StreamedWeights = StreamedWeights(
-                stream, put, lambda gu, dn: (put(gu.T), put(dn.T)), max_memory)
+                stream, put, put_expert, max_memory)
         else:
-            self.weights = ResidentWeights(config, self.params, lambda i: [
-                tuple(self.params[n] for n in expert_names(i, e)) for e in range(E)])
+            def experts(i: int) -> list[Any]:
+                out = []
+                for e in range(E):
+                    gu, dn = (self.params[n] for n in expert_names(i, e))
+                    scales = [self.params.get(n + "_scale") for n in expert_names(i, e)]
+                    out.append((gu, dn) if scales[0] is None else
+                               FP8Expert(gu, dn, *scales, act=act))
+                return out
+
+            self.weights = ResidentWeights(config, self.params, experts)
         self.inv_freq = rope_inv_freq(config)
         self._steps: OrderedDict[tuple, Callable] = OrderedDict()
         self._signatures: set[tuple] = set()
@@ -157,6 +178,10 @@ class JaxModel(Model):
         # streamed MoE layers hold at most this many bytes of chosen experts at once (plus
         # the expert cache): experts are read and run group by group
         self.expert_group_bytes = EXPERT_GROUP_BYTES
+
+    def put_stored(self, a: np.ndarray) -> jax.Array:
+        """A host array on the device in its own dtype (FP8 weights, float32 scales), C order."""
+        return jax.device_put(np.ascontiguousarray(a), self._device)
 
     def put(self, a: np.ndarray, copy: bool = False) -> jax.Array:
         """A host array on the device in the model's dtype, with at most one copy: on the CPU
@@ -268,8 +293,14 @@ class JaxModel(Model):
         Checkpoint.save)."""
         if isinstance(self.weights, StreamedWeights):
             return streamed_state_dict(self.weights)
-        return from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
-                                          self.params.items()})
+        host = {n: np.asarray(a) for n, a in self.params.items() if n.endswith("_scale")}
+        out = {}
+        for n, a in self.params.items():
+            if n.endswith("_scale"):
+                continue
+            out[n] = self.ops.to_numpy(a) if n + "_scale" not in host else \
+                dequantize(np.asarray(a), host[n + "_scale"])
+        return from_params(self.config, out)
 
 
 class _CompiledSteps(Executor):
@@ -427,6 +458,7 @@ def to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
     is. Lazy, so nothing is copied here; ``done(name)`` is called once a checkpoint tensor is
     no longer needed."""
     stacked = {n for i in cfg.moe_layers for n in expert_names(i)}
+    expert = getattr(tensors, "expert", None)  # one expert as stored (FP8 with its scales)
     for n in tensors:
         if n not in stacked:
             yield n, tensors[n]
@@ -436,11 +468,16 @@ def to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
         names = expert_names(i)
         if names[0] not in tensors:  # a streamed model holds no resident experts
             continue
-        gate_up, down = (tensors[n] for n in names)
+        gate_up, down = (None, None) if expert else (tensors[n] for n in names)
         for e in range(cfg.num_local_experts):
             gu_name, dn_name = expert_names(i, e)
-            yield gu_name, np.asarray(gate_up[e]).T  # a view; the loader makes the one copy
-            yield dn_name, np.asarray(down[e]).T
+            w = expert(i, e) if expert else ExpertWeights(gate_up[e], down[e], None, None)
+            yield gu_name, np.asarray(w.gate_up).T  # a view; the loader makes the one copy
+            yield dn_name, np.asarray(w.down).T
+            if w.quantized:
+                yield gu_name + "_scale", w.gate_up_scale
+                yield dn_name + "_scale", w.down_scale
+            del w
         del gate_up, down
         for n in names:
             if done:
@@ -459,21 +496,27 @@ def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np
 
 def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
          device: Any = None, offload: str | None = None,
-         max_memory: int | str | None = None) -> JaxModel:
+         max_memory: int | str | None = None, quant: str | None = None) -> JaxModel:
     """Load a checkpoint directory into the jax backend, one tensor at a time.
 
     Tensors are read from the memory-mapped shards and placed on the device one by one; a
     tensor jax could not adopt in place has its file pages released once it is copied.
     ``offload="disk"`` streams instead: nothing is read until a forward needs it
     (``workbench.streaming``), with an expert cache of ``max_memory`` bytes.
+
+    FP8 checkpoints keep their routed experts in FP8 (resident or in the streamed cache),
+    dequantised per tile inside the compiled dispatch; ``quant="w8a8"`` also quantises the
+    expert inputs per token (``workbench.quant.check_quant``). FP8 dense weights are
+    dequantised when loaded.
     """
     ck = checkpoint or Checkpoint.open(path)
+    mode = check_quant(quant, ck)
     if check_offload(offload, max_memory) == "disk":
         ck.weight_names()  # a streamed forward needs every layer too
         return JaxModel(ck.config, {}, dtype, str(path), device, stream=ck,
-                        max_memory=parse_bytes(max_memory))
+                        max_memory=parse_bytes(max_memory), quant=mode)
     views = _Views(ck)
-    model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done)
+    model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done, quant=mode)
     if model.aliased == 0:
         ck.close()
     return model
@@ -488,7 +531,16 @@ class _Views(Mapping[str, np.ndarray]):
         self.names = ck.weight_names()
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if self.ck.is_quantized(name) and ".experts." not in name:
+            return self.ck.dequantized(name)  # FP8 dense weights: dequantised when loaded
         return self.ck.view(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def expert(self, layer: int, e: int) -> ExpertWeights:
+        """Routed expert e of ``layer`` as stored (FP8 with its scales)."""
+        return self.ck.expert(layer, e)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -497,4 +549,8 @@ class _Views(Mapping[str, np.ndarray]):
         return len(self.names)
 
     def done(self, name: str) -> None:
+        if ".experts." in name:  # read expert by expert: drop each one's pages
+            for e in range(self.ck.config.num_local_experts):
+                self.ck.evict_expert(hk.layer_of(name), e)
+            return
         self.ck.evict(name)
