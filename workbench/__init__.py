@@ -36,7 +36,8 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
          device: Any = None, offload: str | None = None,
          max_memory: int | str | None = None,
          max_position_embeddings: int | None = None, threads: int | None = None,
-         expert_parallel: bool = False, mesh: Any = None) -> Model:
+         expert_parallel: bool = False, mesh: Any = None,
+         quant: str | None = None) -> Model:
     """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``.
 
     ``device``: torch takes "cpu", "cuda", "cuda:N", "mps" or a torch.device; jax takes a
@@ -64,6 +65,11 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
     initialised, each rank loading (or, with ``offload="disk"``, reading) only its E/N experts.
     Tokens reach their experts by all-to-all; results, hooks and interventions are those of
     one device. On torch every rank runs the same ``run`` call and returns the same Output.
+
+    FP8 checkpoints (compressed-tensors, e.g. Maverick-FP8 or ``workbench quantize`` output)
+    keep their routed experts in FP8, resident or streamed, dequantised at use. ``quant``:
+    "weights" (the default for them) runs activations in ``dtype``; "w8a8" also quantises
+    each expert matmul's input per token to FP8, as vLLM-style servers do.
     """
     if backend == "torch":
         from .torch import load as _load
@@ -89,7 +95,7 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
         parallel = {"expert_parallel": True} if backend == "torch" else \
             {"expert_parallel": True, "mesh": mesh}
     model = _load(path, dtype=dtype, device=device, offload=offload, max_memory=max_memory,
-                  **parallel)
+                  quant=quant, **parallel)
     if threads is not None:
         model.threads = threads
     if max_position_embeddings is not None:

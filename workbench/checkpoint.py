@@ -21,12 +21,14 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig, load_strict_json, read_regular_file, regular_file_stat
 from .hooks import layer_of
+from .quant import EXPERT_PART, FP8, QuantScheme, dequantize, is_linear, read_quantization_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,13 +42,21 @@ _DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64),
     "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": FP8,  # float8_e4m3fn: only in FP8 checkpoints with a quantization_config
 }
-_FP8 = {"F8_E4M3", "F8_E5M2", "F8_E4M3FN", "F8_E8M0", "F4", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+_FP8 = {"F8_E5M2", "F8_E4M3FN", "F8_E8M0", "F4", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
         "F6_E2M3", "F6_E3M2"}
 # dtypes the safetensors format knows that the workbench does not read
 _ST_OTHER = {"U16", "U32", "U64", "C64"}
 _NP_TO_ST = {v: k for k, v in _DTYPES.items()}
 _FLOAT_WEIGHTS = {"F32", "F16", "BF16"}
+_SCALE_SUFFIX = "_scale"  # compressed-tensors: "<module>.weight_scale" next to "<module>.weight"
+_UNSUPPORTED_PARTS = {  # compressed-tensors companions of schemes the workbench does not run
+    ".weight_zero_point": "zero points (asymmetric quantisation)",
+    ".weight_packed": "packed int4/int8 weights", ".weight_shape": "packed weights",
+    ".weight_global_scale": "FP4 global scales", ".input_scale": "static activation scales",
+    ".weight_g_idx": "activation-ordered groups",
+}
 
 
 class CheckpointError(ValueError):
@@ -68,6 +78,34 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One routed expert as stored, in the canonical layout: gate_up (D, 2I) and down (I, D)
+    (input dimension first); FP8 experts carry float32 per-output-channel scales (2I,), (D,)."""
+
+    gate_up: np.ndarray
+    down: np.ndarray
+    gate_up_scale: np.ndarray | None
+    down_scale: np.ndarray | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.gate_up_scale is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored (weights and scales)."""
+        return sum(a.nbytes for a in (self.gate_up, self.down, self.gate_up_scale,
+                                      self.down_scale) if a is not None)
+
+    def dequantized(self, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(gate_up, down) in ``dtype``: FP8 times its scales, float weights converted."""
+        if not self.quantized:
+            return self.gate_up.astype(dtype), self.down.astype(dtype)
+        return ((self.gate_up.astype(np.float32) * self.gate_up_scale).astype(dtype),
+                (self.down.astype(np.float32) * self.down_scale).astype(dtype))
 
 
 def canonical_name(hf_name: str) -> str | None:
@@ -201,7 +239,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
         want = math.prod(shape) * _DTYPES[dt].itemsize
         if e - b != want:
             raise CheckpointError(
-                f"{path}: tensor {name!r} declares shape {tuple(shape)} {dt} "
+                f"{path}: tensor {name!r} declares shape {tuple(shape)} "
+                f"{'F8_E4M3 (FP8)' if dt == 'F8_E4M3' else dt} "
                 f"({want} bytes) but spans {e - b} bytes")
         spans.append((b, e, name))
     spans.sort()
@@ -289,6 +328,11 @@ def scan_values(arr: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
     spec = _SPECIAL_BITS.get(arr.dtype)
     flat = arr.reshape(-1)
     nan = inf = 0
+    if arr.dtype == FP8:  # E4M3FN: no infinities; NaN is S.1111.111
+        bits = flat.view(np.uint8)
+        for s in range(0, bits.size, chunk):
+            nan += int(np.count_nonzero((bits[s:s + chunk] & 0x7F) == 0x7F))
+        return nan, 0
     if spec is None:
         if arr.dtype.kind != "f":
             return 0, 0
@@ -328,6 +372,10 @@ class Checkpoint(Mapping[str, np.ndarray]):
         self.layers = layers
         self.bytes_read = 0
         self._maps: dict[Path, mmap.mmap] = {}
+        self.quant: QuantScheme | None = None  # the quantization_config, if any
+        self._scales: dict[str, TensorInfo] = {}  # weight name -> its weight_scale
+        self._parts: dict[int, dict[tuple[int, str], TensorInfo]] = {}  # per-expert layouts
+        self._ignored_infos: dict[str, TensorInfo] = {}
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -355,6 +403,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
                                       f"{cfg.num_hidden_layers} layers")
         infos: dict[str, TensorInfo] = {}
         ignored: list[str] = []
+        ignored_infos: dict[str, TensorInfo] = {}
+        scheme = read_quantization_config(root, CheckpointError)
         for f, expected_names in files:
             header, _, data_start = read_safetensors_header(f)
             if expected_names is not None:
@@ -367,6 +417,10 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 name = canonical_name(hf_name)
                 if name is None:
                     ignored.append(hf_name)
+                    b, e = info["data_offsets"]
+                    ignored_infos[hf_name] = TensorInfo(hf_name, hf_name, f, info["dtype"],
+                                                        tuple(info["shape"]), data_start + b,
+                                                        e - b)
                     continue
                 if name in infos:
                     raise CheckpointError(f"{f}: tensor {hf_name!r} duplicates {name!r} already "
@@ -378,6 +432,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 infos[name] = TensorInfo(name, hf_name, f, info["dtype"], tuple(info["shape"]),
                                          data_start + b, e - b)
         ck = cls(root, cfg, infos, sorted(ignored), layer_set)
+        ck._ignored_infos = ignored_infos
+        ck._organise_quantised(scheme, strict)
         ck._validate(strict)
         if check_values:
             bad = ck.nonfinite()
@@ -385,6 +441,125 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 raise CheckpointError(f"{root}: weights hold NaN or Inf: "
                                       f"{format_nonfinite(ck, bad)}")
         return ck
+
+    def _organise_quantised(self, scheme: QuantScheme | None, strict: bool) -> None:
+        """Sort out FP8 tensors, their ``weight_scale`` companions and per-expert layouts.
+
+        Per-expert tensors (``experts.{e}.{gate,up,down}_proj.weight``, FP8 or float) become
+        the canonical fused ``experts.gate_up_proj`` (E, D, 2I) / ``experts.down_proj``
+        (E, I, D), read expert by expert (:meth:`expert`). Every FP8 tensor must be a Linear
+        weight the ``quantization_config`` quantises, with a scale of the scheme's shape.
+        """
+        self.quant = scheme
+        for name in list(self._infos):
+            info = self._infos[name]
+            for suffix, what in _UNSUPPORTED_PARTS.items():
+                if name.endswith(suffix):
+                    raise CheckpointError(
+                        f"{info.file}: tensor {info.hf_name!r} holds {what}, which the "
+                        "workbench does not run; supported: compressed-tensors FP8 "
+                        "(float-quantized) weights with per-channel or per-tensor scales")
+            if name.endswith(".weight" + _SCALE_SUFFIX):
+                self._scales[name[:-len(_SCALE_SUFFIX)]] = self._infos.pop(name)
+        for name in list(self._infos):
+            m = EXPERT_PART.fullmatch(name)
+            if m:
+                key = (int(m[2]), m[3])
+                self._parts.setdefault(int(m[1]), {})[key] = self._infos.pop(name)
+        parts = {i.name: i for lay in self._parts.values() for i in lay.values()}
+        for name, info in [*self._infos.items(), *parts.items()]:
+            if info.dtype == "F8_E4M3":
+                self._check_fp8(name, info)
+        for wname, sinfo in self._scales.items():
+            winfo = self._infos.get(wname) or parts.get(wname)
+            if winfo is None:
+                if self.layers is not None and layer_of(wname) not in (None, *self.layers):
+                    continue
+                raise CheckpointError(f"{sinfo.file}: scale {sinfo.hf_name!r} belongs to no "
+                                      f"weight (no {wname!r} in the checkpoint)")
+            if winfo.dtype != "F8_E4M3":
+                raise CheckpointError(f"{sinfo.file}: scale {sinfo.hf_name!r} belongs to "
+                                      f"{winfo.hf_name!r}, which is {winfo.dtype}, not FP8")
+        for layer, got in sorted(self._parts.items()):
+            self._fuse_layer(layer, got)
+
+    def _check_fp8(self, name: str, info: TensorInfo) -> None:
+        """One FP8 tensor: allowed by the config, a Linear weight, with a well-shaped scale."""
+        where = f"{info.file}: tensor {info.hf_name!r} is F8_E4M3 (FP8)"
+        if self.quant is None:
+            raise CheckpointError(f"{where} but config.json has no quantization_config: FP8 "
+                                  "checkpoints must say how they were quantised "
+                                  "(compressed-tensors, format float-quantized)")
+        module = info.hf_name[:-len(".weight")] if info.hf_name.endswith(".weight") else \
+            info.hf_name
+        if not is_linear(name):
+            raise CheckpointError(f"{where}, but only Linear weights can be FP8 (fused FP8 "
+                                  "experts are fbgemm's layout, which is not supported)")
+        if self.quant.ignored(module):
+            raise CheckpointError(f"{where}, but quantization_config's ignore list keeps "
+                                  f"{module!r} unquantised ({self.quant.source})")
+        sinfo = self._scales.get(name)
+        if sinfo is None:
+            raise CheckpointError(f"{where} but its scale {info.hf_name + _SCALE_SUFFIX!r} is "
+                                  "missing")
+        out = info.shape[0]
+        want = [(out, 1), (out,)] if self.quant.strategy == "channel" else [(1,), (), (1, 1)]
+        if sinfo.shape not in want:
+            raise CheckpointError(
+                f"{sinfo.file}: scale {sinfo.hf_name!r} has shape {sinfo.shape}, expected "
+                f"{want[0]} for {self.quant.strategy}-wise scales of {info.hf_name!r} "
+                f"{info.shape}")
+        if sinfo.dtype not in _FLOAT_WEIGHTS:
+            raise CheckpointError(f"{sinfo.file}: scale {sinfo.hf_name!r} has dtype "
+                                  f"{sinfo.dtype}; scales must be F32, F16 or BF16")
+
+    def _fuse_layer(self, layer: int, got: dict[tuple[int, str], TensorInfo]) -> None:
+        """Check one layer's per-expert tensors and register the fused canonical names."""
+        cfg = self.config
+        any_info = next(iter(got.values()))
+        pre = f"layers.{layer}.feed_forward.experts."
+        if not (0 <= layer < cfg.num_hidden_layers and cfg.is_moe(layer)):
+            raise CheckpointError(f"{any_info.file}: tensor {any_info.hf_name!r}: layer {layer} "
+                                  "is not an MoE layer of this config")
+        for fused in ("gate_up_proj", "down_proj"):
+            if pre + fused in self._infos:
+                raise CheckpointError(
+                    f"{any_info.file}: layer {layer} holds both fused experts "
+                    f"{self._infos[pre + fused].hf_name!r} and per-expert tensors such as "
+                    f"{any_info.hf_name!r}; keep one layout")
+        E, D, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        extra = sorted(e for e, _ in got if e >= E)
+        if extra:
+            info = got[(extra[0], next(p for e, p in got if e == extra[0]))]
+            raise CheckpointError(f"{info.file}: tensor {info.hf_name!r}: expert {extra[0]} but "
+                                  f"config.json says num_local_experts={E}")
+        hf_pre = any_info.hf_name[:any_info.hf_name.index(".experts.") + len(".experts.")]
+        shapes = {"gate": (I, D), "up": (I, D), "down": (D, I)}
+        dtypes = set()
+        for e in range(E):
+            for proj, shape in shapes.items():
+                info = got.get((e, proj))
+                if info is None:
+                    raise CheckpointError(f"{self.path}: missing tensor "
+                                          f"{hf_pre}{e}.{proj}_proj.weight (layer {layer} "
+                                          f"stores its {E} experts one by one)")
+                if info.shape != shape:
+                    raise CheckpointError(f"{info.file}: tensor {info.hf_name!r} has shape "
+                                          f"{info.shape}, expected {shape} (nn.Linear layout)")
+                dtypes.add(info.dtype)
+        if len(dtypes) > 1:
+            raise CheckpointError(f"{self.path}: layer {layer}'s experts mix dtypes "
+                                  f"{sorted(dtypes)}")
+        (dt,) = dtypes
+        if dt not in _FLOAT_WEIGHTS and dt != "F8_E4M3":
+            raise CheckpointError(f"{any_info.file}: tensor {any_info.hf_name!r} has dtype {dt}; "
+                                  "expert weights must be F32, F16, BF16 or FP8")
+        for fused, projs, shape in (("gate_up_proj", ("gate", "up"), (E, D, 2 * I)),
+                                    ("down_proj", ("down",), (E, I, D))):
+            infos = [got[(e, p)] for e in range(E) for p in projs]
+            self._infos[pre + fused] = TensorInfo(
+                pre + fused, f"{hf_pre}{{e}}.{'/'.join(projs)}_proj.weight", infos[0].file, dt,
+                shape, -1, sum(i.nbytes for i in infos))
 
     def _validate(self, strict: bool) -> None:
         exp = expected_shapes(self.config)
@@ -410,7 +585,7 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 continue
             if info.shape != shape:
                 raise CheckpointError(self._shape_message(info, shape))
-            if info.dtype not in _FLOAT_WEIGHTS:
+            if info.dtype not in _FLOAT_WEIGHTS and not self.is_quantized(name):
                 raise CheckpointError(f"{info.file}: tensor {info.hf_name!r} has dtype "
                                       f"{info.dtype}; weights must be F32, F16 or BF16")
         unexpected = sorted(set(self._infos) - set(exp))
@@ -466,17 +641,135 @@ class Checkpoint(Mapping[str, np.ndarray]):
             self._maps[file] = mm
         return mm
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
     def view(self, name: str) -> np.ndarray:
-        """A zero-copy array over the memory-mapped file (bf16 as ml_dtypes.bfloat16).
+        """A zero-copy array over the memory-mapped file (bf16 as ml_dtypes.bfloat16, FP8 as
+        ml_dtypes.float8_e4m3fn, as stored: see :meth:`scale` and :meth:`dequantized`).
 
         Pages are read from disk when touched and count as file-backed memory; writing to the
-        array changes a private copy of the page, never the file.
+        array changes a private copy of the page, never the file. The fused experts of a
+        per-expert layout are assembled (a copy); :meth:`expert` reads one expert.
         """
         info = self.info(name)
+        if info.start < 0:
+            return self._fused(info)
+        return self._read(info)
+
+    def _read(self, info: TensorInfo) -> np.ndarray:
         arr = np.frombuffer(self._map(info.file), dtype=_DTYPES[info.dtype],
                             count=int(np.prod(info.shape)), offset=info.start)
         self.bytes_read += info.nbytes
         return arr.reshape(info.shape)
+
+    def _read_slice(self, info: TensorInfo, index: int) -> np.ndarray:
+        """``tensor[index]`` (along the first axis) over the mapped file, counting its bytes."""
+        per = info.nbytes // info.shape[0]
+        arr = np.frombuffer(self._map(info.file), dtype=_DTYPES[info.dtype],
+                            count=int(np.prod(info.shape[1:])), offset=info.start + index * per)
+        self.bytes_read += per
+        return arr.reshape(info.shape[1:])
+
+    def _fused(self, info: TensorInfo) -> np.ndarray:
+        """The canonical (E, D, 2I) / (E, I, D) array of a per-expert layer (a copy)."""
+        layer = layer_of(info.name)
+        out = np.empty(info.shape, _DTYPES[info.dtype])
+        for e in range(info.shape[0]):
+            w = self.expert(layer, e, scales=False)
+            out[e] = w.gate_up if info.name.endswith("gate_up_proj") else w.down
+        return out
+
+    # ----------------------------------------------------------------- quantisation
+    def is_quantized(self, name: str) -> bool:
+        """Whether the canonical tensor ``name`` is stored in FP8 (with scales)."""
+        info = self._infos.get(name)
+        return info is not None and info.dtype == "F8_E4M3"
+
+    def quantized_names(self) -> list[str]:
+        """Canonical names of the FP8 tensors (fused expert names for per-expert layouts)."""
+        return [n for n, i in self._infos.items() if i.dtype == "F8_E4M3"]
+
+    def scale(self, name: str) -> np.ndarray | None:
+        """Float32 per-output-channel scales of an FP8 tensor (None if not quantised): (out,)
+        for an nn.Linear weight (out, in); (E, 2I) / (E, D) for the fused experts, whose
+        output channels are their last axis. Tensor-wise scales are repeated per channel."""
+        if not self.is_quantized(name):
+            self.info(name)
+            return None
+        info = self._infos[name]
+        if info.start >= 0:
+            return self._scale_of(info)
+        layer = layer_of(name)
+        E = info.shape[0]
+        return np.stack([self._expert_scales(layer, e)[0 if name.endswith("gate_up_proj")
+                                                       else 1] for e in range(E)])
+
+    def _scale_of(self, info: TensorInfo) -> np.ndarray:
+        s = self._read(self._scales[info.name]).astype(np.float32).reshape(-1)
+        return np.broadcast_to(s, (info.shape[0],)).copy() if s.size == 1 else s
+
+    def dequantized(self, name: str, dtype: np.dtype | str = np.float32) -> np.ndarray:
+        """The tensor in ``dtype`` (float32 by default): FP8 times its scales, else the
+        stored values converted."""
+        dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) in ("bfloat16", "bf16") \
+            else np.dtype(dtype)
+        arr = self.view(name)
+        s = self.scale(name)
+        if s is None:
+            return arr.astype(dtype)
+        if arr.ndim == 3:  # fused experts: output channels on the last axis
+            return (arr.astype(np.float32) * s[:, None, :]).astype(dtype, copy=False)
+        return dequantize(arr, s, dtype)
+
+    def expert(self, layer: int, e: int, scales: bool = True) -> ExpertWeights:
+        """Routed expert ``e`` of MoE layer ``layer`` as stored, in the canonical layout:
+        gate_up (D, 2I) and down (I, D) (views of the file where the layout allows), with
+        float32 per-output-channel scales when FP8."""
+        pre = f"layers.{layer}.feed_forward.experts."
+        parts = self._parts.get(layer)
+        if parts is None:
+            gu, dn = (self._read_slice(self.info(pre + n), e) for n in ("gate_up_proj",
+                                                                        "down_proj"))
+            return ExpertWeights(gu, dn, None, None)
+        g, u, d = (self._read(parts[(e, p)]) for p in ("gate", "up", "down"))
+        gu = np.concatenate([g, u], axis=0).T
+        gs, ds = self._expert_scales(layer, e) if scales else (None, None)
+        return ExpertWeights(gu, d.T, gs, ds)
+
+    def _expert_scales(self, layer: int, e: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        parts = self._parts[layer]
+        if parts[(e, "gate")].dtype != "F8_E4M3":
+            return None, None
+        g, u, d = (self._scale_of(parts[(e, p)]) for p in ("gate", "up", "down"))
+        return np.concatenate([g, u]), d
+
+    def expert_nbytes(self, layer: int) -> int:
+        """Bytes of one routed expert of ``layer`` as stored (weights and scales)."""
+        pre = f"layers.{layer}.feed_forward.experts."
+        parts = self._parts.get(layer)
+        if parts is None:
+            return sum(self.info(pre + n).nbytes // self.info(pre + n).shape[0]
+                       for n in ("gate_up_proj", "down_proj"))
+        return sum(parts[(0, p)].nbytes + (self._scales[parts[(0, p)].name].nbytes
+                                           if parts[(0, p)].name in self._scales else 0)
+                   for p in ("gate", "up", "down"))
+
+    def evict_expert(self, layer: int, e: int) -> None:
+        """Drop one expert's file pages (see :meth:`evict`)."""
+        parts = self._parts.get(layer)
+        if parts is None:
+            pre = f"layers.{layer}.feed_forward.experts."
+            self.evict(pre + "gate_up_proj", e)
+            self.evict(pre + "down_proj", e)
+            return
+        for p in ("gate", "up", "down"):
+            self._evict_info(parts[(e, p)])
+
+    def raw_ignored(self) -> list[tuple[str, np.ndarray]]:
+        """(HF name, array as stored) of the tensors outside the language model (vision
+        encoder, projector), for tools that rewrite a checkpoint and keep them."""
+        return [(n, self._read(i)) for n, i in sorted(self._ignored_infos.items())]
 
     def evict(self, name: str, index: int | None = None) -> None:
         """Drop the tensor's pages (or those of ``tensor[index]``, one slice along the first
@@ -484,6 +777,13 @@ class Checkpoint(Mapping[str, np.ndarray]):
         from the file if touched again. Call it only while nothing has written to arrays over
         the file."""
         info = self.info(name)
+        if info.start < 0:  # per-expert layout
+            for e in range(info.shape[0]) if index is None else [index]:
+                self.evict_expert(layer_of(name), e)
+            return
+        self._evict_info(info, index)
+
+    def _evict_info(self, info: TensorInfo, index: int | None = None) -> None:
         mm = self._maps.get(info.file)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
@@ -498,7 +798,10 @@ class Checkpoint(Mapping[str, np.ndarray]):
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def get(self, name: str, dtype: np.dtype | str | None = None) -> np.ndarray:  # type: ignore[override]
-        """Read one tensor (a fresh array; bf16 stays ml_dtypes.bfloat16 unless ``dtype``)."""
+        """Read one tensor (a fresh array; bf16 stays ml_dtypes.bfloat16 unless ``dtype``;
+        FP8 tensors are dequantised, to float32 unless ``dtype``)."""
+        if self.is_quantized(name):
+            return self.dequantized(name, dtype or np.float32)
         arr = self.view(name)
         if dtype is not None:
             return arr.astype(np.dtype(dtype))
@@ -510,11 +813,22 @@ class Checkpoint(Mapping[str, np.ndarray]):
         Reads every tensor of the view once, in chunks, and releases its pages afterwards.
         """
         out = {}
-        for name in self._infos:
-            nan, inf = scan_values(self.view(name))
-            self.evict(name)
+        for name, info in self._infos.items():
+            if info.start < 0:  # per-expert layout: each expert's tensors
+                nan = inf = 0
+                for part in self._parts[layer_of(name)].values():
+                    n, i = scan_values(self._read(part))
+                    self._evict_info(part)
+                    nan, inf = nan + n, inf + i
+            else:
+                nan, inf = scan_values(self.view(name))
+                self.evict(name)
             if nan or inf:
                 out[name] = (nan, inf)
+        for name, info in self._scales.items():
+            nan, inf = scan_values(self._read(info))
+            if nan or inf:
+                out[name + _SCALE_SUFFIX] = (nan, inf)
         return out
 
     def weight_names(self) -> list[str]:
@@ -540,11 +854,12 @@ class Checkpoint(Mapping[str, np.ndarray]):
     # ----------------------------------------------------------------- summaries
     @property
     def nbytes(self) -> int:
-        return sum(i.nbytes for i in self._infos.values())
+        return sum(self.bytes_by_dtype().values())
 
     def bytes_by_dtype(self) -> dict[str, int]:
+        """Bytes of the language model's tensors (scales included) per stored dtype."""
         out: dict[str, int] = {}
-        for i in self._infos.values():
+        for i in [*self._infos.values(), *self._scales.values()]:
             out[i.dtype] = out.get(i.dtype, 0) + i.nbytes
         return out
 
@@ -556,7 +871,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
         return {"BF16": "bfloat16", "F16": "float16"}.get(tag, "float32")
 
     def files(self) -> list[Path]:
-        return sorted({i.file for i in self._infos.values()})
+        parts = [i for lay in self._parts.values() for i in lay.values()]
+        return sorted({i.file for i in [*self._infos.values(), *self._scales.values(), *parts]})
 
     # ----------------------------------------------------------------- writing
     @staticmethod
@@ -760,7 +1076,9 @@ def format_nonfinite(ck: Checkpoint, bad: Mapping[str, tuple[int, int]],
     """'tensor 'model.norm.weight' in model.safetensors: 3 NaN, 0 Inf; ...' for nonfinite()."""
     parts = []
     for name, (nan, inf) in list(bad.items())[:limit]:
-        info = ck.info(name)
+        info = ck._scales.get(name[:-len(_SCALE_SUFFIX)]) if name.endswith(_SCALE_SUFFIX) \
+            else None
+        info = info or ck.info(name)
         parts.append(f"tensor {info.hf_name!r} in {info.file.name}: {nan} NaN, {inf} Inf")
     more = len(bad) - limit
     return "; ".join(parts) + (f"; and {more} more tensor(s)" if more > 0 else "")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import hooks as hk
-from .checkpoint import Checkpoint, expected_shapes
+from .checkpoint import Checkpoint, ExpertWeights, expected_shapes
 from .config import ModelConfig
 
 Array = Any
@@ -90,14 +90,18 @@ class StreamedWeights:
     """A weight source that reads from the memory-mapped checkpoint as the forward advances.
 
     ``put(array)`` copies one host array (a view of the file) to the device in the model's
-    dtype; ``put_expert(gate_up (D, 2I), down (I, D))`` does the same for one routed expert,
-    in the layout the backend's dispatch reads.
+    dtype; ``put_expert(ExpertWeights)`` does the same for one routed expert (gate_up (D, 2I),
+    down (I, D), FP8 kept FP8 with its scales), in the layout the backend's dispatch reads.
+    FP8 dense weights are dequantised as they are read. ``act_quant`` (torch, w8a8): the
+    function the dispatch applies to each expert matmul's input.
     """
 
     def __init__(self, ck: Checkpoint, put: Callable[[np.ndarray], Array],
-                 put_expert: Callable[[np.ndarray, np.ndarray], Any],
-                 max_memory: int | None = None, prefetch: bool = True):
+                 put_expert: Callable[[ExpertWeights], Any],
+                 max_memory: int | None = None, prefetch: bool = True,
+                 act_quant: Callable[[Array], Array] | None = None):
         self.ck = ck
+        self.act_quant = act_quant
         self.cfg: ModelConfig = ck.config
         self.put = put
         self.put_expert = put_expert
@@ -164,8 +168,11 @@ class StreamedWeights:
 
     def _read(self, name: str, part: str) -> Array:
         view = self.ck.view(name)
+        nbytes = view.nbytes
+        if self.ck.is_quantized(name):  # a quantised dense weight: dequantised on the way
+            view = self.ck.dequantized(name)
         arr = self.put(view)
-        self.stats.part(part).bytes_read += view.nbytes
+        self.stats.part(part).bytes_read += nbytes
         del view
         self.ck.evict(name)
         return arr
@@ -182,13 +189,11 @@ class StreamedWeights:
             io.expert_hits += 1
             return hit
         t = time.perf_counter()
-        pre = hk.absolute(layer, "feed_forward.experts.")
-        gu_v, dn_v = self.ck.view(pre + "gate_up_proj")[e], self.ck.view(pre + "down_proj")[e]
-        nbytes = gu_v.nbytes + dn_v.nbytes
-        w = self.put_expert(gu_v, dn_v)
-        del gu_v, dn_v
-        self.ck.evict(pre + "gate_up_proj", e)
-        self.ck.evict(pre + "down_proj", e)
+        stored = self.ck.expert(layer, e)
+        nbytes = stored.nbytes
+        w = self.put_expert(stored)
+        del stored
+        self.ck.evict_expert(layer, e)
         io.expert_misses += 1
         io.bytes_read += nbytes
         io.expert_bytes += nbytes
@@ -209,13 +214,12 @@ class ExpertSet:
         self.source = source
         self.layer = layer
         self.num_experts = source.cfg.num_local_experts
+        self.act_quant = source.act_quant
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (gate_up and down) as stored in the checkpoint."""
-        pre = hk.absolute(self.layer, "feed_forward.experts.")
-        ck = self.source.ck
-        return sum(ck.view(pre + n)[0].nbytes for n in ("gate_up_proj", "down_proj"))
+        """Bytes of one expert (gate_up and down, FP8 scales included) as stored."""
+        return self.source.ck.expert_nbytes(self.layer)
 
     def groups(self, ids: Iterable[int], max_bytes: int) -> list[list[int]]:
         """``ids`` in consecutive groups of at most ``max_bytes`` (at least one expert each),
@@ -291,4 +295,4 @@ def check_offload(offload: str | None, max_memory: int | str | None) -> str | No
 
 def streamed_state_dict(source: StreamedWeights) -> dict[str, np.ndarray]:
     """Every weight of a streamed model as float32 numpy arrays, read from its checkpoint."""
-    return {n: np.asarray(source.ck.view(n), np.float32) for n in source.ck.weight_names()}
+    return {n: source.ck.dequantized(n) for n in source.ck.weight_names()}

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import hooks as hk
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, ExpertWeights
 from ..config import ModelConfig
 from ..forward import (
     EMBED_HOOKS,
@@ -55,11 +55,13 @@ from ..interventions import Plan
 from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..plan import EXPERT_GROUP_BYTES
+from ..quant import FP8, check_quant, dequantize
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from . import parallel
 from .attention import CacheEntry, keep_from
 from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
 from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
+from .quant import FP8Expert
 
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
 MAX_STEPS = 256
@@ -134,17 +136,20 @@ class JaxModel(Model):
                  dtype: str = "float32", path: str | None = None, device: Any = None, *,
                  done: Callable[[str], None] | None = None,
                  stream: Checkpoint | None = None, max_memory: int | None = None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, quant: str | None = None):
         super().__init__(config, dtype, path)
         self.mesh = mesh  # expert parallel: experts sharded on its "expert" axis (parallel.py)
         self._device = resolve_device(device) if mesh is None else mesh.devices.flat[0]
         self._placement: Any = self._device if mesh is None else \
             NamedSharding(mesh, PartitionSpec())
+        self.quant = quant  # None, or how FP8 weights run: "weights" | "w8a8"
         self.params: Params = {}
         self.aliased = 0  # tensors adopted from host memory without a copy (CPU only)
         for n, a in to_params(config, tensors if mesh is None else
                               parallel.without_experts(config, tensors), done):
-            self.params[n] = self.put(a)
+            # FP8 experts stay FP8 and their scales float32; the rest in the model dtype
+            self.params[n] = self.put_stored(a) if n.endswith("_scale") or a.dtype == FP8 \
+                else self.put(a)
             del a
         self.ops = JaxOps(self._device) if mesh is None else parallel.ExpertParallelOps(mesh)
         E = config.num_local_experts
@@ -157,16 +162,33 @@ class JaxModel(Model):
                     if done:
                         done(n)
             self.weights = ResidentWeights(config, self.params, self.expert_slots.__getitem__)
+        act = quant == "w8a8"
+        if mesh is not None:
+            pass  # the sharded experts above
         elif stream is not None:  # streamed: copies on demand, experts in nn.Linear layout
 
             def put(view: np.ndarray) -> jax.Array:
                 return self.put(view, copy=True)
 
+            def put_expert(w: ExpertWeights) -> Any:
+                if not w.quantized:
+                    return put(w.gate_up.T), put(w.down.T)
+                return FP8Expert(*(self.put_stored(a) for a in (
+                    w.gate_up.T, w.down.T, w.gate_up_scale, w.down_scale)), act=act)
+
             self.weights: ResidentWeights | StreamedWeights = StreamedWeights(
-                stream, put, lambda gu, dn: (put(gu.T), put(dn.T)), max_memory)
+                stream, put, put_expert, max_memory)
         else:
-            self.weights = ResidentWeights(config, self.params, lambda i: [
-                tuple(self.params[n] for n in expert_names(i, e)) for e in range(E)])
+            def experts(i: int) -> list[Any]:
+                out = []
+                for e in range(E):
+                    gu, dn = (self.params[n] for n in expert_names(i, e))
+                    scales = [self.params.get(n + "_scale") for n in expert_names(i, e)]
+                    out.append((gu, dn) if scales[0] is None else
+                               FP8Expert(gu, dn, *scales, act=act))
+                return out
+
+            self.weights = ResidentWeights(config, self.params, experts)
         self.inv_freq = rope_inv_freq(config)
         self._steps: OrderedDict[tuple, Callable] = OrderedDict()
         self._signatures: set[tuple] = set()
@@ -176,6 +198,10 @@ class JaxModel(Model):
         # streamed MoE layers hold at most this many bytes of chosen experts at once (plus
         # the expert cache): experts are read and run group by group
         self.expert_group_bytes = EXPERT_GROUP_BYTES
+
+    def put_stored(self, a: np.ndarray) -> jax.Array:
+        """A host array on the device in its own dtype (FP8 weights, float32 scales), C order."""
+        return jax.device_put(np.ascontiguousarray(a), self._device)
 
     def put(self, a: np.ndarray, copy: bool = False) -> jax.Array:
         """A host array on the device in the model's dtype, with at most one copy: on the CPU
@@ -305,12 +331,20 @@ class JaxModel(Model):
         Checkpoint.save)."""
         if isinstance(self.weights, StreamedWeights):
             return streamed_state_dict(self.weights)
-        out = from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
-                                         self.params.items()})
         if self.mesh is not None:
+            out = from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
+                                             self.params.items()})
             for i, slots in self.expert_slots.items():
                 out.update(parallel.stacked_experts(self.config, self.mesh, slots, i))
-        return out
+            return out
+        host = {n: np.asarray(a) for n, a in self.params.items() if n.endswith("_scale")}
+        out = {}
+        for n, a in self.params.items():
+            if n.endswith("_scale"):
+                continue
+            out[n] = self.ops.to_numpy(a) if n + "_scale" not in host else \
+                dequantize(np.asarray(a), host[n + "_scale"])
+        return from_params(self.config, out)
 
 
 class _CompiledSteps(Executor):
@@ -473,6 +507,7 @@ def to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
     is. Lazy, so nothing is copied here; ``done(name)`` is called once a checkpoint tensor is
     no longer needed."""
     stacked = {n for i in cfg.moe_layers for n in expert_names(i)}
+    expert = getattr(tensors, "expert", None)  # one expert as stored (FP8 with its scales)
     for n in tensors:
         if n not in stacked:
             yield n, tensors[n]
@@ -482,11 +517,16 @@ def to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
         names = expert_names(i)
         if names[0] not in tensors:  # a streamed model holds no resident experts
             continue
-        gate_up, down = (tensors[n] for n in names)
+        gate_up, down = (None, None) if expert else (tensors[n] for n in names)
         for e in range(cfg.num_local_experts):
             gu_name, dn_name = expert_names(i, e)
-            yield gu_name, np.asarray(gate_up[e]).T  # a view; the loader makes the one copy
-            yield dn_name, np.asarray(down[e]).T
+            w = expert(i, e) if expert else ExpertWeights(gate_up[e], down[e], None, None)
+            yield gu_name, np.asarray(w.gate_up).T  # a view; the loader makes the one copy
+            yield dn_name, np.asarray(w.down).T
+            if w.quantized:
+                yield gu_name + "_scale", w.gate_up_scale
+                yield dn_name + "_scale", w.down_scale
+            del w
         del gate_up, down
         for n in names:
             if done:
@@ -506,7 +546,7 @@ def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np
 def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
          device: Any = None, offload: str | None = None,
          max_memory: int | str | None = None, expert_parallel: bool = False,
-         mesh: Mesh | None = None) -> JaxModel:
+         mesh: Mesh | None = None, quant: str | None = None) -> JaxModel:
     """Load a checkpoint directory into the jax backend, one tensor at a time.
 
     Tensors are read from the memory-mapped shards and placed on the device one by one; a
@@ -515,22 +555,32 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
     (``workbench.streaming``), with an expert cache of ``max_memory`` bytes.
     ``expert_parallel=True`` / ``mesh=`` shard the experts over a device mesh
     (``workbench.jax.parallel``).
+
+    FP8 checkpoints keep their routed experts in FP8 (resident or in the streamed cache),
+    dequantised per tile inside the compiled dispatch; ``quant="w8a8"`` also quantises the
+    expert inputs per token (``workbench.quant.check_quant``). FP8 dense weights are
+    dequantised when loaded.
     """
     ck = checkpoint or Checkpoint.open(path)
+    mode = check_quant(quant, ck)
     ep_mesh = parallel.resolve_mesh(ck.config, expert_parallel, mesh, device)
     if ep_mesh is not None:
         if offload is not None:
             raise ValueError("expert_parallel / mesh= hold every expert in device memory, "
                              "sharded; offload='disk' streams them from one host instead: "
                              "choose one")
+        if mode is not None:
+            raise ValueError(f"{path} is an FP8 checkpoint: expert_parallel / mesh= shard "
+                             "bf16/fp32 experts only; load it without expert_parallel, or "
+                             "dequantise it first")
         views = _Views(ck)
         return JaxModel(ck.config, views, dtype, str(path), done=views.done, mesh=ep_mesh)
     if check_offload(offload, max_memory) == "disk":
         ck.weight_names()  # a streamed forward needs every layer too
         return JaxModel(ck.config, {}, dtype, str(path), device, stream=ck,
-                        max_memory=parse_bytes(max_memory))
+                        max_memory=parse_bytes(max_memory), quant=mode)
     views = _Views(ck)
-    model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done)
+    model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done, quant=mode)
     if model.aliased == 0:
         ck.close()
     return model
@@ -545,7 +595,16 @@ class _Views(Mapping[str, np.ndarray]):
         self.names = ck.weight_names()
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if self.ck.is_quantized(name) and ".experts." not in name:
+            return self.ck.dequantized(name)  # FP8 dense weights: dequantised when loaded
         return self.ck.view(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def expert(self, layer: int, e: int) -> ExpertWeights:
+        """Routed expert e of ``layer`` as stored (FP8 with its scales)."""
+        return self.ck.expert(layer, e)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -554,4 +613,8 @@ class _Views(Mapping[str, np.ndarray]):
         return len(self.names)
 
     def done(self, name: str) -> None:
+        if ".experts." in name:  # read expert by expert: drop each one's pages
+            for e in range(self.ck.config.num_local_experts):
+                self.ck.evict_expert(hk.layer_of(name), e)
+            return
         self.ck.evict(name)

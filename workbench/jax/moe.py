@@ -21,12 +21,14 @@ Why this form on XLA:CPU (measurements in the benchmarks' README):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .attention import linear
+from .quant import expert_weights, fp8_tokens
 
 
 def silu(x: jax.Array) -> jax.Array:
@@ -96,14 +98,16 @@ def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
     xs = jnp.concatenate([xs, jnp.zeros((tile, D), xs.dtype)])  # a slice never clamps
     rows = jnp.arange(tile)[:, None]
 
-    def ffn(gate_up: jax.Array, down: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    def ffn(w: Any) -> Callable[[jax.Array], jax.Array]:
         def run(xt: jax.Array) -> jax.Array:
-            gu = linear(xt, gate_up)
+            gate_up, down, act = expert_weights(w, xt.dtype)  # FP8: dequantised per tile
+            gu = linear(fp8_tokens(xt) if act else xt, gate_up)
             inter = gu.shape[-1] // 2
-            return linear(gu[:, inter:] * silu(gu[:, :inter]), down)
+            h = gu[:, inter:] * silu(gu[:, :inter])
+            return linear(fp8_tokens(h) if act else h, down)
         return run
 
-    branches = [ffn(gu, dn) for gu, dn in experts]
+    branches = [ffn(w) for w in experts]
 
     def body(i, y):
         s = start[i]

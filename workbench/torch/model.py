@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, ExpertWeights
 from ..config import ModelConfig
 from ..forward import (
     Context,
@@ -25,6 +25,7 @@ from ..forward import (
 from ..interventions import Plan
 from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
+from ..quant import FP8, check_quant
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
 from .attention import EMPTY
 from .ops import TORCH_DTYPES, TorchOps, from_numpy, resolve_device
@@ -35,6 +36,7 @@ from .parallel import (
     ShardedStreamedWeights,
     gather_experts,
 )
+from .quant import FP8Expert, FP8Experts, dequantize, fp8_tokens, to_fp8
 
 SMALL_CALL_TOKENS = 64  # forwards over fewer positions run single-threaded on the CPU
 
@@ -64,13 +66,17 @@ class TorchModel(Model):
 
     def __init__(self, config: ModelConfig, tensors: dict[str, Any], dtype: str = "float32",
                  path: str | None = None, device: Any = None, *,
-                 weights: StreamedWeights | None = None, shard: ExpertShard | None = None):
+                 weights: StreamedWeights | None = None, shard: ExpertShard | None = None,
+                 quant: str | None = None):
         super().__init__(config, dtype, path)
         self.shard = shard  # expert parallel: this rank's experts and process group
         self._device = resolve_device(device)
         self.threads: int | None = None  # intra-op threads per forward (None: threads_for)
+        self.quant = quant  # None, or how FP8 weights run: "weights" | "w8a8"
         tdt = TORCH_DTYPES[dtype]
-        self.params = Params({n: _to(t, tdt, self._device) for n, t in tensors.items()})
+        # FP8 experts stay FP8 and their scales float32; the rest in the model dtype
+        self.params = Params({n: _to(t, None if _stored(n, t) else tdt, self._device)
+                              for n, t in tensors.items()})
         self.ops = TorchOps(self._device) if shard is None else \
             ExpertParallelOps(self._device, shard)
         self.inv_freq = rope_inv_freq(config)
@@ -81,9 +87,14 @@ class TorchModel(Model):
         pre = "layers.{}.feed_forward.experts."
 
         def experts(i: int) -> Any:
-            pair = (p[pre.format(i) + "gate_up_proj"], p[pre.format(i) + "down_proj"])
-            return pair if self.shard is None else LocalExperts(self.shard.lo, pair)
-        return ResidentWeights(self.config, p, experts)
+            gu, dn = p[pre.format(i) + "gate_up_proj"], p[pre.format(i) + "down_proj"]
+            if pre.format(i) + "gate_up_proj_scale" not in p:
+                return (gu, dn) if self.shard is None else LocalExperts(self.shard.lo, (gu, dn))
+            return FP8Experts(gu, dn, p[pre.format(i) + "gate_up_proj_scale"],
+                              p[pre.format(i) + "down_proj_scale"], self.quant == "w8a8")
+
+        weights = {n: t for n, t in p.items() if not n.endswith("_scale")}
+        return ResidentWeights(self.config, weights, experts)
 
     @property
     def device(self) -> torch.device:
@@ -176,24 +187,36 @@ class TorchModel(Model):
         """Weights as float32 numpy arrays by canonical name (for Checkpoint.save)."""
         if isinstance(self.weights, StreamedWeights):
             return streamed_state_dict(self.weights)
-        params = self.params.as_dict()
-        out = {n: t.detach().float().cpu().numpy() for n, t in params.items()
-               if self.shard is None or not self.shard.owns(n)}
+        p = self.params.as_dict()
+        out = {}
+        for n, t in p.items():
+            if n.endswith("_scale") or (self.shard is not None and self.shard.owns(n)):
+                continue
+            if n + "_scale" in p:  # FP8 experts (E, in, out), scales (E, out)
+                t = dequantize(t, p[n + "_scale"][:, None, :], torch.float32)
+            out[n] = t.detach().float().cpu().numpy()
         if self.shard is not None:  # a collective: every rank's experts
-            out.update(gather_experts(params, self.shard))
+            out.update(gather_experts(p, self.shard))
         return out
 
 
-def _to(t: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A tensor in dtype on device; the input itself (no copy) when it already is."""
+def _to(t: Any, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A tensor in dtype (None: as it is) on device; the input itself (no copy) when it
+    already is."""
     if not isinstance(t, torch.Tensor):
-        t = from_numpy(np.ascontiguousarray(t))
+        t = to_fp8(t) if t.dtype == FP8 else from_numpy(np.ascontiguousarray(t))
     return t.to(device=device, dtype=dtype)
+
+
+def _stored(name: str, t: Any) -> bool:
+    """FP8 weights and their scales keep their dtype."""
+    return name.endswith("_scale") or t.dtype in (FP8, torch.float8_e4m3fn)
 
 
 def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
          device: Any = None, offload: str | None = None,
-         max_memory: int | str | None = None, expert_parallel: bool = False) -> TorchModel:
+         max_memory: int | str | None = None, expert_parallel: bool = False,
+         quant: str | None = None) -> TorchModel:
     """Load a checkpoint directory into the torch backend, one copy of the weights.
 
     On the CPU, tensors stored in the requested dtype are zero-copy views of the memory-mapped
@@ -202,23 +225,49 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
     ``offload="disk"`` streams instead: nothing is read until a forward needs it
     (``workbench.streaming``), with an expert cache of ``max_memory`` bytes.
     ``expert_parallel=True`` keeps only this rank's experts (``workbench.torch.parallel``).
+
+
+    FP8 checkpoints keep their routed experts in FP8 (resident or in the streamed cache),
+    dequantised one expert at a time at use; ``quant="w8a8"`` also quantises the expert
+    inputs per token (``workbench.quant.check_quant``). FP8 dense weights are dequantised
+    when loaded.
     """
     ck = checkpoint or Checkpoint.open(path)
+    mode = check_quant(quant, ck)
     dev = resolve_device(device)
     tdt = TORCH_DTYPES[dtype]
     shard = ExpertShard.current(ck.config) if expert_parallel else None
+    if shard is not None and mode is not None:
+        raise ValueError(f"{path} is an FP8 checkpoint: expert_parallel shards bf16/fp32 "
+                         "experts only; load it without expert_parallel, or dequantise it first")
     if check_offload(offload, max_memory) == "disk":
         ck.weight_names()  # a streamed forward needs every layer too
 
         def put(view: np.ndarray) -> torch.Tensor:
             return from_numpy(np.asarray(view)).to(device=dev, dtype=tdt, copy=True)
 
-        args = (ck, put, lambda gu, dn: (put(gu), put(dn)), parse_bytes(max_memory))
-        source = StreamedWeights(*args) if shard is None else ShardedStreamedWeights(shard, *args)
-        return TorchModel(ck.config, {}, dtype, str(path), dev, weights=source, shard=shard)
+        def put_expert(w: ExpertWeights) -> Any:
+            if not w.quantized:
+                return put(w.gate_up), put(w.down)
+            return FP8Expert(to_fp8(w.gate_up, dev), to_fp8(w.down, dev),
+                             torch.from_numpy(w.gate_up_scale).to(dev),
+                             torch.from_numpy(w.down_scale).to(dev))
+
+        if shard is not None:  # this rank's experts only (FP8 refused above)
+            source = ShardedStreamedWeights(shard, ck, put, put_expert, parse_bytes(max_memory))
+            return TorchModel(ck.config, {}, dtype, str(path), dev, weights=source, shard=shard)
+        source = StreamedWeights(ck, put, put_expert, parse_bytes(max_memory),
+                                 act_quant=fp8_tokens if mode == "w8a8" else None)
+        return TorchModel(ck.config, {}, dtype, str(path), dev, weights=source, quant=mode)
     tensors: dict[str, torch.Tensor] = {}
     kept_views = False
     for name in ck.weight_names():
+        if ck.is_quantized(name):
+            if ".experts." in name:  # FP8 experts stay FP8, one expert read at a time
+                tensors.update(_fp8_experts(ck, name, dev))
+            else:
+                tensors[name] = from_numpy(ck.dequantized(name)).to(dev, tdt)
+            continue
         view = ck.view(name)
         if shard is not None and shard.owns(name):
             view = shard.local(view)  # this rank's experts only: only their pages are read
@@ -230,10 +279,26 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
         tensors[name] = t.to(device=dev, dtype=tdt, copy=True)
         del t, view
         ck.evict(name)
-    model = TorchModel(ck.config, tensors, dtype, str(path), dev, shard=shard)
+    model = TorchModel(ck.config, tensors, dtype, str(path), dev, shard=shard, quant=mode)
     if not kept_views:
         ck.close()
     return model
+
+
+def _fp8_experts(ck: Checkpoint, name: str, dev: torch.device) -> dict[str, torch.Tensor]:
+    """A fused FP8 expert tensor (E, in, out) and its scales (E, out), built expert by expert
+    from the checkpoint (per-expert layouts included)."""
+    from ..hooks import layer_of
+    layer, gate_up = layer_of(name), name.endswith("gate_up_proj")
+    shape = ck.info(name).shape
+    q = torch.empty(shape, dtype=torch.float8_e4m3fn, device=dev)
+    s = torch.empty((shape[0], shape[2]), dtype=torch.float32, device=dev)
+    for e in range(shape[0]):
+        w = ck.expert(layer, e)
+        q[e] = to_fp8(w.gate_up if gate_up else w.down, dev)
+        s[e] = torch.from_numpy(w.gate_up_scale if gate_up else w.down_scale)
+        ck.evict_expert(layer, e)
+    return {name: q, name + "_scale": s}
 
 
 def _aligned(a: np.ndarray) -> bool:

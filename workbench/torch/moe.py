@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .quant import expert_weights
+
 _GROUPED = hasattr(torch, "_grouped_mm")
 
 
@@ -63,9 +65,10 @@ def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
              experts: Any) -> torch.Tensor:
     """Routed output (N, D) for tokens xf (N, D) and choices idx/gates (N, k).
 
-    ``experts`` is the stacked pair (gate_up (E, D, 2I), down (E, I, D)), or a streamed expert
-    set whose ``fetch(ids)`` returns {e: (gate_up_e (D, 2I), down_e (I, D))} for the experts
-    used. Each assignment's input is ``x * gate`` in the model dtype (as HF); with k > 1 the
+    ``experts`` is the stacked pair (gate_up (E, D, 2I), down (E, I, D)), or an expert set
+    (streamed, or resident FP8) whose ``fetch(ids)`` returns {e: (gate_up_e (D, 2I), down_e
+    (I, D))} or FP8 experts (dequantised one at a time) for the experts used. Each
+    assignment's input is ``x * gate`` in the model dtype (as HF); with k > 1 the
     outputs are summed in fp32 and cast once.
     """
     k = idx.shape[1]
@@ -99,13 +102,15 @@ def _streamed(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torch.
     """Expert-sorted rows through experts read on demand: each expert used is read once,
     used, and dropped before the next is read (unless the source's cache keeps it)."""
     used, counts = torch.unique_consecutive(sorted_e, return_counts=True)
+    act = getattr(experts, "act_quant", None)  # w8a8: FP8 expert inputs, per token
     parts = []
     for e, xe in zip(used.tolist(), xin.split(counts.tolist())):
-        gate_up, down = experts.fetch([e])[e]
-        gu = xe @ gate_up
+        gate_up, down = expert_weights(experts.fetch([e])[e], xin.dtype)  # FP8: dequantised
+        gu = (xe if act is None else act(xe)) @ gate_up
         inter = gu.shape[-1] // 2
-        parts.append((gu[:, inter:] * F.silu(gu[:, :inter])) @ down)
-        del gate_up, down, gu
+        h = gu[:, inter:] * F.silu(gu[:, :inter])
+        parts.append((h if act is None else act(h)) @ down)
+        del gate_up, down, gu, h
     return torch.cat(parts) if parts else xin.new_zeros((0, xin.shape[-1]))
 
 
