@@ -54,9 +54,11 @@ from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..plan import EXPERT_GROUP_BYTES
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
+from ..vision.forward import rope_tables, split_params, vision_forward, vision_status
+from ..vision.jax_ops import CompiledVision, JaxVisionOps
 from .attention import CacheEntry, keep_from
 from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
-from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
+from .ops import JAX_DTYPES, host_array, resolve_device
 
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
 MAX_STEPS = 256
@@ -133,10 +135,11 @@ class JaxModel(Model):
         self._device = resolve_device(device)
         self.params: Params = {}
         self.aliased = 0  # tensors adopted from host memory without a copy (CPU only)
+        self.vision_problem = vision_status(config, tensors)
         for n, a in to_params(config, tensors, done):
             self.params[n] = self.put(a)
             del a
-        self.ops = JaxOps(self._device)
+        self.ops = JaxVisionOps(self._device)
         E = config.num_local_experts
         if stream is not None:  # streamed: copies on demand, experts in nn.Linear layout
 
@@ -229,7 +232,8 @@ class JaxModel(Model):
             self._steps.popitem(last=False)
         return fn
 
-    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None):
+    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None,
+                 images=None):
         cfg = self.config
         S = ids.shape[1]
         start = 0 if cache is None else cache.start
@@ -251,7 +255,8 @@ class JaxModel(Model):
                               stop_at_layer, spec.nan_check))
         ex = _CompiledSteps(self, plan, spec, {n: host_array(v) for n, v in
                                                plan.patches.items()})
-        logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer)
+        image = None if images is None else self._image(images, spec, ex.rec)
+        logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer, image)
         if cache is not None:
             cache.commit(cfg, entries, S)
         raise_nonfinite(first_nonfinite(ex.rec.finite, self.hook_names()), "jax")
@@ -262,6 +267,18 @@ class JaxModel(Model):
                 a = a[..., : start + S - before[hk.layer_of(n)]]
             arrays[n] = store(a, spec)
         return (None if logits is None else self.ops.to_numpy(logits)), arrays, cache
+
+    def _image(self, images: tuple[np.ndarray, np.ndarray], spec: CaptureSpec,
+               rec: Recorder) -> tuple[jax.Array, jax.Array]:
+        """The vision path (compiled steps) on checked tiles: (placeholder positions,
+        features (n, D))."""
+        vc = self.config.vision
+        pixels, positions = images
+        cos, sin = (self.ops.asarray(a) for a in rope_tables(vc))
+        ex = CompiledVision(self, vc, rec, spec.names, spec.nan_check)
+        feats = vision_forward(ex, split_params(vc, self.params),
+                               self.ops.asarray(pixels).astype(self.jax_dtype), cos, sin)
+        return self.ops.asarray(positions), feats.reshape(-1, feats.shape[-1])
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
         """Weights as float32 numpy arrays by canonical name, experts restacked (for
@@ -316,10 +333,12 @@ class _CompiledSteps(Executor):
             self.rec.finite[prefix + n] = v
         return result
 
-    def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
-        def step(table, ids, rec):
-            return embed_step(self.ops, table, ids, rec)
-        return self._call(("embedding",), None, EMBED_HOOKS.__contains__, step, table, ids)
+    def embed(self, table: jax.Array, ids: jax.Array,
+              image: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        def step(table, ids, image, rec):
+            return embed_step(self.ops, table, ids, rec, image)
+        return self._call(("embedding", image is None), None, EMBED_HOOKS.__contains__, step,
+                          table, ids, image)
 
     def head(self, norm: jax.Array, head: jax.Array, h: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -470,10 +489,13 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
     ck = checkpoint or Checkpoint.open(path)
     if check_offload(offload, max_memory) == "disk":
         ck.weight_names()  # a streamed forward needs every layer too
-        return JaxModel(ck.config, {}, dtype, str(path), device, stream=ck,
-                        max_memory=parse_bytes(max_memory))
+        model = JaxModel(ck.config, {n: ck.view(n) for n in ck.vision_names()}, dtype,
+                         str(path), device, stream=ck, max_memory=parse_bytes(max_memory))
+        model.vision_problem = ck.vision_problem
+        return model
     views = _Views(ck)
     model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done)
+    model.vision_problem = ck.vision_problem
     if model.aliased == 0:
         ck.close()
     return model
@@ -485,7 +507,7 @@ class _Views(Mapping[str, np.ndarray]):
 
     def __init__(self, ck: Checkpoint):
         self.ck = ck
-        self.names = ck.weight_names()
+        self.names = ck.weight_names() + ck.vision_names()
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.ck.view(name)
