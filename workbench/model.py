@@ -228,6 +228,9 @@ class Model(ABC):
         meta = self._meta(names, p, capture)
         if pos is not None:  # which sequence positions the captured hooks hold
             meta["positions"] = list(range(*pos.indices(ids.shape[1])))
+        if images is not None:
+            meta["image_tiles"] = int(images[0].shape[0])
+            meta["image_tokens_per_tile"] = self.config.vision.tokens_per_tile
         trace = Trace({n: arrays[n] for n in names if n in arrays}, ids, meta)
         return Output(logits, trace)
 
