@@ -117,7 +117,10 @@ def __getattr__(name: str) -> Any:
     if name == "ParityReport":
         from .parity import ParityReport
         return ParityReport
-    if name in ("analysis", "plots", "widgets", "parity", "data"):
+    if name in ("ImageProcessor", "Processor", "VisionError"):
+        from .vision import processor
+        return getattr(processor, name)
+    if name in ("analysis", "plots", "widgets", "parity", "vision", "data"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")
@@ -125,7 +128,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BACKENDS", "CaptureTooLarge", "Checkpoint", "CheckpointError", "ConfigError",
-    "DeviceError", "HookError", "NonFiniteError", "TraceError",
+    "DeviceError", "HookError", "ImageProcessor", "NonFiniteError", "Processor", "TraceError",
+    "VisionError",
     "InputError", "InterventionError", "Model", "ModelConfig", "Output", "ParityReport", "Routing",
     "Tokenizer", "Trace", "ablate_head",
     "ban_expert", "compare", "disable_temperature", "force_expert", "hook_names", "load",

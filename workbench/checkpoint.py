@@ -26,7 +26,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .config import ModelConfig, load_strict_json, read_regular_file, regular_file_stat
+from .config import (
+    ModelConfig,
+    VisionConfig,
+    load_strict_json,
+    read_regular_file,
+    regular_file_stat,
+)
 from .hooks import layer_of
 from .quant import EXPERT_PART, FP8, QuantScheme, dequantize, is_linear, read_quantization_config
 
@@ -120,6 +126,47 @@ def canonical_name(hf_name: str) -> str | None:
         if hf_name.startswith(prefix):
             return "lm_head." + hf_name[len(prefix):]
     return hf_name
+
+
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+def vision_name(hf_name: str) -> str | None:
+    """The canonical name of a vision-tower or projector tensor (its HF name without a leading
+    ``model.``: ``vision_model.class_embedding``, ``multi_modal_projector.linear_1.weight``);
+    None for every other tensor."""
+    name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+    return name if name.startswith(VISION_PREFIXES) else None
+
+
+def vision_expected_shapes(vc: VisionConfig, text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """Every vision-tower and projector tensor of this vision config, with its shape."""
+    h, inter, c, p = vc.hidden_size, vc.intermediate_size, vc.num_channels, vc.patch_size
+    v = "vision_model."
+    out: dict[str, tuple[int, ...]] = {
+        v + "patch_embedding.linear.weight": (h, c * p * p),
+        v + "class_embedding": (h,),
+        v + "positional_embedding_vlm": (vc.num_patches, h),
+        v + "layernorm_pre.weight": (h,), v + "layernorm_pre.bias": (h,),
+        v + "layernorm_post.weight": (h,), v + "layernorm_post.bias": (h,),
+    }
+    for j in range(vc.num_hidden_layers):
+        lp = f"{v}model.layers.{j}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{lp}self_attn.{proj}.weight"] = (h, h)
+            out[f"{lp}self_attn.{proj}.bias"] = (h,)
+        out[lp + "mlp.fc1.weight"] = (inter, h)
+        out[lp + "mlp.fc1.bias"] = (inter,)
+        out[lp + "mlp.fc2.weight"] = (h, inter)
+        out[lp + "mlp.fc2.bias"] = (h,)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{lp}{norm}.weight"] = (h,)
+            out[f"{lp}{norm}.bias"] = (h,)
+    out[v + "vision_adapter.mlp.fc1.weight"] = (vc.projector_input_dim, inter)
+    out[v + "vision_adapter.mlp.fc2.weight"] = (vc.projector_output_dim,
+                                                vc.projector_output_dim)
+    out["multi_modal_projector.linear_1.weight"] = (text_hidden, vc.vision_output_dim)
+    return out
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -376,6 +423,9 @@ class Checkpoint(Mapping[str, np.ndarray]):
         self._scales: dict[str, TensorInfo] = {}  # weight name -> its weight_scale
         self._parts: dict[int, dict[tuple[int, str], TensorInfo]] = {}  # per-expert layouts
         self._ignored_infos: dict[str, TensorInfo] = {}
+        self._vision: dict[str, TensorInfo] = {}
+        # why the vision tower cannot be used (None when it can, or when there is none)
+        self.vision_problem: str | None = None
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -402,6 +452,7 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 raise CheckpointError(f"layers={bad} out of range: the model has "
                                       f"{cfg.num_hidden_layers} layers")
         infos: dict[str, TensorInfo] = {}
+        vision: dict[str, TensorInfo] = {}
         ignored: list[str] = []
         ignored_infos: dict[str, TensorInfo] = {}
         scheme = read_quantization_config(root, CheckpointError)
@@ -416,11 +467,17 @@ class Checkpoint(Mapping[str, np.ndarray]):
             for hf_name, info in header.items():
                 name = canonical_name(hf_name)
                 if name is None:
-                    ignored.append(hf_name)
-                    b, e = info["data_offsets"]
-                    ignored_infos[hf_name] = TensorInfo(hf_name, hf_name, f, info["dtype"],
-                                                        tuple(info["shape"]), data_start + b,
-                                                        e - b)
+                    vname = vision_name(hf_name)
+                    if vname is not None and vname not in vision:
+                        b, e = info["data_offsets"]
+                        vision[vname] = TensorInfo(vname, hf_name, f, info["dtype"],
+                                                   tuple(info["shape"]), data_start + b, e - b)
+                    else:
+                        ignored.append(hf_name)
+                        b, e = info["data_offsets"]
+                        ignored_infos[hf_name] = TensorInfo(hf_name, hf_name, f, info["dtype"],
+                                                            tuple(info["shape"]), data_start + b,
+                                                            e - b)
                     continue
                 if name in infos:
                     raise CheckpointError(f"{f}: tensor {hf_name!r} duplicates {name!r} already "
@@ -435,6 +492,7 @@ class Checkpoint(Mapping[str, np.ndarray]):
         ck._ignored_infos = ignored_infos
         ck._organise_quantised(scheme, strict)
         ck._validate(strict)
+        ck._adopt_vision(vision)
         if check_values:
             bad = ck.nonfinite()
             if bad:
@@ -595,6 +653,56 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 f"{' ...' if len(unexpected) > 5 else ''} (in "
                 f"{self._infos[unexpected[0]].file.name})")
 
+    def _adopt_vision(self, found: dict[str, TensorInfo]) -> None:
+        """Use the vision tower if it is complete and matches ``vision_config``; otherwise
+        list its tensors in ``ignored`` and say why in ``vision_problem``."""
+        if not found:
+            text_only = not (self.config.multimodal and self.config.extra.get("vision_config"))
+            self.vision_problem = ("its config has no vision_config (a text-only Llama 4)"
+                                   if text_only else "the checkpoint holds no vision tower "
+                                   "(vision_model.*, multi_modal_projector.*)")
+            return
+        problem = None
+        try:
+            vc = self.config.vision
+        except ValueError as e:
+            vc, problem = None, f"its vision_config is unusable: {e}"
+        if vc is None and problem is None:
+            problem = "config.json has no vision_config"
+        if problem is None:
+            exp = vision_expected_shapes(vc, self.config.hidden_size)
+            missing = sorted(set(exp) - set(found))
+            extra = sorted(set(found) - set(exp))
+            bad = [i for n, i in found.items() if n in exp and i.shape != exp[n]]
+            wrong = [i for i in found.values() if i.dtype not in _FLOAT_WEIGHTS]
+            if missing:
+                problem = (f"vision tensor(s) missing: {missing[:3]}"
+                           f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of {len(exp)})")
+            elif bad:
+                i = bad[0]
+                problem = (f"{i.file}: vision tensor {i.hf_name!r} has shape {i.shape}, "
+                           f"vision_config expects {exp[i.name]}")
+            elif extra:
+                problem = f"vision tensor(s) {extra[:3]} are not part of this vision_config"
+            elif wrong:
+                problem = (f"{wrong[0].file}: vision tensor {wrong[0].hf_name!r} has dtype "
+                           f"{wrong[0].dtype}; weights must be F32, F16 or BF16")
+        if problem is None:
+            self._vision = dict(sorted(found.items()))
+            self.vision_problem = None
+        else:
+            self.vision_problem = problem
+            self.ignored = sorted(self.ignored + [i.hf_name for i in found.values()])
+
+    @property
+    def has_vision(self) -> bool:
+        """True when the checkpoint holds a complete vision tower and projector."""
+        return bool(self._vision)
+
+    def vision_names(self) -> list[str]:
+        """Canonical names of the vision tower's and projector's tensors (empty without one)."""
+        return list(self._vision)
+
     def _shape_message(self, info: TensorInfo, shape: tuple[int, ...]) -> str:
         cfg = self.config
         msg = (f"{info.file}: tensor {info.hf_name!r} has shape {info.shape}, expected {shape}")
@@ -620,10 +728,10 @@ class Checkpoint(Mapping[str, np.ndarray]):
         return len(self._infos)
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise KeyError(self._unknown(name)) from None
+        info = self._infos.get(name) or self._vision.get(name)
+        if info is None:
+            raise KeyError(self._unknown(name))
+        return info
 
     def _unknown(self, name: str) -> str:
         import difflib
@@ -839,8 +947,9 @@ class Checkpoint(Mapping[str, np.ndarray]):
         return [n for n in expected_shapes(self.config) if n in self._infos]
 
     def model_tensors(self) -> dict[str, np.ndarray]:
-        """Every weight a forward pass needs, by canonical name (what a backend loads)."""
-        return {n: self.get(n) for n in self.weight_names()}
+        """Every weight a forward pass needs, by canonical name (what a backend loads), the
+        vision tower's included."""
+        return {n: self.get(n) for n in self.weight_names() + self.vision_names()}
 
     def close(self) -> None:
         """Unmap the shards. A mapping that arrays still view stays until they are gone."""
@@ -872,7 +981,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
 
     def files(self) -> list[Path]:
         parts = [i for lay in self._parts.values() for i in lay.values()]
-        return sorted({i.file for i in [*self._infos.values(), *self._scales.values(), *parts]})
+        return sorted({i.file for i in [*self._infos.values(), *self._scales.values(), *parts,
+                                        *self._vision.values()]})
 
     # ----------------------------------------------------------------- writing
     @staticmethod
@@ -976,6 +1086,17 @@ def _checked_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, mm: 
     missing = sorted(set(exp) - set(tensors))
     if missing:
         raise CheckpointError(f"cannot save: missing tensor(s) {missing[:5]}")
+    given_vision = [n for n in tensors if n.startswith(VISION_PREFIXES)]
+    if given_vision:
+        vc = config.vision if mm else None
+        if vc is None:
+            raise CheckpointError(f"cannot save: vision tensor(s) {sorted(given_vision)[:3]} "
+                                  "given but the config is not multimodal with a vision_config")
+        vexp = vision_expected_shapes(vc, config.hidden_size)
+        vmissing = sorted(set(vexp) - set(given_vision))
+        if vmissing:
+            raise CheckpointError(f"cannot save: vision tensor(s) missing {vmissing[:5]}")
+        exp = {**exp, **vexp}
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         raise CheckpointError("cannot save: tensor 'lm_head.weight' given but the config ties "
                               "the output head to embed_tokens.weight (tie_word_embeddings)")
@@ -990,6 +1111,8 @@ def _checked_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, mm: 
                               "float16 or bfloat16")
 
     def hf(name: str) -> str:
+        if name.startswith(VISION_PREFIXES):
+            return name
         if name.startswith("lm_head."):
             return ("language_model." if mm else "") + name
         return ("language_model.model." if mm else "model.") + name

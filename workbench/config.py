@@ -435,6 +435,11 @@ class ModelConfig:
         return bool(self.attn_temperature_tuning and not self.uses_rope(layer))
 
     @property
+    def vision(self) -> VisionConfig | None:
+        """The vision tower's config (None for text-only models); see :func:`vision_config`."""
+        return vision_config(self)
+
+    @property
     def dense_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if i not in self.moe_layers]
 
@@ -672,6 +677,108 @@ class ModelConfig:
         return cls(**base)
 
 
+@dataclass(frozen=True)
+class VisionConfig:
+    """The Llama 4 vision tower's hyper-parameters (HF ``Llama4VisionConfig`` field names) and
+    the wrapper's image token ids, as :meth:`ModelConfig.vision` reads them."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    pixel_shuffle_ratio: float
+    projector_input_dim: int
+    projector_output_dim: int
+    vision_output_dim: int
+    rope_theta: float
+    norm_eps: float
+    image_token_index: int
+    boi_token_index: int
+    eoi_token_index: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of a tile (image_size // patch_size)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Encoder positions per tile: the patch grid plus the class token."""
+        return self.grid ** 2 + 1
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image tokens (``<|patch|>`` placeholders) each tile becomes after pixel shuffle."""
+        return int(round(self.grid ** 2 * self.pixel_shuffle_ratio ** 2))
+
+    @property
+    def shuffled_grid(self) -> int:
+        """Side of the patch grid after pixel shuffle (``grid * ratio``)."""
+        return int(round(self.grid * self.pixel_shuffle_ratio))
+
+
+_VISION_DEFAULTS: dict[str, Any] = dict(  # transformers' Llama4VisionConfig defaults
+    hidden_size=768, num_hidden_layers=34, num_attention_heads=16, intermediate_size=5632,
+    image_size=448, patch_size=14, num_channels=3, pixel_shuffle_ratio=0.5,
+    projector_input_dim=4096, projector_output_dim=4096, vision_output_dim=7680,
+    norm_eps=1e-5)
+
+
+def vision_config(cfg: ModelConfig) -> VisionConfig | None:
+    """The vision tower's config of a multimodal ``cfg`` (None for a text-only config or an
+    empty ``vision_config``); ConfigError naming the field when the sizes cannot form the
+    Llama 4 vision path (patch grid, heads, pixel shuffle, adapter and projector widths)."""
+    vc = cfg.extra.get("vision_config") if cfg.multimodal else None
+    if not vc:
+        return None
+    v = {**_VISION_DEFAULTS, **{k: vc[k] for k in _VISION_DEFAULTS if k in vc}}
+    for key in _VISION_INTS + ("num_attention_heads",):
+        v[key] = _int(f"vision_config.{key}", v[key], 1)
+    v["pixel_shuffle_ratio"] = float(_real("vision_config.pixel_shuffle_ratio",
+                                           v["pixel_shuffle_ratio"], positive=True, upper=1.0))
+    v["norm_eps"] = float(_real("vision_config.norm_eps", v["norm_eps"], positive=True))
+    rp = vc.get("rope_parameters") or {}
+    if not isinstance(rp, dict):
+        raise ConfigError(f"vision_config.rope_parameters must be an object, got {_desc(rp)}")
+    theta = float(_real("vision_config.rope_parameters.rope_theta",
+                        rp.get("rope_theta", vc.get("rope_theta", 10000.0)), positive=True))
+    ids = {}
+    for key, default in (("image_token_index", 200092), ("boi_token_index", 200080),
+                         ("eoi_token_index", 200081)):
+        ids[key] = _int(key, cfg.extra.get(key, default), 0)
+    out = VisionConfig(**v, rope_theta=theta, **ids)
+    h, heads, g, r = out.hidden_size, out.num_attention_heads, out.grid, out.pixel_shuffle_ratio
+    if out.image_size % out.patch_size:
+        raise ConfigError(f"vision_config.image_size={out.image_size} is not a multiple of "
+                          f"patch_size={out.patch_size}")
+    if h % heads or (h // heads) % 4:
+        raise ConfigError(f"vision_config.hidden_size={h} must split into "
+                          f"num_attention_heads={heads} heads whose size is a multiple of 4 "
+                          "(2-D RoPE rotates pairs along x and y)")
+    if abs(g * r - round(g * r)) > 1e-9 or abs(h / r ** 2 - round(h / r ** 2)) > 1e-9:
+        raise ConfigError(f"vision_config.pixel_shuffle_ratio={r} must divide the {g}x{g} patch "
+                          f"grid and hidden_size={h} evenly")
+    if round(h / r ** 2) != out.intermediate_size:
+        raise ConfigError(f"vision_config.intermediate_size={out.intermediate_size} must equal "
+                          f"hidden_size / pixel_shuffle_ratio**2 = {round(h / r ** 2)}: the "
+                          "vision adapter's fc1 reads the pixel-shuffled patches")
+    if out.projector_output_dim != out.vision_output_dim:
+        raise ConfigError(f"vision_config.projector_output_dim={out.projector_output_dim} must "
+                          f"equal vision_output_dim={out.vision_output_dim} (the projector reads "
+                          "the adapter's output)")
+    for key, tok in ids.items():
+        if tok >= cfg.vocab_size:
+            raise ConfigError(f"{key}={tok} outside vocab_size={cfg.vocab_size}")
+    return out
+
+
 def vision_param_count(vc: dict[str, Any], text_hidden: int) -> int:
     """Parameters of the Llama 4 vision encoder, its adapter and the projector into the text
     model, counted from the ``vision_config`` dict (absent fields take the sizes of the
@@ -712,4 +819,5 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["ModelConfig", "ConfigError", "human_count", "human_bytes", "load_strict_json"]
+__all__ = ["ModelConfig", "VisionConfig", "ConfigError", "human_count", "human_bytes",
+           "load_strict_json", "vision_config"]

@@ -223,9 +223,15 @@ EMBED_HOOKS = frozenset({"embed"})  # what embed_step emits
 HEAD_HOOKS = frozenset({"final_norm", "logits"})  # what head_step emits
 
 
-def embed_step(ops: Ops, table: Array, ids: Array, rec: Recorder) -> Array:
-    """Token embeddings (B, S, D)."""
-    return rec("embed", ops.embed(table, ids))
+def embed_step(ops: Ops, table: Array, ids: Array, rec: Recorder,
+               image: tuple[Array, Array] | None = None) -> Array:
+    """Token embeddings (B, S, D). ``image``: (flat positions (n,) of the ``<|patch|>``
+    placeholders, projected image features (n, D)), scattered over those positions in order
+    (transformers' ``masked_scatter``) before the hook."""
+    e = ops.embed(table, ids)
+    if image is not None:
+        e = ops.scatter_rows(e, image[0], image[1])
+    return rec("embed", e)
 
 
 def layer_step(ops: Ops, cfg: ModelConfig, kind: LayerKind, lp: Params, h: Array,
@@ -369,8 +375,8 @@ class Executor:
         self.plan = plan
         self.rec = rec
 
-    def embed(self, table: Array, ids: Array) -> Array:
-        return embed_step(self.ops, table, ids, self.rec.scope(""))
+    def embed(self, table: Array, ids: Array, image: tuple[Array, Array] | None = None) -> Array:
+        return embed_step(self.ops, table, ids, self.rec.scope(""), image)
 
     def layer(self, i: int, lp: Params, h: Array, ctx: Context, cache: Any) -> tuple[Array, Any]:
         return layer_step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx,
@@ -382,20 +388,22 @@ class Executor:
 
 
 def forward(ex: Executor, source: WeightSource, ids: np.ndarray, ctx: Context,
-            cache: dict[int, Any] | None = None,
-            stop_at_layer: int | None = None) -> tuple[Array | None, Array]:
+            cache: dict[int, Any] | None = None, stop_at_layer: int | None = None,
+            image: tuple[Array, Array] | None = None) -> tuple[Array | None, Array]:
     """Run ids (B, S) through the model: (logits (B, S, V) or None, final residual stream).
 
     ``source`` supplies the weights (``embedding(ids)``, ``layer(i)``, ``head()``); ``cache``
     maps every layer to its KV-cache entry (the backend's empty entry before the first call)
     and is updated in place. ``stop_at_layer=k`` runs (and reads) layers 0..k-1 only and
-    returns no logits.
+    returns no logits. ``image`` (placeholder positions, projected features) replaces the
+    embeddings of an image's ``<|patch|>`` tokens (see ``workbench.vision``).
     """
     cfg = ex.cfg
     n = cfg.num_hidden_layers if stop_at_layer is None else stop_at_layer
     source.begin(n)
     table, local = source.embedding(ids)
-    h = ex.embed(table, local if not isinstance(local, np.ndarray) else ex.ops.asarray(local))
+    local = local if not isinstance(local, np.ndarray) else ex.ops.asarray(local)
+    h = ex.embed(table, local) if image is None else ex.embed(table, local, image)
     del table
     for i in range(n):
         entry = None if cache is None else cache[i]

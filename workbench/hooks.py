@@ -7,6 +7,9 @@ A hook name is one of::
     layers.{i}.attn.(q | k | v | pattern | summary | out)
     layers.{i}.moe.(router_logits | topk_indices | topk_scores | routed_out | shared_out)
     layers.{i}.mlp.out
+    token_modality
+    vision.(embed | adapter_out | projected)
+    vision.layers.{j}.(resid_post | attn.pattern)
 
 where ``{i}`` is a layer index written in decimal without leading zeros. :func:`parse` reads
 this grammar; :func:`seq_axis` and :func:`hook_dtype` build on it, and :func:`layer_of`,
@@ -39,8 +42,17 @@ ATTN_HOOKS = ("q", "k", "v", "pattern", "summary", "out")
 MOE_HOOKS = ("router_logits", "topk_indices", "topk_scores", "routed_out", "shared_out")
 MLP_HOOKS = ("out",)
 
-TOP_LEVEL: tuple[str, ...] = ("embed", "final_norm", "logits")
-"""Hook names outside any layer."""
+TOP_LEVEL: tuple[str, ...] = ("embed", "final_norm", "logits", "token_modality")
+"""Hook names outside any layer. ``token_modality`` (B, T) int32 is what each token is
+(``MODALITY_TEXT``, ``MODALITY_IMAGE``, ``MODALITY_IMAGE_SPECIAL``), on models with a vision
+tower."""
+VISION_TOP: tuple[str, ...] = ("embed", "adapter_out", "projected")
+"""Hooks of the vision path outside its layers: ``vision.{site}``."""
+VISION_LAYER: tuple[str, ...] = ("attn.pattern", "resid_post")
+"""Hooks of vision encoder layer j: ``vision.layers.{j}.{site}``."""
+MODALITY_TEXT, MODALITY_IMAGE, MODALITY_IMAGE_SPECIAL = 0, 1, 2
+MODALITY_NAMES: tuple[str, ...] = ("text", "image", "image special")
+"""Names of the ``token_modality`` values 0, 1, 2."""
 LAYER_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 """Residual-stream sites of a layer: ``layers.{i}.{site}``."""
 BLOCKS: dict[str, tuple[str, ...]] = {"attn": ATTN_HOOKS, "moe": MOE_HOOKS, "mlp": MLP_HOOKS}
@@ -58,9 +70,11 @@ def _alternatives(prefix: str, leaves: tuple[str, ...]) -> str:
     return prefix + (leaves[0] if len(leaves) == 1 else f"({'|'.join(leaves)})")
 
 
-_GRAMMAR = " | ".join([*TOP_LEVEL, _alternatives("layers.{i}.", LAYER_SITES),
+_GRAMMAR = " | ".join([*TOP_LEVEL[:3], _alternatives("layers.{i}.", LAYER_SITES),
                        *(_alternatives(f"layers.{{i}}.{block}.", leaves)
-                         for block, leaves in BLOCKS.items())])
+                         for block, leaves in BLOCKS.items()),
+                       _alternatives("vision.", VISION_TOP),
+                       _alternatives("vision.layers.{j}.", VISION_LAYER), "token_modality"])
 
 
 class HookError(KeyError):
@@ -77,7 +91,9 @@ class HookName:
     ``name`` is the full name, ``layer`` its layer index (None outside a layer), ``block`` one
     of ``"attn"``, ``"moe"``, ``"mlp"`` (None for residual sites and top-level names) and
     ``site`` the leaf: ``"q"``, ``"pattern"``, ``"router_logits"``, ``"resid_pre"``,
-    ``"embed"``, ``"final_norm"``, ``"logits"``, ...
+    ``"embed"``, ``"final_norm"``, ``"logits"``, ... Hooks of the vision path have
+    ``block="vision"``, ``layer=None`` and the rest of the name as ``site``
+    (``"layers.3.attn.pattern"``, ``"projected"``); ``vision_layer`` is their encoder layer.
     """
 
     name: str
@@ -88,7 +104,17 @@ class HookName:
     @property
     def relative(self) -> str:
         """The name inside its layer (``"attn.q"``), or the whole name outside a layer."""
+        if self.block == "vision":
+            return self.name
         return self.site if self.block is None else f"{self.block}.{self.site}"
+
+    @property
+    def vision_layer(self) -> int | None:
+        """The vision encoder layer j of ``vision.layers.{j}.…``, else None."""
+        if self.block != "vision":
+            return None
+        m = _LAYER_PREFIX.match(self.site)
+        return int(m.group(1)) if m else None
 
 
 def parse(name: str) -> HookName:
@@ -106,6 +132,14 @@ def parse(name: str) -> HookName:
 def _parse(name: str) -> HookName:
     if name in TOP_LEVEL:
         return HookName(name, None, None, name)
+    if name.startswith("vision."):
+        rest = name[len("vision."):]
+        m = _LAYER_PREFIX.match(rest)
+        if rest in VISION_TOP or (m and rest[m.end():] in VISION_LAYER):
+            return HookName(name, None, "vision", rest)
+        raise HookError(_not_a_hook(name, f"{rest!r} is not a site of the vision path "
+                                          f"(expected one of {', '.join(VISION_TOP)} or "
+                                          f"layers.{{j}}.({'|'.join(VISION_LAYER)}))"))
     m = _LAYER_PREFIX.match(name)
     if m is None:
         raise HookError(_not_a_hook(name, "it is neither a top-level name nor 'layers.{i}.…' "
@@ -159,7 +193,10 @@ def seq_axis(name: str) -> int:
     hook, which is (batch, seq, ...). ``name`` is a hook name or a layer-relative one
     (``attn.q``, as a per-layer step emits it); anything else raises HookError.
     """
-    return 2 if _block_site(name) in SEQ_AXIS_2 else 1
+    block, site = _block_site(name)
+    if block == "vision":
+        return 2 if site.endswith("attn.pattern") else 1
+    return 2 if (block, site) in SEQ_AXIS_2 else 1
 
 
 def is_pattern(name: str) -> bool:
@@ -175,7 +212,7 @@ def hook_dtype(name: str, model_dtype: np.dtype) -> np.dtype:
     ``name`` is a hook name or a layer-relative one (``moe.topk_indices``).
     """
     site = _block_site(name)
-    if site == ("moe", "topk_indices"):
+    if site in (("moe", "topk_indices"), (None, "token_modality")):
         return np.dtype(np.int32)
     return np.dtype(np.float32) if site == ("attn", "summary") else np.dtype(model_dtype)
 
@@ -191,14 +228,30 @@ def _block_site(name: str) -> tuple[str | None, str]:
         try:  # a name inside a layer, without its "layers.{i}." prefix
             h = parse(absolute(0, name))
         except HookError:
+            if name in VISION_TOP:  # a vision-path name without its "vision." prefix
+                return "vision", name
             raise HookError(f"{e.args[0]}; nor is it a layer-relative name such as 'attn.q' "
                             "or 'resid_pre'") from None
     return h.block, h.site
 
 
-def hook_names(cfg: ModelConfig) -> list[str]:
-    """Every hook point of this config, in forward order."""
-    names = ["embed"]
+def vision_hook_names(cfg: ModelConfig) -> list[str]:
+    """The hooks of the vision path (and ``token_modality``), in forward order; empty for a
+    config without a vision tower."""
+    vc = cfg.vision
+    if vc is None:
+        return []
+    names = ["vision.embed"]
+    for j in range(vc.num_hidden_layers):
+        names += [f"vision.layers.{j}.{site}" for site in VISION_LAYER]
+    return names + ["vision.adapter_out", "vision.projected", "token_modality"]
+
+
+def hook_names(cfg: ModelConfig, vision: bool = False) -> list[str]:
+    """Every hook point of this config, in forward order; ``vision=True`` (a model holding
+    a vision tower) puts the vision path's hooks first."""
+    names = vision_hook_names(cfg) if vision else []
+    names += ["embed"]
     for i in range(cfg.num_hidden_layers):
         block = "moe" if cfg.is_moe(i) else "mlp"
         rel = ["resid_pre", *(f"attn.{h}" for h in ATTN_HOOKS), "resid_mid",
@@ -208,7 +261,8 @@ def hook_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
-def resolve(cfg: ModelConfig, patterns: str | Iterable[str] | None) -> list[str]:
+def resolve(cfg: ModelConfig, patterns: str | Iterable[str] | None,
+            vision: bool = False) -> list[str]:
     """Expand glob patterns (``*.moe.*``, ``layers.3.attn.pattern``) to hook names, in order.
 
     A pattern that matches nothing raises HookError with the closest valid names.
@@ -217,7 +271,7 @@ def resolve(cfg: ModelConfig, patterns: str | Iterable[str] | None) -> list[str]
         return []
     if isinstance(patterns, str):
         patterns = [patterns]
-    names = hook_names(cfg)
+    names = hook_names(cfg, vision)
     chosen: set[str] = set()
     for pat in patterns:
         if not isinstance(pat, str):
@@ -248,11 +302,24 @@ def check_name(cfg: ModelConfig, name: str) -> None:
 
 
 def hook_shape(cfg: ModelConfig, name: str, batch: int, seq: int,
-               top_k: int | None = None, kv_len: int | None = None) -> tuple[int, ...]:
-    """The shape a hook has for a (batch, seq) input (kv_len: keys seen, for decode steps)."""
+               top_k: int | None = None, kv_len: int | None = None,
+               tiles: int = 0) -> tuple[int, ...]:
+    """The shape a hook has for a (batch, seq) input (kv_len: keys seen, for decode steps;
+    tiles: image tiles given, for the vision path's hooks)."""
     D, H, K, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     T = kv_len if kv_len is not None else seq
     h = parse(name)
+    if h.site == "token_modality":
+        return (batch, seq)
+    if h.block == "vision":
+        vc = cfg.vision
+        if vc is None:
+            raise HookError(f"{name!r}: this model has no vision tower")
+        P, Pv = vc.num_patches, vc.tokens_per_tile
+        if h.site.endswith("attn.pattern"):
+            return (tiles, vc.num_attention_heads, P, P)
+        return {"adapter_out": (tiles, Pv, vc.projector_output_dim),
+                "projected": (tiles, Pv, D)}.get(h.site, (tiles, P, vc.hidden_size))
     if h.site == "logits":
         return (batch, seq, cfg.vocab_size)
     if h.block == "attn":
@@ -268,14 +335,17 @@ def hook_shape(cfg: ModelConfig, name: str, batch: int, seq: int,
 
 
 def estimate_capture_bytes(cfg: ModelConfig, capture: str | Iterable[str] | None, batch: int,
-                           seq: int, capture_dtype: np.dtype | None = None) -> int:
-    """Bytes a trace of these hooks takes for a (batch, seq) input; needs only the config.
+                           seq: int, capture_dtype: np.dtype | None = None,
+                           tiles: int = 0) -> int:
+    """Bytes a trace of these hooks takes for a (batch, seq) input (with ``tiles`` image tiles:
+    the vision path's hooks too); needs only the config.
 
     Floats are stored as float32 unless ``capture_dtype`` says otherwise; indices as int32.
     """
     floats = np.dtype(capture_dtype or np.float32)
     total = 0
-    for n in resolve(cfg, capture):
+    for n in resolve(cfg, capture, vision=tiles > 0):
         size = hook_dtype(n, floats).itemsize
-        total += int(np.prod(hook_shape(cfg, n, batch, seq), dtype=np.int64)) * size
+        total += int(np.prod(hook_shape(cfg, n, batch, seq, tiles=tiles),
+                             dtype=np.int64)) * size
     return total

@@ -71,12 +71,15 @@ class CaptureSpec:
     dtype: np.dtype | None = None
     positions: slice | None = None
     nan_check: bool = False  # flag the first hook whose value holds NaN or Inf
+    tiles: int = 0  # image tiles of the call (sizes the vision path's hooks)
 
 
 class Model(ABC):
     """A loaded Llama 4 model on one backend (``torch`` or ``jax``)."""
 
     backend: str = ""
+    vision_problem: str | None = "the model was loaded without a vision tower"
+    """Why images cannot be run (None when the model holds a complete vision tower)."""
 
     def __init__(self, config: ModelConfig, dtype: str, path: str | None = None):
         if dtype not in DTYPES:
@@ -88,11 +91,14 @@ class Model(ABC):
     # ----------------------------------------------------------------- to implement
     @abstractmethod
     def _forward(self, ids: np.ndarray, plan: Plan, spec: CaptureSpec, cache: Any = None,
-                 stop_at_layer: int | None = None, pad: Padding | None = None
+                 stop_at_layer: int | None = None, pad: Padding | None = None,
+                 images: tuple[np.ndarray, np.ndarray] | None = None
                  ) -> tuple[np.ndarray | None, dict[str, np.ndarray], Any]:
         """One forward pass over ``ids`` (B, S), continuing ``cache`` when given; ``pad``
         describes a padded batch (key mask over every slot so far, RoPE positions, left
-        padding).
+        padding). ``images``: (checked pixel values (N, C, H, W) float32, flat placeholder
+        positions (N*P',)) from ``check_images``, run through the vision path and scattered
+        into the embeddings.
 
         Returns float32 logits (B, S, V) (None with ``stop_at_layer``), the captured arrays
         (numpy, after the capture spec), and the updated cache.
@@ -108,9 +114,30 @@ class Model(ABC):
         """An empty KV cache for ``batch`` sequences."""
 
     # ----------------------------------------------------------------- public API
+    @property
+    def has_vision(self) -> bool:
+        """True when the model holds a vision tower and can run images (``pixel_values``)."""
+        return self.vision_problem is None
+
     def hook_names(self) -> list[str]:
-        """Every hook point of this model, in forward order."""
-        return hk.hook_names(self.config)
+        """Every hook point of this model, in forward order (the vision path's first, on a
+        model with a vision tower)."""
+        return hk.hook_names(self.config, self.has_vision)
+
+    def check_images(self, ids: np.ndarray, pixel_values: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Validate ``pixel_values`` for ``ids``: (float32 tiles (N, C, H, W), flat positions of
+        the ``<|patch|>`` placeholders). InputError when the model has no vision tower, the
+        tiles have the wrong shape, or the placeholders do not match the image features."""
+        from .vision.forward import VisionError, check_pixels, image_positions
+        if not self.has_vision:
+            raise InputError(f"pixel_values given, but this model cannot run images: "
+                             f"{self.vision_problem}")
+        vc = self.config.vision
+        try:
+            px = check_pixels(self.config, vc, pixel_values)
+            return px, image_positions(ids, vc, px.shape[0])
+        except VisionError as e:
+            raise InputError(str(e)) from None
 
     def __repr__(self) -> str:
         c = self.config
@@ -236,7 +263,7 @@ class Model(ABC):
             capture_dtype: Any = None,
             positions: slice | Sequence[int] | None = None,
             stop_at_layer: int | None = None, max_capture_bytes: float | None = None,
-            nan_check: bool = False) -> Output:
+            nan_check: bool = False, pixel_values: Any = None) -> Output:
         """Run the model on ``input_ids`` (batch, seq), capturing hooks matching ``capture``.
 
         ``input_ids`` may also be text (a string, or a list of strings padded on the right)
@@ -247,6 +274,12 @@ class Model(ABC):
         first token; real tokens then get what transformers gives them for the same mask.
         Values at pad positions are meaningless; the trace records the mask
         (``trace.attention_mask``) and analyses leave pads out.
+
+        ``pixel_values`` (tiles, C, H, W), as ``wb.Processor`` (or transformers' Llama 4
+        processor) returns them, go through the vision tower; their projected features replace
+        the embeddings of the ``<|patch|>`` placeholders in ``input_ids`` (transformers'
+        ``masked_scatter``). The ``vision.*`` hooks and ``token_modality`` can then be
+        captured (they are never cut to ``positions``).
 
         ``interventions`` (wb.ban_expert, ...) and ``hooks`` ({name: fn}, a function of the
         backend's array type returning a replacement) change the forward pass.
@@ -262,28 +295,35 @@ class Model(ABC):
         if not isinstance(nan_check, bool | np.bool_):
             raise InputError(f"nan_check must be True or False, got {nan_check!r}")
         ids, mask = self._inputs(input_ids, attention_mask, "right")
-        names = hk.resolve(self.config, capture)
+        images = None if pixel_values is None else self.check_images(ids, pixel_values)
+        names = self._resolve(capture, images)
         self._check_padded_capture(names, mask)
         L = self.config.num_hidden_layers
         dtype = _np_dtype(capture_dtype)
         pos = _as_slice(positions, ids.shape[1])
         if stop_at_layer is not None:
             stop_at_layer = _int_arg(stop_at_layer, "stop_at_layer", 0, L)
-            late = [n for n in names if (hk.layer_of(n) is None and n != "embed")
+            late = [n for n in names if (hk.layer_of(n) is None and n != "embed"
+                                         and not _before_layers(n))
                     or (hk.layer_of(n) or 0) >= stop_at_layer]
             if late:
                 raise InputError(f"stop_at_layer={stop_at_layer}: cannot capture {late[:3]}, "
                                  "which the shortened forward never reaches")
         p = plan(self.config, interventions, hooks, ids.shape[0], ids.shape[1])
-        spec = CaptureSpec(frozenset(names), dtype, pos, bool(nan_check))
+        tiles = 0 if images is None else images[0].shape[0]
+        spec = CaptureSpec(frozenset(names), dtype, pos, bool(nan_check), tiles)
         self._check_capture_memory(names, p, ids.shape, spec, max_capture_bytes)
         pad = None if mask is None else Padding.from_mask(mask)
-        logits, arrays, _ = self._forward(ids, p, spec, None, stop_at_layer, pad)
+        logits, arrays, _ = self._forward(ids, p, spec, None, stop_at_layer, pad, images)
+        self._add_modality(arrays, names, ids, pos)
         self._warn_nonfinite(logits if mask is None else logits[mask] if logits is not None
                              else None)
         meta = self._meta(names, p, capture)
         if pos is not None:  # which sequence positions the captured hooks hold
             meta["positions"] = list(range(*pos.indices(ids.shape[1])))
+        if images is not None:
+            meta["image_tiles"] = int(images[0].shape[0])
+            meta["image_tokens_per_tile"] = self.config.vision.tokens_per_tile
         trace = Trace({n: arrays[n] for n in names if n in arrays}, ids, meta, mask)
         return Output(logits, trace)
 
@@ -298,6 +338,27 @@ class Model(ABC):
             raise InputError(f"{bad[0]}: attention summaries are computed blockwise without "
                              "a padding mask; run padded rows one at a time (unpadded) to "
                              "capture attn.summary, or capture attn.pattern instead")
+
+    def _resolve(self, capture: Any, images: Any) -> list[str]:
+        """Hook names of ``capture``; InputError for vision hooks on a text-only call."""
+        names = hk.resolve(self.config, capture, vision=self.has_vision)
+        if images is None:
+            vision = [n for n in names if n.startswith("vision.")]
+            if vision and not (isinstance(capture, str) and "*" in capture
+                               or not isinstance(capture, str) and any(
+                                   "*" in c for c in capture or [])):
+                raise InputError(f"cannot capture {vision[:3]} without pixel_values: the "
+                                 "vision path runs only on images")
+            names = [n for n in names if not n.startswith("vision.")]
+        return names
+
+    def _add_modality(self, arrays: dict[str, np.ndarray], names: list[str], ids: np.ndarray,
+                      pos: slice | None) -> None:
+        """Put ``token_modality`` (B, T) into the captured arrays when it was asked for."""
+        if "token_modality" in names:
+            from .vision.forward import token_modality
+            m = token_modality(ids, self.config.vision)
+            arrays["token_modality"] = np.ascontiguousarray(m if pos is None else m[:, pos])
 
     def _warn_nonfinite(self, logits: np.ndarray | None) -> None:
         """Warn once per model when a forward gives NaN/Inf logits (a cheap first-use check
@@ -352,8 +413,8 @@ class Model(ABC):
         for n in names:
             h = hk.parse(n)
             k = p.k(self.config, h.layer) if h.block == "moe" else None
-            shape = list(hk.hook_shape(self.config, n, batch, seq, top_k=k))
-            if kept is not None:
+            shape = list(hk.hook_shape(self.config, n, batch, seq, top_k=k, tiles=spec.tiles))
+            if kept is not None and h.block != "vision":
                 shape[hk.seq_axis(n)] = kept
             total += int(np.prod(shape, dtype=np.int64)) * hk.hook_dtype(n, floats).itemsize
         return total
@@ -408,7 +469,8 @@ class Model(ABC):
                  top_p: float = 1.0, seed: int | None = 0, capture: str | Iterable[str] |
                  None = None, interventions: Sequence[Intervention] | None = None,
                  stop_ids: Iterable[int] | None = None,
-                 max_capture_bytes: float | None = None) -> Generation:
+                 max_capture_bytes: float | None = None,
+                 pixel_values: Any = None) -> Generation:
         """Sample ``max_new_tokens`` with a KV cache (temperature 0 = greedy).
 
         The prompt is one prefill pass; each new token is one cached step. Captured hooks of
@@ -416,8 +478,11 @@ class Model(ABC):
         patterns are kept per step, since their key length grows). ``attention_mask`` runs a
         padded batch of prompts (see ``run``; text prompts are padded on the left): each row
         continues from its last real token, new tokens are appended after the padded prompt.
+        ``pixel_values`` are the prompt's images (as in ``run``); the vision hooks come from
+        the prefill.
         """
         ids, mask = self._inputs(input_ids, attention_mask, "left")
+        images = None if pixel_values is None else self.check_images(ids, pixel_values)
         max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 0)
         temperature = _real_arg(temperature, "temperature")
         top_p = _real_arg(top_p, "top_p")
@@ -429,9 +494,10 @@ class Model(ABC):
             seed = _int_arg(seed, "seed", 0)
         eos = self._stop_ids(stop_ids)
         self.check_ids(np.zeros((1, 1), np.int64), start=ids.shape[1] + max_new_tokens - 1)
-        names = hk.resolve(self.config, capture)
+        names = self._resolve(capture, images)
         self._check_padded_capture(names, mask)
-        step_names = frozenset(n for n in names if not hk.is_pattern(n))
+        step_names = frozenset(n for n in names if not hk.is_pattern(n)
+                               and not _before_layers(n))
         rng = np.random.default_rng(seed)
         B = ids.shape[0]
         cache = self.new_cache(B)
@@ -440,7 +506,9 @@ class Model(ABC):
                                          for _, pos in v):
             raise InputError("generate: patch and position-specific force_expert need fixed "
                              "positions; use run() on the full sequence instead")
-        self._check_capture_memory(names, p, ids.shape, CaptureSpec(frozenset(names)),
+        tiles = 0 if images is None else images[0].shape[0]
+        self._check_capture_memory(names, p, ids.shape, CaptureSpec(frozenset(names),
+                                                                    tiles=tiles),
                                    max_capture_bytes, new_tokens=max_new_tokens)
         if mask is not None and not mask[:, -1].all():
             import warnings
@@ -449,8 +517,9 @@ class Model(ABC):
                           "would (as in transformers): pad prompts on the left for generation",
                           UserWarning, stacklevel=2)
         pad = None if mask is None else Padding.from_mask(mask)
-        logits, arrays, cache = self._forward(ids, p, CaptureSpec(frozenset(names)), cache,
-                                              pad=pad)
+        logits, arrays, cache = self._forward(ids, p, CaptureSpec(frozenset(names), tiles=tiles),
+                                              cache, None, pad, images)
+        once = {n: a for n, a in arrays.items() if n.startswith("vision.")}
         pieces: dict[str, list[np.ndarray]] = {n: [a] for n, a in arrays.items()
                                                if n in step_names}
         patterns = {n: [a] for n, a in arrays.items() if hk.is_pattern(n)}
@@ -480,10 +549,12 @@ class Model(ABC):
                 (patterns if hk.is_pattern(n) else pieces).setdefault(n, []).append(a)
             last = logits[:, -1]
         arrays = {n: np.concatenate(v, axis=hk.seq_axis(n)) for n, v in pieces.items()}
+        arrays.update(once)
         full = np.concatenate([ids, new], axis=1)
         fed = full.shape[1] - (1 if new.shape[1] else 0)
         fed_mask = None if mask is None else np.concatenate(
             [mask, np.ones_like(new, bool)], axis=1)[:, :fed]
+        self._add_modality(arrays, names, full[:, :fed], None)
         trace = Trace(arrays, full[:, :fed], self._meta(names, p, capture), fed_mask)
         return Generation(full, new, trace, {n: v for n, v in patterns.items()})
 
@@ -537,6 +608,11 @@ def sample(logits: np.ndarray, temperature: float, top_p: float,
             pr /= pr.sum()
         out[b] = rng.choice(len(pr), p=pr)
     return out
+
+
+def _before_layers(name: str) -> bool:
+    """True for hooks computed before the decoder layers (the vision path, token_modality)."""
+    return name.startswith("vision.") or name == "token_modality"
 
 
 def available_memory() -> int | None:

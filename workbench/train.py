@@ -112,6 +112,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of the saved weights")
     p.add_argument("--quick", action="store_true",
                    help="about a minute: a smaller model shape and 30 steps (for tests)")
+    p.add_argument("--multimodal", action="store_true",
+                   help="train a small vision tower on the bundled text model with generated "
+                        "captioned images (workbench.vision.train); uses --out, --steps, "
+                        "--batch, --seed, --dtype")
 
 
 def load_corpus(corpus: Path, split: str) -> list[dict[str, str]]:
@@ -451,6 +455,8 @@ def main(ns: argparse.Namespace) -> int:
 
 
 def _main(ns: argparse.Namespace) -> int:
+    if getattr(ns, "multimodal", False):
+        return _main_multimodal(ns)
     try:
         snapshots = tuple(int(s) for s in ns.snapshots.split(",") if s.strip())
     except ValueError:
@@ -480,6 +486,22 @@ def _main(ns: argparse.Namespace) -> int:
     m = log["meta"]
     print(f"done: val loss {m['final_val_loss']:.4f} (unigram {m['unigram_val_loss']:.4f})"
           f" in {m['elapsed_s']:.0f} s -> {a.out}")
+    return 0
+
+
+def _main_multimodal(ns: argparse.Namespace) -> int:
+    from .vision.train import MultimodalArgs, train_multimodal
+    if ns.out is None:
+        raise TrainError("--out is required (e.g. --out data/scout-mini-vision)")
+    out = Path(ns.out)
+    if out.exists() and any(out.iterdir()) and not getattr(ns, "overwrite", False):
+        raise TrainError(f"--out {out} is not empty; pass --overwrite to replace it")
+    steps = 20 if ns.quick else ns.steps
+    res = train_multimodal(MultimodalArgs(out=out, base=BUNDLED_MODEL, steps=steps,
+                                          batch=ns.batch, seed=ns.seed, dtype=ns.dtype,
+                                          eval_images=16 if ns.quick else 128))
+    print(f"done: caption loss {res['multimodal']['caption_loss_with_image']:.4f} with the "
+          f"image, {res['text_only_baseline']['caption_loss']:.4f} text-only -> {out}")
     return 0
 
 

@@ -11,6 +11,7 @@ margins), :mod:`.specialisation` (domain, category, vocabulary), :mod:`.dynamics
 cross-layer), :mod:`.experts` (router similarity, shared vs routed), :mod:`.causal` (ablation),
 :mod:`.attention` (head statistics, chunk boundaries), :mod:`.training` (training log schema,
 stability), :mod:`.table` (the per-layer routing table).
+:mod:`.modality`: routing of image patches vs text tokens (needs ``token_modality``).
 :mod:`.longcontext`: attention by distance and position from ``attn.summary`` (no T × T
 pattern), the query temperature's effect, routing by position and for repeated tokens.
 """
@@ -91,6 +92,7 @@ from .longcontext import (
     summary_past,
     temperature_effect,
 )
+from .modality import ModalityLayer, modality_labels, modality_specialisation, patch_experts
 from .specialisation import (
     CategorySpecialisation,
     DomainSpecialisation,
@@ -122,6 +124,8 @@ from .training import (
 )
 
 __all__ = [
+    # modality
+    "ModalityLayer", "modality_labels", "modality_specialisation", "patch_experts",
     "NEAR_TIE_EPS", "TRAINING_LOG_SCHEMA",
     # load
     "expert_counts", "expert_load", "load_matrix", "load_cv", "max_over_mean", "max_vio",

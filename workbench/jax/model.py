@@ -57,10 +57,12 @@ from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..plan import EXPERT_GROUP_BYTES
 from ..quant import FP8, check_quant, dequantize
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
+from ..vision.forward import rope_tables, split_params, vision_forward, vision_status
+from ..vision.jax_ops import CompiledVision, JaxVisionOps
 from . import parallel
 from .attention import CacheEntry, keep_from
 from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
-from .ops import JAX_DTYPES, JaxOps, host_array, resolve_device
+from .ops import JAX_DTYPES, host_array, resolve_device
 from .quant import FP8Expert
 
 Params = dict[str, jax.Array]  # canonical name -> array (the native "module" of this backend)
@@ -145,13 +147,15 @@ class JaxModel(Model):
         self.quant = quant  # None, or how FP8 weights run: "weights" | "w8a8"
         self.params: Params = {}
         self.aliased = 0  # tensors adopted from host memory without a copy (CPU only)
+        self.vision_problem = vision_status(config, tensors)
         for n, a in to_params(config, tensors if mesh is None else
                               parallel.without_experts(config, tensors), done):
             # FP8 experts stay FP8 and their scales float32; the rest in the model dtype
             self.params[n] = self.put_stored(a) if n.endswith("_scale") or a.dtype == FP8 \
                 else self.put(a)
             del a
-        self.ops = JaxOps(self._device) if mesh is None else parallel.ExpertParallelOps(mesh)
+        self.ops = JaxVisionOps(self._device) if mesh is None else \
+            parallel.ExpertParallelOps(mesh)
         E = config.num_local_experts
         if mesh is not None:  # every device holds its E/n experts of each MoE layer
             self.expert_slots = {}
@@ -281,7 +285,8 @@ class JaxModel(Model):
             self._steps.popitem(last=False)
         return fn
 
-    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None, pad=None):
+    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None, pad=None,
+                 images=None):
         cfg = self.config
         S = ids.shape[1]
         start = 0 if cache is None else cache.start
@@ -314,7 +319,8 @@ class JaxModel(Model):
                               stop_at_layer, spec.nan_check, pad is not None))
         ex = _CompiledSteps(self, plan, spec, {n: host_array(v) for n, v in
                                                plan.patches.items()})
-        logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer)
+        image = None if images is None else self._image(images, spec, ex.rec)
+        logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer, image)
         if cache is not None:
             cache.commit(cfg, entries, S)
         raise_nonfinite(first_nonfinite(ex.rec.finite, self.hook_names()), "jax")
@@ -325,6 +331,18 @@ class JaxModel(Model):
                 a = a[..., : start + S - before[hk.layer_of(n)]]
             arrays[n] = store(a, spec)
         return (None if logits is None else self.ops.to_numpy(logits)), arrays, cache
+
+    def _image(self, images: tuple[np.ndarray, np.ndarray], spec: CaptureSpec,
+               rec: Recorder) -> tuple[jax.Array, jax.Array]:
+        """The vision path (compiled steps) on checked tiles: (placeholder positions,
+        features (n, D))."""
+        vc = self.config.vision
+        pixels, positions = images
+        cos, sin = (self.ops.asarray(a) for a in rope_tables(vc))
+        ex = CompiledVision(self, vc, rec, spec.names, spec.nan_check)
+        feats = vision_forward(ex, split_params(vc, self.params),
+                               self.ops.asarray(pixels).astype(self.jax_dtype), cos, sin)
+        return self.ops.asarray(positions), feats.reshape(-1, feats.shape[-1])
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
         """Weights as float32 numpy arrays by canonical name, experts restacked (for
@@ -393,10 +411,12 @@ class _CompiledSteps(Executor):
             self.rec.finite[prefix + n] = v
         return result
 
-    def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
-        def step(table, ids, rec):
-            return embed_step(self.ops, table, ids, rec)
-        return self._call(("embedding",), None, EMBED_HOOKS.__contains__, step, table, ids)
+    def embed(self, table: jax.Array, ids: jax.Array,
+              image: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        def step(table, ids, image, rec):
+            return embed_step(self.ops, table, ids, rec, image)
+        return self._call(("embedding", image is None), None, EMBED_HOOKS.__contains__, step,
+                          table, ids, image)
 
     def head(self, norm: jax.Array, head: jax.Array, h: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -574,13 +594,19 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
                              "bf16/fp32 experts only; load it without expert_parallel, or "
                              "dequantise it first")
         views = _Views(ck)
-        return JaxModel(ck.config, views, dtype, str(path), done=views.done, mesh=ep_mesh)
+        model = JaxModel(ck.config, views, dtype, str(path), done=views.done, mesh=ep_mesh)
+        model.vision_problem = ck.vision_problem
+        return model
     if check_offload(offload, max_memory) == "disk":
         ck.weight_names()  # a streamed forward needs every layer too
-        return JaxModel(ck.config, {}, dtype, str(path), device, stream=ck,
-                        max_memory=parse_bytes(max_memory), quant=mode)
+        model = JaxModel(ck.config, {n: ck.view(n) for n in ck.vision_names()}, dtype,
+                         str(path), device, stream=ck, max_memory=parse_bytes(max_memory),
+                         quant=mode)
+        model.vision_problem = ck.vision_problem
+        return model
     views = _Views(ck)
     model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done, quant=mode)
+    model.vision_problem = ck.vision_problem
     if model.aliased == 0:
         ck.close()
     return model
@@ -592,7 +618,7 @@ class _Views(Mapping[str, np.ndarray]):
 
     def __init__(self, ck: Checkpoint):
         self.ck = ck
-        self.names = ck.weight_names()
+        self.names = ck.weight_names() + ck.vision_names()
 
     def __getitem__(self, name: str) -> np.ndarray:
         if self.ck.is_quantized(name) and ".experts." not in name:

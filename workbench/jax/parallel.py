@@ -40,8 +40,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config import ModelConfig
+from ..vision.jax_ops import JaxVisionOps
 from .moe import combine_rows, expert_names, expert_tiles, tile_rows
-from .ops import JaxOps, resolve_device
+from .ops import resolve_device
 
 EXPERT_AXIS = "expert"
 DATA_AXIS = "data"
@@ -174,8 +175,8 @@ def exchange_bytes(mesh: Mesh, tokens: int, k: int, hidden: int, itemsize: int,
             "payload": 2 * local * hidden * itemsize, "total": counts + 2 * rows}
 
 
-class ExpertParallelOps(JaxOps):
-    """The jax kernels with replicated placement on ``mesh`` and an all-to-all dispatch."""
+class ExpertParallelOps(JaxVisionOps):
+    """The jax kernels (vision included), replicated on ``mesh``, with an all-to-all dispatch."""
 
     def __init__(self, mesh: Mesh):
         super().__init__(mesh.devices.flat[0])

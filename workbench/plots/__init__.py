@@ -24,6 +24,7 @@ from .longcontext import (
     plot_summary_by_position,
     plot_temperature_effect,
 )
+from .modality import modality_specialisation_plot, patch_expert_overlay
 from .routing import (
     expert_flow,
     gate_histogram,
@@ -54,6 +55,8 @@ from .style import (
 )
 
 __all__ = [
+    # modality
+    "modality_specialisation_plot", "patch_expert_overlay",
     # routing
     "load_heatmap", "imbalance_bars", "token_routing_text", "margin_histogram",
     "gate_histogram", "same_expert_rate_plot", "run_length_plot", "transition_heatmap",

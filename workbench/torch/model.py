@@ -27,8 +27,16 @@ from ..model import CaptureSpec, Model, raise_nonfinite, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..quant import FP8, check_quant
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
+from ..vision.forward import (
+    VisionExecutor,
+    rope_tables,
+    split_params,
+    vision_forward,
+    vision_status,
+)
+from ..vision.torch_ops import TorchVisionOps
 from .attention import EMPTY
-from .ops import TORCH_DTYPES, TorchOps, from_numpy, resolve_device
+from .ops import TORCH_DTYPES, from_numpy, resolve_device
 from .parallel import (
     ExpertParallelOps,
     ExpertShard,
@@ -77,10 +85,11 @@ class TorchModel(Model):
         # FP8 experts stay FP8 and their scales float32; the rest in the model dtype
         self.params = Params({n: _to(t, None if _stored(n, t) else tdt, self._device)
                               for n, t in tensors.items()})
-        self.ops = TorchOps(self._device) if shard is None else \
+        self.ops = TorchVisionOps(self._device) if shard is None else \
             ExpertParallelOps(self._device, shard)
         self.inv_freq = rope_inv_freq(config)
         self.weights = weights if weights is not None else self._weights()
+        self.vision_problem = vision_status(config, tensors)
 
     def _weights(self) -> ResidentWeights:
         p = self.params.as_dict()
@@ -132,10 +141,26 @@ class TorchModel(Model):
 
     def _run(self, ids: torch.Tensor, plan: Plan, rec: Recorder, start: int = 0,
              cache: dict | None = None, stop_at_layer: int | None = None,
-             pad: Padding | None = None):
+             pad: Padding | None = None,
+             images: tuple[np.ndarray, np.ndarray] | None = None):
         ex = Executor(self.ops, self.config, plan, rec)
-        return forward(ex, self.weights, ids, self._context(start, ids.shape[1], pad), cache,
-                       stop_at_layer)
+        image = None if images is None else self._image(images, rec)
+        return forward(ex, self.weights, ids, self._context(start, ids.shape[1], pad),
+                       cache,
+                       stop_at_layer, image)
+
+    def _image(self, images: tuple[np.ndarray, np.ndarray],
+               rec: Recorder) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vision path on checked tiles: (placeholder positions, features (n, D))."""
+        vc = self.config.vision
+        vrec = rec.scope("")
+        vrec.positions = None  # the vision hooks are per tile, not per text position
+        pixels, positions = images
+        cos, sin = (self.ops.asarray(a) for a in rope_tables(vc))
+        feats = vision_forward(VisionExecutor(self.ops, vc, vrec),
+                               split_params(vc, self.params.as_dict()),
+                               self.ops.asarray(pixels).to(self.torch_dtype), cos, sin)
+        return self.ops.asarray(positions), feats.reshape(-1, feats.shape[-1])
 
     def threads_for(self, tokens: int) -> int | None:
         """Intra-op threads a forward over ``tokens`` (batch x seq) positions runs with: the
@@ -148,26 +173,28 @@ class TorchModel(Model):
             return 1
         return None
 
-    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None, pad=None):
+    def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None, pad=None,
+                 images=None):
         n = self.threads_for(int(ids.shape[0] * ids.shape[1]))
         before = torch.get_num_threads()
-        if n is None or n == before:
-            return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad)
+        if n is None or n == before or images is not None:
+            return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad, images)
         torch.set_num_threads(n)
         try:
-            return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad)
+            return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad, images)
         finally:
             torch.set_num_threads(before)
 
     @torch.inference_mode()
     def _forward_inner(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None,
-                       pad=None):
+                       pad=None, images=None):
         patches = {n: self.ops.asarray(v) for n, v in plan.patches.items()}
         rec = Recorder(self.ops, spec.names, plan, patches, spec.positions,
                        nan_check=spec.nan_check)
         start = 0 if cache is None else cache["start"]
         logits, _ = self._run(ids, plan, rec, start,
-                              None if cache is None else cache["layers"], stop_at_layer, pad)
+                              None if cache is None else cache["layers"], stop_at_layer, pad,
+                              images)
         if cache is not None:
             cache["start"] = start + ids.shape[1]
         raise_nonfinite(first_nonfinite(rec.finite, self.hook_names()), "torch")
@@ -175,12 +202,15 @@ class TorchModel(Model):
         return (None if logits is None else self.ops.to_numpy(logits)), arrays, cache
 
     def forward_train(self, ids: torch.Tensor, plan: Plan | None = None,
-                      capture: Iterable[str] = ()) -> tuple[torch.Tensor, dict]:
+                      capture: Iterable[str] = (),
+                      images: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> tuple[torch.Tensor, dict]:
         """Differentiable forward (no inference mode) returning torch logits and the captured
-        hooks as live tensors (e.g. router logits for a balancing loss)."""
+        hooks as live tensors (e.g. router logits for a balancing loss); ``images`` as
+        ``check_images`` returns them."""
         plan = plan or Plan()
         rec = Recorder(self.ops, frozenset(capture), plan)
-        logits, _ = self._run(ids.to(self._device), plan, rec)
+        logits, _ = self._run(ids.to(self._device), plan, rec, images=images)
         return logits, rec.out
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
@@ -253,15 +283,21 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
                              torch.from_numpy(w.gate_up_scale).to(dev),
                              torch.from_numpy(w.down_scale).to(dev))
 
+        vision = {n: put(ck.view(n)) for n in ck.vision_names()}
         if shard is not None:  # this rank's experts only (FP8 refused above)
             source = ShardedStreamedWeights(shard, ck, put, put_expert, parse_bytes(max_memory))
-            return TorchModel(ck.config, {}, dtype, str(path), dev, weights=source, shard=shard)
+            model = TorchModel(ck.config, vision, dtype, str(path), dev, weights=source,
+                               shard=shard)
+            model.vision_problem = ck.vision_problem
+            return model
         source = StreamedWeights(ck, put, put_expert, parse_bytes(max_memory),
                                  act_quant=fp8_tokens if mode == "w8a8" else None)
-        return TorchModel(ck.config, {}, dtype, str(path), dev, weights=source, quant=mode)
+        model = TorchModel(ck.config, vision, dtype, str(path), dev, weights=source, quant=mode)
+        model.vision_problem = ck.vision_problem
+        return model
     tensors: dict[str, torch.Tensor] = {}
     kept_views = False
-    for name in ck.weight_names():
+    for name in ck.weight_names() + ck.vision_names():
         if ck.is_quantized(name):
             if ".experts." in name:  # FP8 experts stay FP8, one expert read at a time
                 tensors.update(_fp8_experts(ck, name, dev))
@@ -280,6 +316,7 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
         del t, view
         ck.evict(name)
     model = TorchModel(ck.config, tensors, dtype, str(path), dev, shard=shard, quant=mode)
+    model.vision_problem = ck.vision_problem
     if not kept_views:
         ck.close()
     return model

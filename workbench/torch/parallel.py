@@ -39,8 +39,8 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..streaming import ExpertSet, StreamedWeights
+from ..vision.torch_ops import TorchVisionOps
 from .moe import expert_rows
-from .ops import TorchOps
 
 
 class ExpertShard(NamedTuple):
@@ -134,8 +134,8 @@ class ExchangeStats:
         return asdict(self)
 
 
-class ExpertParallelOps(TorchOps):
-    """The torch kernels with the all-to-all expert dispatch over ``shard``'s group."""
+class ExpertParallelOps(TorchVisionOps):
+    """The torch kernels (vision included), with the all-to-all expert dispatch."""
 
     def __init__(self, device: torch.device, shard: ExpertShard):
         super().__init__(device)

@@ -76,11 +76,38 @@ class RoutingState:
             self.progress(0.2, f"running the model on {np.asarray(ids).shape[-1]} tokens")
         out = self.model.run(ids, capture=CAPTURE)
         self.trace = out.trace
+        self.image = None
         self.text = text if text is not None else " ".join(str(int(i)) for i in self.ids)
         self.tokens = token_strings(self.tokenizer, self.ids)
         self.position = len(self.tokens) - 1
         if self.progress:
             self.progress(1.0, "routing captured")
+
+    def set_image(self, image: Any, text: str = "<|image|> ") -> None:
+        """Run the model on an image (H, W, 3) and ``text`` (``<|image|>`` marks where the
+        image goes): its patches and tokens both show, the patch grid coloured by expert."""
+        from ..vision.processor import Processor
+        if not getattr(self.model, "has_vision", False):
+            raise ValueError("this model has no vision tower: load a multimodal checkpoint "
+                             "(e.g. data/scout-mini-vision) to explore images")
+        if "<|image|>" not in text:
+            text = "<|image|>" + text
+        ids, pv = Processor.from_pretrained(self.model.path)(text, [image])
+        out = self.model.run(ids, pixel_values=pv, capture=[*CAPTURE, "token_modality"])
+        self.trace = out.trace
+        arr = np.asarray(image, dtype=np.float64)
+        self.image = arr / 255.0 if arr.max() > 1 else arr
+        self.text = text
+        self.tokens = token_strings(self.tokenizer, self.ids)
+        self.position = len(self.tokens) - 1
+
+    def render_image(self) -> Any:
+        """The image with its patches coloured by top-1 expert at the selected layer (None
+        without an image)."""
+        if self.image is None:
+            return None
+        from ..plots.modality import patch_expert_overlay
+        return patch_expert_overlay(self.trace, self.image, [self.layer])
 
     def set_layer(self, layer: int) -> None:
         self.layer = int(check_choice(int(layer), self.layers, "MoE layer"))
@@ -224,10 +251,12 @@ class RoutingExplorer(Explorer):
     and per-layer load bars."""
 
     def __init__(self, model: Any = None, tokenizer: Any = None, text: str | None = None,
-                 layer: int | None = None, **kwargs: Any):
+                 layer: int | None = None, image: Any = None, **kwargs: Any):
         super().__init__("Routing explorer")
         self.state = RoutingState(model, tokenizer, text, layer, progress=self.report, **kwargs)
         s = self.state
+        if image is not None:  # an image plus text: the patch grid and the tokens
+            s.set_image(image, text or "<|image|> ")
         self.prompt = widgets.Dropdown(options=["(custom)", *PROMPTS], value="(custom)",
                                        description="prompt")
         self.text_controls(s.text, "70px")
@@ -235,6 +264,7 @@ class RoutingExplorer(Explorer):
         self.legend = widgets.HTML()
         self.token_buttons: list[widgets.Button] = []
         self.token_box = widgets.Box(layout=widgets.Layout(flex_flow="row wrap", width="100%"))
+        self.patch_image = self.image()
         self.path_image = self.image()
         self.load_image = self.image()
         self.path_table = widgets.HTML()
@@ -246,6 +276,7 @@ class RoutingExplorer(Explorer):
             widgets.HBox([self.prompt, self.run_button]),
             self.text,
             self.layer_slider,
+            self.patch_image,
             self.legend,
             self.token_box,
             widgets.HBox([self.path_image, self.path_table]),
@@ -267,6 +298,7 @@ class RoutingExplorer(Explorer):
                 [b.description for b in self.token_buttons] != [_shown(t) for t in s.tokens]:
             self._build_tokens()
         self.style_tokens()
+        self._show_patches()
         self.refresh_token()
 
     def _build_tokens(self) -> None:
@@ -316,6 +348,12 @@ class RoutingExplorer(Explorer):
             f"(selected: <b>{s.position}</b> {s.tokens[s.position]!r}; black frame = selected, "
             f"dashed red = near-tie)</span>")
 
+    def _show_patches(self) -> None:
+        fig = self.state.render_image()
+        self.patch_image.layout.display = "none" if fig is None else None
+        if fig is not None:
+            self.show(self.patch_image, fig)
+
     def refresh_token(self) -> None:
         s = self.state
         self.show(self.path_image, s.render_path())
@@ -329,6 +367,7 @@ class RoutingExplorer(Explorer):
 
     def _on_layer(self) -> None:
         self.state.set_layer(self.layer_slider.value)
+        self._show_patches()
         self.style_tokens()
         self.show(self.load_image, self.state.render_load())
 
