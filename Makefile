@@ -47,7 +47,7 @@ lab: $(STAMP)
 VOILA_OFFLINE = --Voila.mathjax_url=null --Voila.mathjax_config=null
 
 voila: $(STAMP)
-	$(VENV)/bin/voila notebooks/ $(VOILA_OFFLINE) $(ROOT_FLAG)
+	$(VENV)/bin/voila notebooks/ $(VOILA_OFFLINE)
 
 # The .ipynb are generated from the jupytext sources notebooks/NN_name.py (edit those).
 notebooks: $(STAMP)
