@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch (on this machine a wheel on disk); GPU users: see README "Installing on a GPU".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint lab bench clean browser-deps
+.PHONY: setup demo test lint lab voila notebooks bench clean browser-deps
 
 setup: $(STAMP)
 
@@ -22,10 +22,10 @@ demo: $(STAMP)
 	$(VENV)/bin/workbench demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check workbench tests benchmarks scripts
+	$(VENV)/bin/ruff check workbench tests benchmarks scripts notebooks
 
 test: $(STAMP) browser-deps
-	$(VENV)/bin/ruff check workbench tests benchmarks scripts
+	$(VENV)/bin/ruff check workbench tests benchmarks scripts notebooks
 	$(PY) -m pytest -q
 
 # Debian's chromium for the real-browser notebook test (never a downloaded browser).
@@ -36,8 +36,22 @@ browser-deps:
 	      || echo "warning: could not install chromium; the browser test will be skipped"; \
 	  else echo "note: chromium not installed; the browser test will be skipped"; fi; }
 
+# Jupyter refuses to start as root unless told; containers often run as root.
+ROOT_FLAG = $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(ROOT_FLAG)
+
+# Voila offline: "null" MathJax settings make its page use the MathJax bundled with the
+# JupyterLab extension instead of fetching it from cdnjs (icons come from Voila's own bundle).
+VOILA_OFFLINE = --Voila.mathjax_url=null --Voila.mathjax_config=null
+
+voila: $(STAMP)
+	$(VENV)/bin/voila notebooks/ $(VOILA_OFFLINE)
+
+# The .ipynb are generated from the jupytext sources notebooks/NN_name.py (edit those).
+notebooks: $(STAMP)
+	$(PY) scripts/make_notebooks.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_forward.py

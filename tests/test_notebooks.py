@@ -29,18 +29,19 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 # Cells appended to a notebook to exercise its widgets the way a user would.
 DRIVERS: dict[str, str] = {
     "02_routing_explorer": '''
-before = explorer.tokens_image.value
+before = [b.style.button_color for b in explorer.token_buttons]
 explorer.layer_slider.value = 2
-assert explorer.tokens_image.value != before
+assert [b.style.button_color for b in explorer.token_buttons] != before
 path = explorer.path_image.value
-explorer.token_picker.value = 3
-assert explorer.path_image.value != path
+explorer.token_buttons[3].click()
+assert explorer.state.position == 3 and explorer.path_image.value != path
 explorer.prompt.value = "numeric"
 explorer.text.value = "x = [1, 2, 3]\\nprint(sum(x))\\n"
 explorer.run_button.click()
+assert explorer.prompt.value == "(custom)"
 assert not explorer.errors, explorer.errors
 ''',
-    "03_attention_patterns": '''
+    "05_attention_patterns": '''
 explorer.layer_slider.value = 3
 assert "NoPE" in explorer.layer_type.value
 explorer.head_picker.value = 1
@@ -50,7 +51,7 @@ assert "chunked" in explorer.layer_type.value
 explorer.run_button.click()
 assert not explorer.errors, explorer.errors
 ''',
-    "04_pytorch_vs_jax": '''
+    "90_appendix_pytorch_vs_jax": '''
 before = explorer.errors_image.value
 explorer.dtype_toggle.value = "bfloat16"
 assert explorer.errors_image.value != before
@@ -58,18 +59,21 @@ explorer.layer_slider.value = 1
 explorer.dtype_toggle.value = "float32"
 assert not explorer.errors, explorer.errors
 ''',
-    "05_interventions": '''
+    "04_interventions": '''
 explorer.layer_slider.value = 1
 explorer.expert_toggles[2].value = True
 explorer.mode.value = "force"
+assert explorer.expert_toggles[2].value and explorer.state.banned == {(1, 2)}
 explorer.expert_toggles[1].value = True
 explorer.head_toggles[0].value = True
+explorer.layer_slider.value = 2
+assert len(explorer.active_box.children) == 4  # "active:" and three interventions
 assert explorer.state.effect.delta_loss != 0
 explorer.clear_button.click()
 assert explorer.state.interventions() == []
 assert not explorer.errors, explorer.errors
 ''',
-    "06_research_plots": '''
+    "03_research_plots": '''
 assert len(figures) >= 14, sorted(figures)
 assert all((FIG_DIR / f"{name}.pdf").exists() for name in figures)
 ''',
@@ -120,10 +124,13 @@ def jupyter_env(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- stored form
 def test_notebooks_are_generated_and_clean():
-    """notebooks/ is what scripts/make_notebooks.py writes: no outputs, no widget state."""
-    assert NOTEBOOKS == ["01_quickstart", "02_routing_explorer", "03_attention_patterns",
-                         "04_pytorch_vs_jax", "05_interventions", "06_research_plots",
-                         "07_real_llama4"]
+    """Every notebooks/NN_name.ipynb is what scripts/make_notebooks.py generates from its
+    jupytext source NN_name.py (in sync, both ways): no outputs, no widget state."""
+    pytest.importorskip("jupytext")
+    assert NOTEBOOKS[:6] == ["01_quickstart", "02_routing_explorer", "03_research_plots",
+                             "04_interventions", "05_attention_patterns", "06_real_llama4"]
+    assert NOTEBOOKS[-1] == "90_appendix_pytorch_vs_jax"  # parity is the appendix
+    assert sorted(p.stem for p in NB_DIR.glob("[0-9][0-9]_*.py")) == NOTEBOOKS
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_notebooks.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -138,6 +145,28 @@ def test_notebooks_are_generated_and_clean():
         assert len(md) >= 4, f"{name}: too little narrative"
 
 
+def test_sync_check_catches_an_edited_source(tmp_path):
+    """--check fails on a .py edited without regenerating, and on an .ipynb with no source."""
+    pytest.importorskip("jupytext")
+    import shutil
+    for f in ("01_quickstart.py", "01_quickstart.ipynb"):
+        shutil.copy(NB_DIR / f, tmp_path / f)
+    script = [sys.executable, str(ROOT / "scripts" / "make_notebooks.py"), "--dir", str(tmp_path)]
+    assert subprocess.run([*script, "--check"], capture_output=True).returncode == 0
+    src = tmp_path / "01_quickstart.py"
+    src.write_text(src.read_text() + "\n# %%\nprint('a new cell')\n")
+    r = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert r.returncode == 1 and "01_quickstart.ipynb" in r.stdout
+    subprocess.run(script, check=True, capture_output=True)  # regenerate: in sync again
+    nb = nbformat.read(tmp_path / "01_quickstart.ipynb", as_version=4)
+    assert nb.cells[-1].source == "print('a new cell')"
+    assert nb.cells[-1].id == f"01-{len(nb.cells) - 1:02d}"
+    assert subprocess.run([*script, "--check"], capture_output=True).returncode == 0
+    shutil.copy(NB_DIR / "02_routing_explorer.ipynb", tmp_path)
+    r = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert r.returncode == 1 and "without a .py source" in r.stdout
+
+
 # --------------------------------------------------------------------------- execution
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -147,7 +176,7 @@ def test_notebook_runs(name, jupyter_env):
         nb.cells.append(nbformat.v4.new_code_cell(DRIVERS[name].strip()))
     execute(nb, NB_DIR)
     assert error_outputs(nb) == []
-    if name in DRIVERS and name != "06_research_plots":
+    if name in DRIVERS and name != "03_research_plots":
         state = nb.metadata["widgets"][WIDGET_STATE]["state"]
         images = [m for m in state.values() if m["model_name"] == "ImageModel"]
         assert images, "the explorer's figures are missing from the widget state"
@@ -163,7 +192,7 @@ def broken():
     raise ZeroDivisionError("injected failure in a widget callback")
 
 
-explorer.state.render_tokens = broken
+explorer.state.render_load = broken
 explorer.layer_slider.value = 2
 print("the cell itself completed")
 '''
