@@ -1,4 +1,4 @@
-"""``workbench`` command line: inspect | demo | parity | train | report | bench.
+"""``workbench`` command line: inspect | demo | parity | train | report | bench | quantize.
 
 A user mistake (a bad argument, a checkpoint or trace that cannot be used, an unknown hook
 name, an id out of range, ...) prints ``error: ...`` on stderr and exits with status 2, as
@@ -104,6 +104,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .checkpoint import Checkpoint
+    from .config import human_bytes
+    from .quant import quantize_checkpoint
+    out = quantize_checkpoint(args.checkpoint, args.out, scheme=args.scheme)
+    ck = Checkpoint.open(out)
+    by = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(ck.bytes_by_dtype().items()))
+    print(f"wrote {out}: {ck.quant.describe()}; {len(ck.quantized_names())} FP8 expert "
+          f"tensors (unfused per expert); {human_bytes(ck.nbytes)} ({by})")
+    ck.close()
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .describe import PRESETS
     from .plan import context_plan, context_text, make_plan, plan_text
@@ -190,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="read every weight and count NaN/Inf (default: for "
                    "checkpoints up to 8 GiB)")
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("quantize", help="write an FP8 checkpoint in the compressed-tensors "
+                                        "layout (Meta's Maverick-FP8 layout)")
+    p.add_argument("checkpoint", help="checkpoint directory to quantise")
+    p.add_argument("--out", required=True, help="new directory for the FP8 checkpoint")
+    p.add_argument("--scheme", default="fp8-channel", choices=["fp8-channel"],
+                   help="fp8-channel: routed experts in FP8 E4M3 with one static scale per "
+                   "output channel, activations FP8 per token at run time; attention, "
+                   "routers, shared experts, dense MLPs and lm_head stay as stored")
+    p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("plan", help="which mode fits (resident or streamed), bytes and time "
                                     "per prefill and decode step")

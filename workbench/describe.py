@@ -63,6 +63,19 @@ def inspect_text(target: str, check_values: bool | None = None) -> str:
         lines.append(f"tensors: {len(ck)} in {len(ck.files())} file(s), "
                      f"{human_bytes(ck.nbytes)}; by dtype: "
                      + ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(by.items())))
+        if ck.quant is not None:
+            q = ck.quantized_names()
+            layers = sorted({int(n.split(".")[1]) for n in q if n.startswith("layers.")})
+            experts = sum(".experts." in n for n in q)
+            lines.append(f"quantisation: {ck.quant.describe()}")
+            lines.append(f"  FP8 tensors: {len(q)} ({experts} routed-expert tensors"
+                         + (f" of layers {layers[0]}..{layers[-1]}" if layers else "")
+                         + f", {len(q) - experts} others); kept unquantised by ignore: "
+                         + ", ".join(ck.quant.ignore[:8])
+                         + (" ..." if len(ck.quant.ignore) > 8 else ""))
+            fp8 = by.get("F8_E4M3", 0)
+            lines.append(f"  FP8 bytes {human_bytes(fp8)} of {human_bytes(ck.nbytes)} "
+                         f"({fp8 / max(1, ck.nbytes):.0%})")
         if ck.ignored:
             lines.append(f"ignored (vision/projector): {len(ck.ignored)} tensors")
         if check_values or (check_values is None and ck.nbytes <= CHECK_VALUES_UP_TO):

@@ -65,6 +65,72 @@ class LayerRouting:
 
 
 @dataclass
+class FlipStats:
+    """What changing a model (e.g. quantising it) does to its routing, token by token.
+
+    Per MoE layer (``layers``): the fraction of tokens whose top-1 expert changed
+    (``flip_fraction``), model a's top-1/top-2 router margins at those tokens
+    (``flip_margins``) and at every token (``margins``). ``downstream[i][j]`` (j > i) is the
+    probability that a token flipped at layer j given it flipped at layer i, against the
+    base rate ``flip_fraction[j]``: ``lift[i][j]`` > 1 means a flip at layer i predicts flips
+    downstream. ``kl``: per token KL(a || b) of the next-token distributions (nats).
+    """
+
+    layers: list[int]
+    flip_fraction: list[float]
+    flip_margins: list[list[float]]
+    margins: list[list[float]]
+    downstream: list[list[float]]
+    kl: list[float]
+
+    @property
+    def lift(self) -> list[list[float]]:
+        """downstream[i][j] / flip_fraction[j] (NaN where undefined)."""
+        return [[d / f if f > 0 and d == d else float("nan")
+                 for d, f in zip(row, self.flip_fraction)] for row in self.downstream]
+
+    def summary(self) -> str:
+        """A text table: per layer flip fraction, median margins, downstream lift; KL."""
+        lines = [f"{'MoE layer':>9s} {'top-1 flips':>11s} {'median margin flipped':>22s} "
+                 f"{'all':>8s} {'next-layer lift':>15s}"]
+        lift = self.lift
+        for r, layer in enumerate(self.layers):
+            fm = np.median(self.flip_margins[r]) if self.flip_margins[r] else float("nan")
+            nxt = lift[r][r + 1] if r + 1 < len(self.layers) else float("nan")
+            lines.append(f"{layer:9d} {self.flip_fraction[r]:11.2%} {fm:22.3e} "
+                         f"{np.median(self.margins[r]):8.3e} {nxt:15.2f}")
+        kl = np.asarray(self.kl)
+        lines.append(f"next-token KL: mean {kl.mean():.3e}, p95 {np.quantile(kl, 0.95):.3e}, "
+                     f"max {kl.max():.3e} nats")
+        return "\n".join(lines)
+
+
+def flip_stats(trace_a: Any, trace_b: Any, logits_a: np.ndarray,
+               logits_b: np.ndarray) -> FlipStats:
+    """Routing flips between two traces of the same ids holding ``*.moe.router_logits`` and
+    ``*.moe.topk_indices``, and the KL of their logits (B, T, V). Numpy only."""
+    layers = sorted({int(n.split(".")[1]) for n in trace_a
+                     if n.endswith(".moe.topk_indices") and n in trace_b})
+    flips, frac, fmar, mar = [], [], [], []
+    for layer in layers:
+        ia = trace_a[f"layers.{layer}.moe.topk_indices"][..., 0]
+        ib = trace_b[f"layers.{layer}.moe.topk_indices"][..., 0]
+        m = margins(trace_a[f"layers.{layer}.moe.router_logits"]).reshape(-1)
+        f = (ia != ib).reshape(-1)
+        flips.append(f)
+        frac.append(float(f.mean()))
+        fmar.append(m[f].tolist())
+        mar.append(m.tolist())
+    nan = float("nan")
+    down = [[float(flips[j][flips[i]].mean()) if j > i and flips[i].any() else nan
+             for j in range(len(layers))] for i in range(len(layers))]
+    pa, pb = _softmax(np.asarray(logits_a, np.float64)), _softmax(np.asarray(logits_b,
+                                                                              np.float64))
+    kl = np.sum(pa * (np.log(pa + 1e-30) - np.log(pb + 1e-30)), -1).reshape(-1)
+    return FlipStats(layers, frac, fmar, mar, down, kl.tolist())
+
+
+@dataclass
 class ParityReport:
     label_a: str
     label_b: str
@@ -75,6 +141,7 @@ class ParityReport:
     flips: list[Flip] = field(default_factory=list)
     logits_kl: float = 0.0  # mean per-token KL(a || b) of next-token distributions
     next_token_agreement: float = 1.0
+    flip_stats: FlipStats | None = None  # top-1 flips, margins, downstream lift, KL per token
 
     @property
     def all_flips_near_ties(self) -> bool:
@@ -180,8 +247,7 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
     ids = model_a.check_ids(input_ids)
     ta = model_a.run(ids, capture=cap + needed, interventions=interventions).trace
     tb = model_b.run(ids, capture=cap + needed, interventions=interventions).trace
-    rep = ParityReport(f"{model_a.backend}/{model_a.dtype}", f"{model_b.backend}/{model_b.dtype}",
-                       tol, near_tie)
+    rep = ParityReport(_label(model_a), _label(model_b), tol, near_tie)
     B, T = ids.shape
     # routing and the first flip per row: taint[(layer)] -> per row, first tainted position
     first_flip = np.full((model_a.config.num_hidden_layers + 1, B), T, dtype=np.int64)
@@ -247,7 +313,14 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
     pa, pb = _softmax(la), _softmax(lb)
     rep.logits_kl = float(np.mean(np.sum(pa * (np.log(pa + 1e-30) - np.log(pb + 1e-30)), -1)))
     rep.next_token_agreement = float(np.mean(la.argmax(-1) == lb.argmax(-1)))
+    rep.flip_stats = flip_stats(ta, tb, la, lb)
     return rep
+
+
+def _label(model: Model) -> str:
+    """backend/dtype, plus the FP8 mode of a quantised checkpoint (``+fp8-w8a8``)."""
+    quant = getattr(model, "quant", None)
+    return f"{model.backend}/{model.dtype}" + (f"+fp8-{quant}" if quant else "")
 
 
 def _after_routing(hook: HookName) -> bool:

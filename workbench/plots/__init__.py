@@ -25,6 +25,7 @@ from .longcontext import (
     plot_temperature_effect,
 )
 from .modality import modality_specialisation_plot, patch_expert_overlay
+from .quant import routing_agreement
 from .routing import (
     expert_flow,
     gate_histogram,
@@ -72,6 +73,8 @@ __all__ = [
     # diagnostics
     "parity_errors", "ablation_bars", "training_curves_plot", "routing_stability_plot",
     "capacity_plot",
+    # quantisation
+    "routing_agreement",
     # style and output
     "save", "FORMATS", "use_style", "expert_color", "expert_colors", "expert_cmap",
     "layer_colors", "FONT_SIZES",
