@@ -57,18 +57,22 @@ def test_load_heatmap_shape_and_uniform_centre(env):
     assert im.get_array().shape == (len(env["cfg"].moe_layers), E)
     ratio = np.asarray(im.get_array())
     np.testing.assert_allclose(ratio.sum(axis=1), E)          # f·E sums to E per layer
-    assert im.norm.vcenter == 1.0                               # centred at uniform
+    assert im.norm(1.0) == pytest.approx(0.5)                   # centred at uniform (log2)
     assert "1/E" in fig.axes[0].get_title()
 
 
-def test_imbalance_bars_three_per_layer(env):
+def test_imbalance_three_panels_each_with_its_own_balanced_reference(env):
     fig = P.imbalance_bars(env["traces"])
-    ax = fig.axes[0]
+    cv_ax, mm_ax, ent_ax = fig.axes
     n = len(env["cfg"].moe_layers)
-    assert len(ax.patches) == 3 * n
+    assert all(len(a.patches) == n for a in fig.axes)
     load = an.load_matrix(env["traces"])
-    cvs = sorted(p.get_height() for p in ax.containers[0])
+    cvs = sorted(p.get_height() for p in cv_ax.containers[0])
     np.testing.assert_allclose(cvs, sorted(an.load_cv(load)), rtol=1e-9)
+    # balanced CV is 0, balanced max/mean and entropy are 1: one reference line per panel
+    refs = [[ln.get_ydata()[0] for ln in a.lines] for a in fig.axes]
+    assert refs == [[0.0], [1.0], [1.0]]
+    assert [a.get_ylabel() for a in fig.axes] == ["CV", "max / mean", "entropy / log E"]
 
 
 def test_token_text_one_text_per_token_coloured_by_expert(env):
@@ -198,7 +202,10 @@ def test_attention_pattern_chunk_lines_and_layer_type(env):
     head = P.attention_pattern(tr, 0, head=1)
     assert "head 1" in head.axes[0].get_title()
     fig = P.attention_by_layer_type(env["traces"])
-    assert len(fig.axes) == 4 and "NoPE" in fig.get_suptitle()
+    # two pattern layers: a table of their numbers and the distance profile, not 3 × 2 bars
+    assert len(fig.axes) == 2 and "NoPE" in fig.get_suptitle()
+    cells = fig.axes[0].tables[0].get_celld()
+    assert {cells[(r, 0)].get_text().get_text() for r in (1, 2)} == {"L0", "L3"}
     # on a global layer, boundaries can still be drawn as a reference when asked for
     ref = P.attention_pattern(tr, 3, chunk=chunk)
     assert any(ln.get_gid() == "chunk-boundary" for ln in ref.axes[0].lines)

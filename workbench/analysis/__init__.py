@@ -57,6 +57,7 @@ from .dynamics import (
     transition_matrix,
 )
 from .experts import (
+    expert_weight_similarity,
     most_similar_experts,
     routed_share,
     router_cosine_similarity,
@@ -104,6 +105,13 @@ from .specialisation import (
     top_tokens_per_expert,
     vocabulary_specialisation,
 )
+from .stats import (
+    Estimate,
+    category_nmi_estimate,
+    domain_js_estimate,
+    specialisation_estimates,
+    vocabulary_estimate,
+)
 from .table import format_routing_table, routing_table
 from .training import (
     SCHEMA as TRAINING_LOG_SCHEMA,
@@ -135,13 +143,17 @@ __all__ = [
     "domain_js_by_layer", "CategorySpecialisation", "category_specialisation",
     "normalised_mutual_information", "VocabularySpecialisation", "vocabulary_specialisation",
     "top_tokens_per_expert",
+    # uncertainty: bootstrap intervals and shuffle baselines
+    "Estimate", "domain_js_estimate", "category_nmi_estimate", "vocabulary_estimate",
+    "specialisation_estimates",
     # dynamics
     "SameExpertRate", "same_expert_rate", "run_lengths", "run_length_histogram",
     "transition_counts", "transition_matrix", "conditional_entropy",
     "next_layer_predictability", "layer_nmi", "expert_paths", "path_tokens", "path_entropy",
     "cross_layer_table",
     # experts
-    "router_cosine_similarity", "most_similar_experts", "shared_routed_ratio", "routed_share",
+    "router_cosine_similarity", "expert_weight_similarity", "most_similar_experts",
+    "shared_routed_ratio", "routed_share",
     # causal
     "ExpertAblation", "expert_ablation", "next_token_loss",
     # attention

@@ -32,6 +32,7 @@ from .routing import (
     margin_histogram,
     run_length_plot,
     same_expert_rate_plot,
+    token_routing_layers,
     token_routing_text,
     transition_heatmap,
 )
@@ -39,6 +40,8 @@ from .specialisation import (
     category_heatmap,
     domain_divergence_plot,
     domain_heatmap,
+    domain_share_bars,
+    expert_weight_similarity,
     routed_share_plot,
     router_similarity,
     specialisation_by_layer,
@@ -57,10 +60,11 @@ __all__ = [
     # routing
     "load_heatmap", "imbalance_bars", "token_routing_text", "margin_histogram",
     "gate_histogram", "same_expert_rate_plot", "run_length_plot", "transition_heatmap",
-    "expert_flow",
+    "expert_flow", "token_routing_layers",
     # specialisation and experts
     "domain_heatmap", "category_heatmap", "specialisation_by_layer", "domain_divergence_plot",
-    "top_tokens_table", "router_similarity", "routed_share_plot",
+    "top_tokens_table", "router_similarity", "routed_share_plot", "domain_share_bars",
+    "expert_weight_similarity",
     # attention
     "attention_pattern", "attention_by_layer_type", "layer_type_text",
     # long context
