@@ -30,6 +30,7 @@ from .attention import (
     sink_mass,
 )
 from .causal import ExpertAblation, expert_ablation, next_token_loss
+from .compare import RoutingDiff, load_by_frequency, load_by_position, routing_diff
 from .confidence import (
     NEAR_TIE_EPS,
     confidence_summary,
@@ -62,6 +63,14 @@ from .experts import (
     routed_share,
     router_cosine_similarity,
     shared_routed_ratio,
+)
+from .lens import (
+    ActivationPatching,
+    Knockout,
+    LogitLens,
+    activation_patching,
+    logit_lens,
+    top_expert_knockout,
 )
 from .load import (
     CapacityDrops,
@@ -156,6 +165,10 @@ __all__ = [
     "shared_routed_ratio", "routed_share",
     # causal
     "ExpertAblation", "expert_ablation", "next_token_loss",
+    # residual stream and comparisons
+    "LogitLens", "logit_lens", "ActivationPatching", "activation_patching", "Knockout",
+    "top_expert_knockout", "RoutingDiff", "routing_diff", "load_by_position",
+    "load_by_frequency",
     # attention
     "pattern_layers", "attention_entropy", "mean_attention_distance", "sink_mass",
     "cross_chunk_mass", "distance_by_chunk_offset", "distance_edges", "distance_histogram",

@@ -24,6 +24,13 @@ from .longcontext import (
     plot_summary_by_position,
     plot_temperature_effect,
 )
+from .residual import (
+    knockout_plot,
+    load_by_position_frequency,
+    logit_lens_plot,
+    patching_heatmap,
+    routing_diff_plot,
+)
 from .routing import (
     expert_flow,
     gate_histogram,
@@ -65,6 +72,9 @@ __all__ = [
     "domain_heatmap", "category_heatmap", "specialisation_by_layer", "domain_divergence_plot",
     "top_tokens_table", "router_similarity", "routed_share_plot", "domain_share_bars",
     "expert_weight_similarity",
+    # comparisons and the residual stream
+    "routing_diff_plot", "load_by_position_frequency", "patching_heatmap", "logit_lens_plot",
+    "knockout_plot",
     # attention
     "attention_pattern", "attention_by_layer_type", "layer_type_text",
     # long context
