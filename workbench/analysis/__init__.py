@@ -64,6 +64,7 @@ from .experts import (
     router_cosine_similarity,
     shared_routed_ratio,
 )
+from .frames import domain_frame, estimates_frame, load_frame
 from .lens import (
     ActivationPatching,
     Knockout,
@@ -181,6 +182,8 @@ __all__ = [
     "new_training_log", "training_log_entry", "training_log_entry_from_trace",
     "validate_training_log", "load_training_log", "TrainingCurves", "training_curves",
     "routing_jaccard", "routing_disagreement", "routing_stability",
+    # pandas DataFrames (optional extra)
+    "load_frame", "domain_frame", "estimates_frame",
     # table and helpers
     "routing_table", "format_routing_table", "moe_layers", "num_experts",
 ]

@@ -14,7 +14,9 @@ are all positive on finite samples, so compare against it, not against 0.
 
 - Domain JS: mean over domains of JS(f^D ‖ f^all) in bits; baseline: domain labels permuted
   across documents.
-- Category NMI: NMI(E; C) over assignments; baseline: category labels permuted across tokens.
+- Category NMI: NMI(E; C) over assignments; baseline: category labels permuted across token
+  ids when every id has one category (as tokenizer categories do: a token's routing depends
+  on its id, so permuting single tokens would understate the null), else across tokens.
 - Vocabulary specialisation: the frequency-weighted VS score; baseline: expert choices
   permuted across tokens (token counts and expert load kept).
 """
@@ -141,7 +143,7 @@ def category_nmi_estimate(traces: Traces, layer: int, categories: object,
                           n_boot: int = N_BOOT, n_shuffle: int = N_SHUFFLE,
                           seed: int = 0) -> Estimate:
     """NMI(E; C) over assignments with its bootstrap interval over documents and the
-    category-label shuffle baseline (labels permuted across tokens)."""
+    category-label shuffle baseline (labels permuted across token ids, see module doc)."""
     ts = as_list(traces)
     docs = _docs(ts, layer, "category_nmi_estimate")
     k = docs[0].shape[-1]
@@ -160,9 +162,17 @@ def category_nmi_estimate(traces: Traces, layer: int, categories: object,
         return nmi_from_joint(joint_docs[rng.integers(0, len(docs), len(docs))].sum(axis=0))
 
     flat_e = idx.ravel()
+    ids = np.concatenate([np.asarray(t.input_ids).reshape(-1) for t in ts])
+    by_type = ids.size == N
+    if by_type:
+        uniq, inv = np.unique(ids, return_inverse=True)
+        type_cat = np.full(uniq.size, -1)
+        type_cat[inv] = cat
+        by_type = bool(np.all(type_cat[inv] == cat))
 
     def shuffled(rng: np.random.Generator) -> float:
-        code = np.repeat(rng.permutation(cat), k) * E + flat_e
+        perm = type_cat[rng.permutation(uniq.size)][inv] if by_type else rng.permutation(cat)
+        code = np.repeat(perm, k) * E + flat_e
         return nmi_from_joint(np.bincount(code, minlength=C * E).reshape(C, E))
 
     return estimate(nmi_from_joint(joint_docs.sum(axis=0)), resampled, shuffled, N, len(docs),
