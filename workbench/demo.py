@@ -72,6 +72,7 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
         g = tm.generate(ids, n_new, temperature=0.7, top_p=0.9, seed=0,
                         capture=["*.moe.*"], stop_ids=[tok.eos_id] if tok else None)
         g.trace.meta["domain"] = domain
+        g.trace.meta["prompt_len"] = int(ids.shape[1])  # later positions were generated
         traces[domain] = g.trace
         cont = tok.decode(g.new_tokens[0].tolist()) if tok else str(g.new_tokens[0].tolist())
         generations[domain] = {"prompt": text, "continuation": cont,
@@ -94,6 +95,16 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
     print("  layer " + " ".join(f"{d:>8s}" for d in traces))
     for li, layer in enumerate(layers):
         print(f"  {layer:5d} " + " ".join(f"{v:8.3f}" for v in js[li]))
+    js_est = {layer: an.domain_js_estimate(traces, layer, n_boot=100, n_shuffle=100)
+              for layer in layers}
+    if min(len(an.group_by_domain(traces)[d]) for d in traces) < 2:
+        print("one prompt per domain: these JS values have no interval and no baseline "
+              "(shuffling one document per domain changes nothing); for a specialisation claim "
+              "run `workbench report --corpus-sample N` on many documents per domain")
+    else:
+        print("mean JS over domains [95% bootstrap CI over prompts], against shuffled domains:")
+        for layer, e in js_est.items():
+            print(f"  {layer:5d} {e.text()}  (p = {e.p_value:.2f}, {e.n_tokens} tokens)")
     prog.step("routing analysis")
 
     parity: dict[str, Any] = {"ran": False}
@@ -127,6 +138,7 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
         "model": str(path), "config": tm.config.summary(), "generations": generations,
         "routing_table": rows, "domain_js_bits": {d: [float(v) for v in js[:, i]]
                                                   for i, d in enumerate(traces)},
+        "domain_js_estimate": {str(i): e.as_dict() for i, e in js_est.items()},
         "parity": parity, "figures": figures, "traces": saved,
         "elapsed_s": round(time.time() - prog.t0, 1),
     }
@@ -150,6 +162,9 @@ def _figures(out_dir: Path, traces: dict, tok: Any, layers: list[int], rep: Any,
         "tokens_by_expert_numeric": plots.token_routing_text(traces["numeric"],
                                                              layer=layers[0], tokenizer=tok),
         "expert_flow": plots.expert_flow(all_traces),
+        "tokens_by_layer_code": plots.token_routing_layers(traces["code"], tokenizer=tok),
+        "domain_share": plots.domain_share_bars(traces),
+        "specialisation_by_layer": plots.specialisation_by_layer(traces),
     }
     if rep is not None:
         made["parity_errors"] = plots.parity_errors(rep)
