@@ -309,3 +309,43 @@ def test_top_tokens_table_refuses_an_expert_the_model_lacks(env):
     for bad in (E, 99, -1, 1.5):
         with pytest.raises(ValueError, match="top_tokens_table: expert"):
             P.top_tokens_table(env["traces"], experts=[bad])
+
+
+def test_token_text_generated_tokens_legend_order_and_near_tie_colour(env):
+    tr = env["traces"][0]
+    T = tr.input_ids.shape[1]
+    fig = P.token_routing_text(tr, layer=1, tokenizer=env["tok"], prompt_len=T - 3, eps=10.0)
+    ax = fig.axes[0]
+    gen = [ln for ln in ax.lines if ln.get_gid() == "generated"]
+    assert len(gen) == 3                                          # the last three underlined
+    assert [t.get_fontstyle() for t in ax.texts][-4:] == ["normal"] + ["italic"] * 3
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "generated (3)" in labels and any(lab.startswith("near-tie") for lab in labels)
+    # expert entries read in expert order along rows: the legend's columns hold them
+    # transposed, so the on-screen rows come back sorted
+    experts = [int(lab.split()[0][1:]) for lab in labels if lab.startswith("E")]
+    ncol = legend._ncols
+    rows = int(np.ceil(len(labels) / ncol))
+    grid = [[None] * ncol for _ in range(rows)]
+    k = 0
+    for c in range(ncol):
+        for r in range(rows):
+            if r * ncol + c < len(labels) and k < len(labels):
+                grid[r][c] = labels[k]
+                k += 1
+    reading = [x for row in grid for x in row if x and x.startswith("E")]
+    assert [int(x.split()[0][1:]) for x in reading] == sorted(experts)
+    # near-tie outlines are black dashed, never an expert's red (E3)
+    ties = [p for p in ax.patches if p.get_linewidth() > 0]
+    assert ties and all(to_rgb(p.get_edgecolor()) == (0.0, 0.0, 0.0) for p in ties)
+
+
+def test_save_pdf_type42_and_svg_text_outside_use_style(env, tmp_path):
+    import matplotlib as mpl
+    fig = P.load_heatmap(env["traces"])
+    with mpl.rc_context({"pdf.fonttype": 3, "svg.fonttype": "path"}):
+        pdf = P.save(fig, tmp_path / "x.pdf").read_bytes()
+        svg = P.save(fig, tmp_path / "x.svg").read_text()
+    assert b"/FontFile2" in pdf and b"/Type3" not in pdf
+    assert "<text" in svg and "Expert load" in svg

@@ -72,3 +72,40 @@ def test_many_layer_lines_get_a_colour_bar_not_a_legend():
     fig = P.capacity_plot(ts, layers=list(range(20)))
     assert legend_sizes(fig) == [1]                              # only "cf = 1"
     assert any(ax.get_ylabel() == "layer" for ax in fig.axes)    # the colour bar
+
+
+class _Replay:
+    """A stand-in model for the explorers at scale: runs return synthetic routing for the
+    given ids (Scout or Maverick shaped); no weights."""
+
+    def __init__(self, shape: str):
+        t = synthetic_traces(shape, n_docs=1, seq=4)[0]
+        self.shape = shape
+        self.config = type("Cfg", (), {"moe_layers": t.moe_layers,
+                                        "num_local_experts": t.num_experts,
+                                        "vocab_size": 2048})()
+
+    def run(self, ids, capture=None, interventions=None):
+        from types import SimpleNamespace
+
+        from workbench.trace import Trace
+        ids = np.asarray(ids)
+        t = synthetic_traces(self.shape, n_docs=1, seq=ids.shape[-1], patterns=False)[0]
+        return SimpleNamespace(trace=Trace(dict(t), ids, t.meta), logits=None)
+
+
+@pytest.mark.parametrize("shape", ["scout", "maverick"])
+def test_routing_explorer_figures_at_scale(shape):
+    pytest.importorskip("ipywidgets")
+    from workbench.widgets.routing import RoutingState
+    s = RoutingState(_Replay(shape), tokenizer=None, max_tokens=64)
+    s.select_token(5)
+    for fig in (s.render_tokens(), s.render_path(), s.render_load()):
+        w, h = fig.get_size_inches()
+        assert w <= 14.0 + 1e-6 and h <= 8.0 + 1e-6
+        assert all(n <= MAX_LEGEND for n in legend_sizes(fig))
+    load = s.render_load()
+    if shape == "maverick":   # 128 experts: a heatmap, not hairline bars
+        assert len(load.axes[0].images) == 1 and not load.axes[0].patches[:-1]
+    else:
+        assert len(load.axes) <= 8 and load.axes[0].patches
