@@ -57,18 +57,22 @@ def test_load_heatmap_shape_and_uniform_centre(env):
     assert im.get_array().shape == (len(env["cfg"].moe_layers), E)
     ratio = np.asarray(im.get_array())
     np.testing.assert_allclose(ratio.sum(axis=1), E)          # f·E sums to E per layer
-    assert im.norm.vcenter == 1.0                               # centred at uniform
+    assert im.norm(1.0) == pytest.approx(0.5)                   # centred at uniform (log2)
     assert "1/E" in fig.axes[0].get_title()
 
 
-def test_imbalance_bars_three_per_layer(env):
+def test_imbalance_three_panels_each_with_its_own_balanced_reference(env):
     fig = P.imbalance_bars(env["traces"])
-    ax = fig.axes[0]
+    cv_ax, mm_ax, ent_ax = fig.axes
     n = len(env["cfg"].moe_layers)
-    assert len(ax.patches) == 3 * n
+    assert all(len(a.patches) == n for a in fig.axes)
     load = an.load_matrix(env["traces"])
-    cvs = sorted(p.get_height() for p in ax.containers[0])
+    cvs = sorted(p.get_height() for p in cv_ax.containers[0])
     np.testing.assert_allclose(cvs, sorted(an.load_cv(load)), rtol=1e-9)
+    # balanced CV is 0, balanced max/mean and entropy are 1: one reference line per panel
+    refs = [[ln.get_ydata()[0] for ln in a.lines] for a in fig.axes]
+    assert refs == [[0.0], [1.0], [1.0]]
+    assert [a.get_ylabel() for a in fig.axes] == ["CV", "max / mean", "entropy / log E"]
 
 
 def test_token_text_one_text_per_token_coloured_by_expert(env):
@@ -198,7 +202,10 @@ def test_attention_pattern_chunk_lines_and_layer_type(env):
     head = P.attention_pattern(tr, 0, head=1)
     assert "head 1" in head.axes[0].get_title()
     fig = P.attention_by_layer_type(env["traces"])
-    assert len(fig.axes) == 4 and "NoPE" in fig.get_suptitle()
+    # two pattern layers: a table of their numbers and the distance profile, not 3 × 2 bars
+    assert len(fig.axes) == 2 and "NoPE" in fig.get_suptitle()
+    cells = fig.axes[0].tables[0].get_celld()
+    assert {cells[(r, 0)].get_text().get_text() for r in (1, 2)} == {"L0", "L3"}
     # on a global layer, boundaries can still be drawn as a reference when asked for
     ref = P.attention_pattern(tr, 3, chunk=chunk)
     assert any(ln.get_gid() == "chunk-boundary" for ln in ref.axes[0].lines)
@@ -302,3 +309,43 @@ def test_top_tokens_table_refuses_an_expert_the_model_lacks(env):
     for bad in (E, 99, -1, 1.5):
         with pytest.raises(ValueError, match="top_tokens_table: expert"):
             P.top_tokens_table(env["traces"], experts=[bad])
+
+
+def test_token_text_generated_tokens_legend_order_and_near_tie_colour(env):
+    tr = env["traces"][0]
+    T = tr.input_ids.shape[1]
+    fig = P.token_routing_text(tr, layer=1, tokenizer=env["tok"], prompt_len=T - 3, eps=10.0)
+    ax = fig.axes[0]
+    gen = [ln for ln in ax.lines if ln.get_gid() == "generated"]
+    assert len(gen) == 3                                          # the last three underlined
+    assert [t.get_fontstyle() for t in ax.texts][-4:] == ["normal"] + ["italic"] * 3
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "generated (3)" in labels and any(lab.startswith("near-tie") for lab in labels)
+    # expert entries read in expert order along rows: the legend's columns hold them
+    # transposed, so the on-screen rows come back sorted
+    experts = [int(lab.split()[0][1:]) for lab in labels if lab.startswith("E")]
+    ncol = legend._ncols
+    rows = int(np.ceil(len(labels) / ncol))
+    grid = [[None] * ncol for _ in range(rows)]
+    k = 0
+    for c in range(ncol):
+        for r in range(rows):
+            if r * ncol + c < len(labels) and k < len(labels):
+                grid[r][c] = labels[k]
+                k += 1
+    reading = [x for row in grid for x in row if x and x.startswith("E")]
+    assert [int(x.split()[0][1:]) for x in reading] == sorted(experts)
+    # near-tie outlines are black dashed, never an expert's red (E3)
+    ties = [p for p in ax.patches if p.get_linewidth() > 0]
+    assert ties and all(to_rgb(p.get_edgecolor()) == (0.0, 0.0, 0.0) for p in ties)
+
+
+def test_save_pdf_type42_and_svg_text_outside_use_style(env, tmp_path):
+    import matplotlib as mpl
+    fig = P.load_heatmap(env["traces"])
+    with mpl.rc_context({"pdf.fonttype": 3, "svg.fonttype": "path"}):
+        pdf = P.save(fig, tmp_path / "x.pdf").read_bytes()
+        svg = P.save(fig, tmp_path / "x.svg").read_text()
+    assert b"/FontFile2" in pdf and b"/Type3" not in pdf
+    assert "<text" in svg and "Expert load" in svg

@@ -91,6 +91,39 @@ def test_report_corpus_sample(ckpt, tmp_path):
     assert m["load"]["stats"] and m["dynamics"]["same_expert"]      # metrics stay complete
 
 
+def test_report_formats_index_and_statistics(ckpt, tmp_path):
+    """--format png,pdf,svg writes every figure three times (PDF with TrueType fonts, SVG
+    with text), index.html shows each with its caption and the statistics with baselines."""
+    import re
+    out = tmp_path / "rep"
+    assert report(ckpt, "--out", out, "--corpus-sample", "2", "--corpus", CORPUS,
+                  "--max-tokens", "16", "--layer", "1", "--no-causal", "--dpi", "40",
+                  "--format", "png,pdf,svg", "--n-boot", "20",
+                  "--figures", "domain_specialisation,specialisation_by_layer,imbalance") == 0
+    m = _metrics(out)
+    est = m["specialisation"]["estimates"]
+    assert set(est) >= {"domain_js", "category_nmi", "vocabulary"}
+    js = est["domain_js"]["1"]
+    assert js["ci_low"] <= js["value"] <= js["ci_high"]
+    assert js["baseline_low"] <= js["baseline"] <= js["baseline_high"]
+    assert js["n_docs"] == 2 * len(m["specialisation"]["domain"]["1"]["domains"])
+    names = ["domain_specialisation", "specialisation_by_layer", "imbalance"]
+    for name in names:
+        for fmt in ("png", "pdf", "svg"):
+            assert (out / f"{name}.{fmt}").is_file(), (name, fmt)
+        pdf = (out / f"{name}.pdf").read_bytes()
+        assert b"/FontFile2" in pdf and b"/Type3" not in pdf      # embedded TrueType
+        assert b"<text" in (out / f"{name}.svg").read_bytes()     # text stays text
+    html = (out / "index.html").read_text()
+    assert "href='metrics.json'" in html
+    for name in names:
+        assert f"src='{name}.png'" in html and f"href='{name}.pdf'" in html
+    assert "shuffled" in html and "bootstrap" in html
+    row = re.search(r"<td[^>]*>domain_js</td><td>1</td><td>([0-9.]+)</td>", html)
+    assert row and float(row.group(1)) == pytest.approx(js["value"], abs=1e-3)
+    assert report(ckpt, "--out", tmp_path / "bad", "--text", "x y z", "--format", "png,gif") == 2
+
+
 def test_report_trace_file(ckpt, tmp_path):
     model = wb.load(ckpt)
     ids = np.arange(5, 25)[None]

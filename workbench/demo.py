@@ -72,6 +72,7 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
         g = tm.generate(ids, n_new, temperature=0.7, top_p=0.9, seed=0,
                         capture=["*.moe.*"], stop_ids=[tok.eos_id] if tok else None)
         g.trace.meta["domain"] = domain
+        g.trace.meta["prompt_len"] = int(ids.shape[1])  # later positions were generated
         traces[domain] = g.trace
         cont = tok.decode(g.new_tokens[0].tolist()) if tok else str(g.new_tokens[0].tolist())
         generations[domain] = {"prompt": text, "continuation": cont,
@@ -94,6 +95,16 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
     print("  layer " + " ".join(f"{d:>8s}" for d in traces))
     for li, layer in enumerate(layers):
         print(f"  {layer:5d} " + " ".join(f"{v:8.3f}" for v in js[li]))
+    js_est = {layer: an.domain_js_estimate(traces, layer, n_boot=100, n_shuffle=100)
+              for layer in layers}
+    if min(len(an.group_by_domain(traces)[d]) for d in traces) < 2:
+        print("one prompt per domain: these JS values have no interval and no baseline "
+              "(shuffling one document per domain changes nothing); for a specialisation claim "
+              "run `workbench report --corpus-sample N` on many documents per domain")
+    else:
+        print("mean JS over domains [95% bootstrap CI over prompts], against shuffled domains:")
+        for layer, e in js_est.items():
+            print(f"  {layer:5d} {e.text()}  (p = {e.p_value:.2f}, {e.n_tokens} tokens)")
     prog.step("routing analysis")
 
     parity: dict[str, Any] = {"ran": False}
@@ -127,6 +138,7 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
         "model": str(path), "config": tm.config.summary(), "generations": generations,
         "routing_table": rows, "domain_js_bits": {d: [float(v) for v in js[:, i]]
                                                   for i, d in enumerate(traces)},
+        "domain_js_estimate": {str(i): e.as_dict() for i, e in js_est.items()},
         "parity": parity, "figures": figures, "traces": saved,
         "elapsed_s": round(time.time() - prog.t0, 1),
     }
@@ -150,6 +162,9 @@ def _figures(out_dir: Path, traces: dict, tok: Any, layers: list[int], rep: Any,
         "tokens_by_expert_numeric": plots.token_routing_text(traces["numeric"],
                                                              layer=layers[0], tokenizer=tok),
         "expert_flow": plots.expert_flow(all_traces),
+        "tokens_by_layer_code": plots.token_routing_layers(traces["code"], tokenizer=tok),
+        "domain_share": plots.domain_share_bars(traces),
+        "specialisation_by_layer": plots.specialisation_by_layer(traces),
     }
     if rep is not None:
         made["parity_errors"] = plots.parity_errors(rep)
@@ -160,3 +175,78 @@ def _figures(out_dir: Path, traces: dict, tok: Any, layers: list[int], rep: Any,
         out.append(str(plots.save(fig, fig_dir / f"{name}.png")))
     return out
 
+
+
+#: Shapes :func:`synthetic_traces` builds: (layers, experts, top-k, MoE layer step, NoPE step).
+SHAPES = {"scout": (48, 16, 1, 1, 4), "maverick": (48, 128, 1, 2, 4), "tiny": (4, 8, 1, 1, 4)}
+
+
+def synthetic_traces(shape: str = "scout", n_docs: int = 8, seq: int = 64,
+                     domains: tuple[str, ...] = ("code", "prose", "legal", "numeric"),
+                     hidden: int = 16, vocab: int = 2048, patterns: bool = True,
+                     seed: int = 0) -> list[Any]:
+    """Traces with the routing of a Scout- or Maverick-shaped model, built without weights.
+
+    ``shape``: ``"scout"`` (48 layers, 16 experts in every layer), ``"maverick"`` (48 layers,
+    128 experts in every other layer, dense layers between) or ``"tiny"`` (4 × 8). Each of the
+    ``n_docs`` documents (one trace of shape (1, ``seq``), ``meta["domain"]`` cycling through
+    ``domains``) has Zipf-distributed token ids; router logits mix a per-token, a per-domain and
+    a skewed per-expert term, so load is uneven and specialisation measurable. Captured: every
+    MoE layer's ``router_logits``, ``topk_indices``, ``topk_scores``, ``routed_out`` and
+    ``shared_out`` (width ``hidden``), and with ``patterns`` the attention pattern of one
+    chunked and one global layer. For previewing figures at scale and for tests.
+    """
+    from .trace import Trace
+    if shape not in SHAPES:
+        raise ValueError(f"synthetic_traces: shape must be one of {sorted(SHAPES)}, got "
+                         f"{shape!r}")
+    if n_docs < 1 or seq < 2:
+        raise ValueError(f"synthetic_traces: need n_docs >= 1 and seq >= 2, got {n_docs}, {seq}")
+    L, E, k, step, nope_step = SHAPES[shape]
+    moe = list(range(step - 1, L, step))
+    nope = list(range(nope_step - 1, L, nope_step))
+    chunk = max(8, seq // 2)
+    heads = 4
+    cfg = {"layers": L, "hidden": hidden, "heads": heads, "kv_heads": 1, "head_dim": 4,
+           "experts": E, "top_k": k, "moe_layers": moe, "nope_layers": nope, "chunk": chunk,
+           "vocab": vocab, "qk_norm": True}
+    rng = np.random.default_rng(seed)
+    expert_bias = {i: rng.gumbel(size=E) * 0.6
+                   for i in moe}
+    token_pref = {i: rng.normal(size=(vocab, E)) for i in moe}
+    dom_pref = {d: {i: rng.normal(size=E) * 0.8 for i in moe} for d in domains}
+    ranks = np.arange(1, vocab + 1, dtype=np.float64)
+    zipf = 1.0 / ranks
+    zipf /= zipf.sum()
+    pat_layers = [i for i in range(L) if i not in nope][:1] + nope[:1] if patterns else []
+    out = []
+    for doc in range(n_docs):
+        dom = domains[doc % len(domains)]
+        ids = rng.choice(vocab, size=seq, p=zipf)
+        arrays: dict[str, np.ndarray] = {}
+        for i in moe:
+            z = (token_pref[i][ids] + dom_pref[dom][i] + expert_bias[i]
+                 + rng.normal(scale=0.7, size=(seq, E)))
+            idx = np.argsort(-z, axis=-1, kind="stable")[:, :k]
+            top = np.take_along_axis(z, idx, axis=-1)
+            p = f"layers.{i}.moe."
+            arrays[p + "router_logits"] = z[None].astype(np.float32)
+            arrays[p + "topk_indices"] = idx[None].astype(np.int32)
+            arrays[p + "topk_scores"] = (1 / (1 + np.exp(-top)))[None].astype(np.float32)
+            arrays[p + "routed_out"] = rng.normal(size=(1, seq, hidden)).astype(np.float32)
+            arrays[p + "shared_out"] = rng.normal(scale=1.3, size=(1, seq, hidden)
+                                                  ).astype(np.float32)
+        for i in pat_layers:
+            s = rng.normal(size=(heads, seq, seq))
+            q, kk = np.arange(seq)[:, None], np.arange(seq)[None, :]
+            allowed = kk <= q
+            if i not in nope:
+                allowed &= (q // chunk) == (kk // chunk)
+            s = np.where(allowed, s, -np.inf)
+            s = np.exp(s - s.max(axis=-1, keepdims=True))
+            arrays[f"layers.{i}.attn.pattern"] = (s / s.sum(-1, keepdims=True))[None].astype(
+                np.float32)
+        out.append(Trace(arrays, ids[None].astype(np.int64),
+                         {"config": cfg, "domain": dom, "source": f"synthetic {shape} #{doc}",
+                          "backend": "synthetic", "dtype": "float32"}))
+    return out

@@ -5,10 +5,14 @@ Given a checkpoint directory the model is loaded (torch by default), run on ``--
 on ``--corpus-sample N`` validation documents per domain (each cut to ``--max-tokens``), with
 ``*.moe.*`` and the attention patterns of one chunked and one global layer captured. The report
 then runs the analyses (load, confidence, specialisation by domain / token category /
-vocabulary, dynamics, router similarity from the checkpoint's router weights, attention summary,
+vocabulary with bootstrap intervals and shuffle baselines, dynamics,
+router similarity from the checkpoint's router weights, attention summary,
 causal ablation on one layer, routing over training when ``training_log.json`` sits beside the
-checkpoint, and routing stability against ``checkpoints/step-*``), writes each figure as a PNG
-and a JSON-clean ``metrics.json`` holding the token ids used.
+checkpoint, and routing stability against ``checkpoints/step-*``), writes each figure in the
+``--format`` list (PNG, PDF with embedded TrueType fonts, SVG with text as text), a JSON-clean
+``metrics.json`` holding the token ids used, and ``index.html``: every figure with its
+caption, the specialisation statistics with their intervals and baselines, and a link to
+``metrics.json``.
 
 Given a trace file (``.safetensors`` written by ``Trace.save``) it draws the figures that need
 only the trace.
@@ -57,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.json (or its dir) for a trace whose checkpoint is elsewhere")
     p.add_argument("--no-causal", action="store_true", help="skip the expert-ablation runs")
     p.add_argument("--dpi", type=positive_int, default=120, help="PNG resolution (default 120)")
+    p.add_argument("--format", default="png", metavar="FORMATS",
+                   help="comma-separated figure formats among png, pdf, svg (default png)")
+    p.add_argument("--n-boot", type=positive_int, default=200, metavar="N",
+                   help="bootstrap resamples and label shuffles per statistic (default 200)")
     p.add_argument("--figures", default=None, metavar="GLOBS",
                    help="draw only the figures whose names match these comma-separated globs, "
                         "e.g. 'load_*,attention_*' (metrics are always complete)")
@@ -71,13 +79,14 @@ def run_report(args: argparse.Namespace) -> int:
             v = getattr(args, opt, None)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise _Usage(f"--{opt.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        formats = _formats(getattr(args, "format", "png") or "png")
         if out.exists() and not out.is_dir():
             raise _Usage(f"--out {out} is a file; pass a directory (it is created if needed)")
         if target.is_dir():
-            rep = _Report(out, args.dpi, args.figures)
+            rep = _Report(out, args.dpi, args.figures, formats)
             _checkpoint_report(rep, target, args)
         elif target.is_file():
-            rep = _Report(out, args.dpi, args.figures)
+            rep = _Report(out, args.dpi, args.figures, formats)
             _trace_report(rep, target, args)
         else:
             raise _Usage(f"{target}: no such checkpoint directory or trace file")
@@ -92,13 +101,89 @@ class _Usage(Exception):
     """A problem with the command's inputs (exit status 2)."""
 
 
+def _formats(text: str) -> list[str]:
+    fmts = [f.strip().lower().lstrip(".") for f in str(text).split(",") if f.strip()]
+    bad = [f for f in fmts if f not in ("png", "pdf", "svg")]
+    if bad or not fmts:
+        raise _Usage(f"--format {text!r}: choose among png, pdf, svg (comma-separated), "
+                     f"not {', '.join(bad) or 'nothing'}")
+    return list(dict.fromkeys(fmts))
+
+
+#: What each report figure shows (index.html captions); keys are name prefixes.
+CAPTIONS = {
+    "load_heatmap": "Expert load per MoE layer as a ratio to uniform (f·E, log2 scale; 1 = "
+                    "1/E); right axis: each layer's coefficient of variation.",
+    "imbalance": "Load balance per layer in three panels, each against its own balanced "
+                 "value: CV (0), max/mean (1), entropy/log E (1).",
+    "token_routing_layers": "The first input's tokens across several MoE layers, coloured by "
+                            "top-1 expert (busiest experts in colour, others grey).",
+    "token_routing": "Input text coloured by top-1 expert at the report layer; dashed black "
+                     "outline = near-tie (router margin below ε).",
+    "margins": "Top-1/top-2 router-logit margin; tokens below ε could flip between backends.",
+    "gates": "First-choice gate values σ(z) per layer; near-ties in red.",
+    "same_expert": "Consecutive tokens on the same top-1 expert, against chance 1/E and "
+                   "chance given the load.",
+    "run_lengths": "Lengths of runs of tokens on one expert, against the geometric "
+                   "distribution of load-matched random routing.",
+    "transitions": "P(expert at the next layer | expert at this layer); read rows for "
+                   "peakedness: expert ids in different layers are unrelated labels.",
+    "expert_flow": "Top-1 flow of tokens between experts of successive layers (busiest "
+                   "experts and largest transitions).",
+    "top_tokens": "Each expert's most frequent input tokens and their share routed there.",
+    "category_specialisation": "Token category × expert (ratio to uniform); title: NMI with "
+                               "its bootstrap interval and the shuffled-label baseline.",
+    "routed_share": "Per-token share of the routed expert in the MoE output norm.",
+    "capacity": "Simulated Switch-style token drops against capacity factor.",
+    "load_by_position": "Expert shares by position in the input and by token frequency "
+                        "(ratio to uniform).",
+    "attention_L": "Mean-over-heads attention pattern of one layer, chunk boundaries dashed; "
+                   "document named in the title.",
+    "attention_by_type": "Chunked (RoPE) vs global (NoPE) layers: entropy, distance, first-"
+                         "token mass and attention by distance.",
+    "domain_specialisation": "Domain × expert load (ratio to uniform); title: mean JS with its "
+                             "bootstrap interval over documents and the domain-shuffle "
+                             "baseline.",
+    "domain_share": "Each expert's share per domain at the first, middle and last MoE layer, "
+                    "with bootstrap intervals; dashed = 1/E.",
+    "domain_divergence": "JS divergence of each domain's load from the pooled load, against "
+                         "the shuffled-domain baseline (dashed, 95% range shaded).",
+    "specialisation_by_layer": "Domain JS, category NMI and vocabulary specialisation per "
+                               "layer with 95% bootstrap intervals; dashed = the same "
+                               "statistic with shuffled labels.",
+    "router_similarity": "Cosine similarity of router rows (range fitted to the data; random "
+                         "vectors give 0 ± 2/√D).",
+    "expert_weight_similarity": "Cosine similarity of the experts' own weights (gate_up and "
+                                "down projections flattened).",
+    "logit_lens": "Logit lens on the first input: each layer's residual stream through the "
+                  "final norm and unembedding; colour = probability of the model's "
+                  "prediction.",
+    "knockout": "Next-token loss as the busiest experts of every MoE layer are banned, "
+                "against as many random experts.",
+    "ablation": "Δ loss when each expert of the report layer is banned, against the "
+                "random-expert null.",
+    "training": "Loss, load CV and router entropy over training.",
+    "stability": "Routing agreement with intermediate checkpoints.",
+}
+
+
+def caption_for(name: str) -> str:
+    """The index.html caption of a report figure (longest matching name prefix)."""
+    keys = [k for k in CAPTIONS if name.startswith(k)]
+    return CAPTIONS[max(keys, key=len)] if keys else ""
+
+
 # --------------------------------------------------------------------------- output
 class _Report:
     """Collects figures (written at once) and metrics."""
 
-    def __init__(self, out: Path, dpi: int, only: str | None = None):
+    def __init__(self, out: Path, dpi: int, only: str | None = None,
+                 formats: Sequence[str] = ("png",)):
         self.out = out
         self.dpi = dpi
+        self.formats = list(formats)
+        self.entries: list[dict[str, Any]] = []
+        self.estimates: dict[str, Any] = {}
         self.only = [g.strip() for g in only.split(",") if g.strip()] if only else None
         self.files: list[str] = []
         self.skipped: dict[str, str] = {}
@@ -106,8 +191,9 @@ class _Report:
         self.summary: list[str] = []
         out.mkdir(parents=True, exist_ok=True)
 
-    def figure(self, name: str, make: Callable[[], Any]) -> None:
-        """Draw and write ``name``.png; a figure whose data is missing is skipped and noted."""
+    def figure(self, name: str, make: Callable[[], Any], stat: str = "") -> None:
+        """Draw and write ``name`` in every format; a figure whose data is missing is skipped
+        and noted. ``stat``: the statistic and its baseline, for index.html."""
         from .plots import save
         if self.only is not None and not any(fnmatch.fnmatchcase(name, g) for g in self.only):
             return
@@ -116,8 +202,11 @@ class _Report:
         except (ValueError, KeyError) as e:
             self.skipped[name] = str(e).split("\n")[0]
             return
-        path = save(fig, self.out / f"{name}.png", dpi=self.dpi)
-        self.files.append(path.name)
+        names = [save(fig, self.out / f"{name}.{fmt}", dpi=self.dpi).name
+                 for fmt in self.formats]
+        self.files.extend(names)
+        self.entries.append({"name": name, "files": names, "caption": caption_for(name),
+                             "stat": stat})
 
     def finish(self) -> None:
         self.metrics["figures"] = list(self.files)
@@ -126,6 +215,8 @@ class _Report:
             dumps(self.metrics, indent=1) + "\n",
             encoding="utf-8")
         self.files.append("metrics.json")
+        (self.out / "index.html").write_text(_index_html(self), encoding="utf-8")
+        self.files.append("index.html")
         for line in self.summary:
             print(line)
         for name, why in self.skipped.items():
@@ -133,6 +224,56 @@ class _Report:
         print(f"wrote {len(self.files)} files to {self.out}:")
         for f in self.files:
             print(f"  {f}")
+
+
+def _index_html(rep: _Report) -> str:
+    """One page: summary, statistics with intervals and baselines, every figure with its
+    caption and all its formats, and a link to metrics.json."""
+    from html import escape
+    src = rep.metrics.get("source", {})
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>workbench report"
+             "</title><style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;"
+             "color:#222}figure{margin:2em 0;border-top:1px solid #ddd;padding-top:1em}"
+             "img{max-width:100%}table{border-collapse:collapse;font-size:0.9em}"
+             "td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}"
+             "figcaption{color:#444}.stat{font-family:monospace}</style></head><body>",
+             f"<h1>workbench report</h1><p>{escape(str(src.get('kind', '')))} "
+             f"<code>{escape(str(src.get('path', '')))}</code> · backend "
+             f"{escape(str(src.get('backend')))} · {escape(str(src.get('dtype')))}</p>",
+             "<p>All numbers: <a href='metrics.json'>metrics.json</a></p>"]
+    if rep.summary:
+        parts.append("<pre>" + escape("\n".join(rep.summary)) + "</pre>")
+    est = rep.metrics.get("specialisation", {}).get("estimates", {})
+    if est:
+        parts.append("<h2>Specialisation with uncertainty</h2><p>value [95% bootstrap "
+                     "interval over documents] against the same statistic with shuffled "
+                     "labels (mean [95% range]) and the permutation p-value.</p><table><tr>"
+                     "<th>statistic</th><th>layer</th><th>value</th><th>95% CI</th>"
+                     "<th>shuffled baseline</th><th>p</th><th>tokens</th><th>docs</th></tr>")
+        for metric, per in est.items():
+            for layer, e in per.items():
+                parts.append(
+                    f"<tr><td style='text-align:left'>{escape(metric)}</td><td>{layer}</td>"
+                    f"<td>{e['value']:.3f}</td><td>[{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+                    f"</td><td>{e['baseline']:.3f} [{e['baseline_low']:.3f}, "
+                    f"{e['baseline_high']:.3f}]</td><td>{e['p_value']:.3f}</td>"
+                    f"<td>{e['n_tokens']}</td><td>{e['n_docs']}</td></tr>")
+        parts.append("</table>")
+    parts.append("<h2>Figures</h2>")
+    for e in rep.entries:
+        shown = next((f for f in e["files"] if f.endswith((".png", ".svg"))), None)
+        links = " · ".join(f"<a href='{escape(f)}'>{escape(f.rsplit('.', 1)[1])}</a>"
+                           for f in e["files"])
+        img = f"<img src='{escape(shown)}' alt='{escape(e['name'])}'>" if shown else ""
+        stat = f"<br><span class='stat'>{escape(e['stat'])}</span>" if e["stat"] else ""
+        parts.append(f"<figure id='{escape(e['name'])}'>{img}<figcaption><b>"
+                     f"{escape(e['name'])}</b>: {escape(e['caption'])}{stat}<br>{links}"
+                     "</figcaption></figure>")
+    if rep.skipped:
+        parts.append("<h2>Skipped</h2><ul>" + "".join(
+            f"<li>{escape(k)}: {escape(v)}</li>" for k, v in rep.skipped.items()) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -261,16 +402,23 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
 
     ids = np.concatenate([t.input_ids.reshape(-1) for t in traces])
     categories = tok.categories(ids.tolist())
-    _trace_sections(rep, traces, layer, tok, categories)
+    _trace_sections(rep, traces, layer, tok, categories, args.n_boot)
 
     # specialisation by domain
     if len(domains) > 1:
         rep.metrics["specialisation"]["domain"] = {
             str(i): _domain_metrics(an.domain_specialisation(traces, i)) for i in moe}
-        rep.figure("domain_specialisation", lambda: P.domain_heatmap(traces, layer))
+        e = rep.estimates.get("domain_js", {}).get(layer)
+        rep.figure("domain_specialisation", lambda: P.domain_heatmap(
+            traces, layer, n_boot=args.n_boot, n_shuffle=args.n_boot),
+            f"layer {layer} mean JS {e.text()} bits (domains shuffled)" if e else "")
+        rep.figure("domain_share", lambda: P.domain_share_bars(traces, n_boot=args.n_boot))
         rep.figure("domain_divergence", lambda: P.domain_divergence_plot(traces))
-    rep.figure("specialisation_by_layer",
-               lambda: P.specialisation_by_layer(traces, categories=categories))
+    if rep.estimates:
+        rep.figure("specialisation_by_layer", lambda: P.specialisation_by_layer(
+            traces, moe, categories=categories, estimates=rep.estimates),
+            "; ".join(f"{k} L{layer}: {v[layer].text()}" for k, v in rep.estimates.items()
+                      if layer in v))
 
     # router similarity from the checkpoint
     W = wb.Checkpoint.open(path)[f"layers.{layer}.feed_forward.router.weight"]
@@ -279,7 +427,32 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
         "layer": layer, "most_similar": [{"experts": [i, j], "cosine": c}
                                          for i, j, c in an.most_similar_experts(S, 5)],
         "mean_offdiagonal": float(S[~np.eye(S.shape[0], dtype=bool)].mean())}
-    rep.figure("router_similarity", lambda: P.router_similarity(similarity=S, layer=layer))
+    rep.figure("router_similarity", lambda: P.router_similarity(similarity=S, layer=layer),
+               f"mean off-diagonal cosine "
+               f"{rep.metrics['experts']['router_similarity']['mean_offdiagonal']:.3f}")
+    ck = wb.Checkpoint.open(path)
+    ex = [f"layers.{layer}.feed_forward.experts.{w}" for w in ("gate_up_proj", "down_proj")]
+    if all(n in list(ck) for n in ex):
+        SW = an.expert_weight_similarity([np.asarray(ck[n], dtype=np.float32) for n in ex])
+        off = SW[~np.eye(SW.shape[0], dtype=bool)]
+        rep.metrics["experts"]["expert_weight_similarity"] = {
+            "layer": layer, "mean_offdiagonal": float(off.mean()),
+            "most_similar": [{"experts": [i, j], "cosine": c}
+                             for i, j, c in an.most_similar_experts(SW, 5)]}
+        rep.figure("expert_weight_similarity", lambda: P.router_similarity(
+            similarity=SW, layer=layer, what="Expert weight"),
+            f"mean off-diagonal cosine {off.mean():.3f}")
+
+    # logit lens on the first input
+    first = np.asarray([inputs[0]["ids"]], dtype=np.int64)
+    lens_run = model.run(first, capture=["*.resid_post", "logits"])
+    head = "lm_head.weight" if "lm_head.weight" in list(ck) else "embed_tokens.weight"
+    lens = an.logit_lens(lens_run.trace, ck["norm.weight"], ck[head], eps=cfg.rms_norm_eps)
+    rep.metrics["logit_lens"] = {
+        "input": 0, "layers": lens.layers,
+        "mean_p_final": dict(zip(map(str, lens.layers), lens.p_final.mean(axis=1))),
+        "mean_kl_nats": dict(zip(map(str, lens.layers), lens.kl.mean(axis=1)))}
+    rep.figure("logit_lens", lambda: P.logit_lens_plot(lens, tok, input_ids=first))
 
     # causal ablation on one layer
     if not args.no_causal:
@@ -292,6 +465,20 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
                                      "base_loss": dict(zip(res.domains, res.base_loss)),
                                      "rows": res.rows()}
             rep.figure("ablation", lambda: P.ablation_bars(res))
+            k = int(cfg.num_experts_per_tok)
+            E = int(cfg.num_local_experts)
+            fr = [f for f in (0.0, 1 / 16, 1 / 8, 1 / 4, 1 / 2) if E - round(f * E) >= k
+                  and (f == 0 or round(f * E) >= 1)]
+            ids_all = np.concatenate([a[:, :min(x.shape[1] for x in by_dom.values())]
+                                      for a in by_dom.values()])
+            ko = an.top_expert_knockout(model, ids_all, fractions=sorted(set(fr)), n_random=2)
+            rep.metrics["knockout"] = {"layers": ko.layers, "fractions": ko.fractions,
+                                       "experts_banned": ko.counts, "base_loss": ko.base_loss,
+                                       "top_loss": ko.top_loss, "random_loss": ko.random_loss,
+                                       "random_std": ko.random_std}
+            rep.figure("knockout", lambda: P.knockout_plot(ko),
+                       f"loss {ko.base_loss:.3f} → {ko.top_loss[-1]:.3f} with the busiest "
+                       f"{ko.fractions[-1]:.0%} banned; random: {ko.random_loss[-1]:.3f}")
 
     # routing over training
     log = path / "training_log.json"
@@ -368,7 +555,7 @@ def _trace_report(rep: _Report, path: Path, args: argparse.Namespace) -> None:
     rep.summary.append(f"report: trace {path} ({trace.meta.get('backend')}, "
                        f"{trace.meta.get('dtype')}), input {tuple(ids.shape)}, "
                        f"{len(trace)} hooks; single-layer figures at layer {layer}")
-    _trace_sections(rep, [trace], layer, tok, categories)
+    _trace_sections(rep, [trace], layer, tok, categories, args.n_boot)
     _summary_table(rep, moe)
 
 
@@ -377,7 +564,7 @@ def _domain_metrics(ds: Any) -> dict[str, Any]:
 
 
 def _trace_sections(rep: _Report, traces: list[Any], layer: int, tok: Any,
-                    categories: list[str] | None) -> None:
+                    categories: list[str] | None, n_boot: int = 200) -> None:
     """Metrics and figures that need only traces (and optionally a tokenizer)."""
     from . import analysis as an
     from . import plots as P
@@ -409,6 +596,12 @@ def _trace_sections(rep: _Report, traces: list[Any], layer: int, tok: Any,
     m["specialisation"] = {
         "vocabulary": {str(i): v.score for i, v in vocab.items() if v is not None},
         "top_tokens": _top_tokens(traces, layer, tok)}
+    est = _try(lambda: an.specialisation_estimates(traces if _tagged(traces) else {"all": traces},
+                                                   moe, categories, 2, n_boot, n_boot))
+    rep.estimates = est or {}
+    if est:
+        m["specialisation"]["estimates"] = {
+            k: {str(i): e.as_dict() for i, e in per.items()} for k, per in est.items()}
     if categories is not None:
         cs = {i: an.category_specialisation(traces, i, categories) for i in moe}
         m["specialisation"]["category"] = {
@@ -427,6 +620,7 @@ def _trace_sections(rep: _Report, traces: list[Any], layer: int, tok: Any,
     # figures
     rep.figure("load_heatmap", lambda: P.load_heatmap(traces))
     rep.figure("imbalance", lambda: P.imbalance_bars(traces))
+    rep.figure("token_routing_layers", lambda: P.token_routing_layers(traces[0], tokenizer=tok))
     shown: list[str] = []
     for t in traces:
         dom = str(t.meta.get("domain") or "input")
@@ -448,8 +642,12 @@ def _trace_sections(rep: _Report, traces: list[Any], layer: int, tok: Any,
         rep.figure("expert_flow", lambda: P.expert_flow(traces))
     rep.figure("top_tokens", lambda: P.top_tokens_table(traces, layer, tokenizer=tok))
     if categories is not None:
+        e = (rep.estimates.get("category_nmi") or {}).get(layer)
         rep.figure("category_specialisation",
-                   lambda: P.category_heatmap(traces, layer, categories))
+                   lambda: P.category_heatmap(traces, layer, categories, n_boot=n_boot,
+                                              n_shuffle=n_boot),
+                   f"layer {layer} NMI {e.text()} (labels shuffled)" if e else "")
+    rep.figure("load_by_position", lambda: P.load_by_position_frequency(traces, layer))
     if has_outs:
         rep.figure("routed_share", lambda: P.routed_share_plot(traces))
     rep.figure("capacity", lambda: P.capacity_plot(traces))
@@ -458,6 +656,12 @@ def _trace_sections(rep: _Report, traces: list[Any], layer: int, tok: Any,
             traces[0], i, tokenizer=tok))
     if pl:
         rep.figure("attention_by_type", lambda: P.attention_by_layer_type(traces))
+
+
+def _tagged(traces: list[Any]) -> bool:
+    """Every trace carries meta['domain'] and there are two or more domains."""
+    doms = {t.meta.get("domain") for t in traces}
+    return None not in doms and len(doms) > 1
 
 
 def _try(fn: Callable[[], Any]) -> Any:

@@ -187,6 +187,40 @@ class Trace(Mapping[str, np.ndarray]):
         pos = self.meta.get("positions")
         return m[:, pos] if pos is not None else m
 
+    def to_frame(self, layers: list[int] | None = None) -> Any:
+        """The routing as a pandas DataFrame, one row per (batch row, position, MoE layer,
+        top-k slot): batch, position, token_id, layer, slot, expert, gate (when topk_scores
+        were captured) and margin (top-1 − top-2 router logit, when router_logits were).
+        Needs pandas (``pip install 'workbench[frames]'``)."""
+        from .analysis.frames import pandas
+        pd = pandas()
+        layers = self.moe_layers if layers is None else [int(i) for i in layers]
+        if not layers:
+            raise ValueError("to_frame: no MoE routing captured; capture '*.moe.*'")
+        parts = []
+        for i in layers:
+            r = self.routing(i)
+            idx = np.asarray(r.indices)
+            if idx.ndim == 2:
+                idx = idx[None]
+            B, T, k = idx.shape
+            ids = self.input_ids.reshape(-1, self.input_ids.shape[-1])
+            pos = list(self.meta.get("positions") or range(T))
+            cols: dict[str, Any] = {
+                "batch": np.repeat(np.arange(B), T * k),
+                "position": np.tile(np.repeat(np.asarray(pos[:T]), k), B),
+                "token_id": np.repeat(ids[:, np.asarray(pos[:T])].ravel(), k)
+                if ids.shape[0] == B else -1,
+                "layer": i, "slot": np.tile(np.arange(k), B * T),
+                "expert": idx.ravel().astype(np.int64)}
+            if r.scores is not None:
+                cols["gate"] = np.asarray(r.scores, dtype=np.float64).ravel()
+            if r.logits is not None:
+                z = np.sort(np.asarray(r.logits, dtype=np.float64).reshape(B, T, -1), axis=-1)
+                cols["margin"] = np.repeat((z[..., -1] - z[..., -2]).ravel(), k)
+            parts.append(pd.DataFrame(cols))
+        return pd.concat(parts, ignore_index=True)
+
     def select(self, pattern: str) -> dict[str, np.ndarray]:
         import fnmatch
         return {k: v for k, v in self._arrays.items() if fnmatch.fnmatchcase(k, pattern)}

@@ -31,6 +31,7 @@ from .attention import (
     sink_mass,
 )
 from .causal import ExpertAblation, expert_ablation, next_token_loss
+from .compare import RoutingDiff, load_by_frequency, load_by_position, routing_diff
 from .confidence import (
     NEAR_TIE_EPS,
     confidence_summary,
@@ -58,10 +59,20 @@ from .dynamics import (
     transition_matrix,
 )
 from .experts import (
+    expert_weight_similarity,
     most_similar_experts,
     routed_share,
     router_cosine_similarity,
     shared_routed_ratio,
+)
+from .frames import domain_frame, estimates_frame, load_frame
+from .lens import (
+    ActivationPatching,
+    Knockout,
+    LogitLens,
+    activation_patching,
+    logit_lens,
+    top_expert_knockout,
 )
 from .load import (
     CapacityDrops,
@@ -106,6 +117,13 @@ from .specialisation import (
     top_tokens_per_expert,
     vocabulary_specialisation,
 )
+from .stats import (
+    Estimate,
+    category_nmi_estimate,
+    domain_js_estimate,
+    specialisation_estimates,
+    vocabulary_estimate,
+)
 from .table import format_routing_table, routing_table
 from .training import (
     SCHEMA as TRAINING_LOG_SCHEMA,
@@ -139,15 +157,23 @@ __all__ = [
     "domain_js_by_layer", "CategorySpecialisation", "category_specialisation",
     "normalised_mutual_information", "VocabularySpecialisation", "vocabulary_specialisation",
     "top_tokens_per_expert",
+    # uncertainty: bootstrap intervals and shuffle baselines
+    "Estimate", "domain_js_estimate", "category_nmi_estimate", "vocabulary_estimate",
+    "specialisation_estimates",
     # dynamics
     "SameExpertRate", "same_expert_rate", "run_lengths", "run_length_histogram",
     "transition_counts", "transition_matrix", "conditional_entropy",
     "next_layer_predictability", "layer_nmi", "expert_paths", "path_tokens", "path_entropy",
     "cross_layer_table",
     # experts
-    "router_cosine_similarity", "most_similar_experts", "shared_routed_ratio", "routed_share",
+    "router_cosine_similarity", "expert_weight_similarity", "most_similar_experts",
+    "shared_routed_ratio", "routed_share",
     # causal
     "ExpertAblation", "expert_ablation", "next_token_loss",
+    # residual stream and comparisons
+    "LogitLens", "logit_lens", "ActivationPatching", "activation_patching", "Knockout",
+    "top_expert_knockout", "RoutingDiff", "routing_diff", "load_by_position",
+    "load_by_frequency",
     # attention
     "pattern_layers", "attention_entropy", "mean_attention_distance", "sink_mass",
     "cross_chunk_mass", "distance_by_chunk_offset", "distance_edges", "distance_histogram",
@@ -160,6 +186,8 @@ __all__ = [
     "new_training_log", "training_log_entry", "training_log_entry_from_trace",
     "validate_training_log", "load_training_log", "TrainingCurves", "training_curves",
     "routing_jaccard", "routing_disagreement", "routing_stability",
+    # pandas DataFrames (optional extra)
+    "load_frame", "domain_frame", "estimates_frame",
     # table and helpers
     "routing_table", "format_routing_table", "moe_layers", "num_experts",
 ]

@@ -6,6 +6,8 @@ Router weights come from the checkpoint as numpy, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -23,6 +25,20 @@ def router_cosine_similarity(weight: ArrayLike) -> np.ndarray:
     n = np.linalg.norm(W, axis=1, keepdims=True)
     U = np.divide(W, n, out=np.zeros_like(W), where=n > 0)
     return np.clip(U @ U.T, -1.0, 1.0)
+
+
+def expert_weight_similarity(weights: ArrayLike | Sequence[ArrayLike]) -> np.ndarray:
+    """Cosine similarity of whole experts, (E, E): each expert's weights flattened into one
+    vector (several arrays of shape (E, ...), e.g. gate_up_proj and down_proj, are
+    concatenated per expert first)."""
+    arrs = [np.asarray(w) for w in weights] if isinstance(weights, list | tuple) \
+        else [np.asarray(weights)]
+    E = {a.shape[0] for a in arrs if a.ndim >= 2}
+    if len(E) != 1 or any(a.ndim < 2 for a in arrs):
+        raise ValueError("expert_weight_similarity: expected arrays of shape (experts, ...) "
+                         f"with the same number of experts, got {[a.shape for a in arrs]}")
+    flat = np.concatenate([a.reshape(a.shape[0], -1).astype(np.float64) for a in arrs], axis=1)
+    return router_cosine_similarity(flat)
 
 
 def most_similar_experts(similarity: ArrayLike, n: int = 5

@@ -26,6 +26,13 @@ from .longcontext import (
 )
 from .modality import modality_specialisation_plot, patch_expert_overlay
 from .quant import routing_agreement
+from .residual import (
+    knockout_plot,
+    load_by_position_frequency,
+    logit_lens_plot,
+    patching_heatmap,
+    routing_diff_plot,
+)
 from .routing import (
     expert_flow,
     gate_histogram,
@@ -34,6 +41,7 @@ from .routing import (
     margin_histogram,
     run_length_plot,
     same_expert_rate_plot,
+    token_routing_layers,
     token_routing_text,
     transition_heatmap,
 )
@@ -41,6 +49,8 @@ from .specialisation import (
     category_heatmap,
     domain_divergence_plot,
     domain_heatmap,
+    domain_share_bars,
+    expert_weight_similarity,
     routed_share_plot,
     router_similarity,
     specialisation_by_layer,
@@ -61,10 +71,14 @@ __all__ = [
     # routing
     "load_heatmap", "imbalance_bars", "token_routing_text", "margin_histogram",
     "gate_histogram", "same_expert_rate_plot", "run_length_plot", "transition_heatmap",
-    "expert_flow",
+    "expert_flow", "token_routing_layers",
     # specialisation and experts
     "domain_heatmap", "category_heatmap", "specialisation_by_layer", "domain_divergence_plot",
-    "top_tokens_table", "router_similarity", "routed_share_plot",
+    "top_tokens_table", "router_similarity", "routed_share_plot", "domain_share_bars",
+    "expert_weight_similarity",
+    # comparisons and the residual stream
+    "routing_diff_plot", "load_by_position_frequency", "patching_heatmap", "logit_lens_plot",
+    "knockout_plot",
     # attention
     "attention_pattern", "attention_by_layer_type", "layer_type_text",
     # long context

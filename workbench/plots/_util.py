@@ -58,3 +58,91 @@ def pooled_ids(traces: Traces) -> np.ndarray:
 
 def layer_label(i: int) -> str:
     return f"L{i}"
+
+
+#: Above this many layers, per-layer figures switch to their large-model mode (a layer subset,
+#: or a colour bar in place of a legend entry per layer).
+MAX_LAYER_LINES = 8
+#: Experts drawn in their own colour in large-model mode; the rest are grey "other".
+TOP_EXPERTS = 12
+#: Colour of the "other experts" bucket.
+OTHER = "#bdbdbd"
+#: Largest figure any plot function returns, in inches (width, height).
+MAX_INCHES = (16.0, 13.0)
+
+
+def capped(w: float, h: float) -> tuple[float, float]:
+    """``(w, h)`` limited to :data:`MAX_INCHES`."""
+    return min(float(w), MAX_INCHES[0]), min(float(h), MAX_INCHES[1])
+
+
+def spread(items: Sequence[int], n: int) -> list[int]:
+    """At most ``n`` of ``items``, evenly spaced, always keeping the first and the last."""
+    items = list(items)
+    if len(items) <= n:
+        return items
+    pick = np.unique(np.round(np.linspace(0, len(items) - 1, max(n, 2))).astype(int))
+    return [items[i] for i in pick]
+
+
+def pick_layers(traces: Traces, layers: Sequence[int] | None,
+                max_layers: int = MAX_LAYER_LINES) -> tuple[list[int], str]:
+    """The layers to draw and a note for the title: every requested layer, or (``layers`` None)
+    every captured MoE layer, thinned to ``max_layers`` evenly spaced ones when there are more.
+    """
+    if layers is not None:
+        return layers_or_default(traces, layers), ""
+    all_ = layers_or_default(traces, None)
+    shown = spread(all_, max_layers)
+    note = f" ({len(shown)} of {len(all_)} MoE layers)" if len(shown) < len(all_) else ""
+    return shown, note
+
+
+def layer_ticks(ax: Any, layers: Sequence[int], axis: str = "x", max_ticks: int = 24) -> None:
+    """Label positions 0..n-1 with ``L{i}``, thinned to about ``max_ticks`` labels."""
+    step = max(1, int(np.ceil(len(layers) / max_ticks)))
+    pos = list(range(0, len(layers), step))
+    labels = [layer_label(layers[p]) for p in pos]
+    if axis == "x":
+        ax.set_xticks(pos, labels, rotation=90 if len(pos) > 12 else 0)
+    else:
+        ax.set_yticks(pos, labels)
+
+
+def layer_legend(fig: Any, ax: Any, layers: Sequence[int], extra: Sequence[Any] = (),
+                 max_entries: int = MAX_LAYER_LINES, **kwargs: Any) -> None:
+    """A legend with one entry per layer line (plus ``extra`` handles) when there are at most
+    ``max_entries`` layers; otherwise a viridis colour bar of the layer index and a legend of
+    the ``extra`` handles only."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    handles, labels = ax.get_legend_handles_labels()
+    if len(layers) <= max_entries:
+        ax.legend(handles=list(handles) + list(extra), **kwargs)
+        return
+    keep = [h for h, lab in zip(handles, labels) if not _is_layer_label(lab)] + list(extra)
+    sm = ScalarMappable(norm=Normalize(min(layers), max(layers)), cmap=_layer_cmap())
+    cb = fig.colorbar(sm, ax=ax, pad=0.02, fraction=0.05)
+    cb.set_label("layer")
+    if keep:
+        ax.legend(handles=keep, **kwargs)
+
+
+def _is_layer_label(label: str) -> bool:
+    head = label.split(":")[0].split(" ")[0]
+    return head.startswith("L") and head[1:].isdigit()
+
+
+def _layer_cmap() -> Any:
+    """viridis over the range :func:`~workbench.plots.style.layer_colors` uses."""
+    import matplotlib as mpl
+    from matplotlib.colors import ListedColormap
+    return ListedColormap(mpl.colormaps["viridis"](np.linspace(0.05, 0.85, 256)))
+
+
+def top_experts(counts: np.ndarray, n: int = TOP_EXPERTS) -> list[int]:
+    """The ``n`` experts with the largest counts (ties by id), highest first; experts with no
+    count are left out."""
+    c = np.asarray(counts, dtype=np.float64)
+    order = np.lexsort((np.arange(c.size), -c))
+    return [int(e) for e in order[:n] if c[e] > 0]

@@ -49,9 +49,10 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
     """One layer's attention pattern (query × key; mean over heads unless ``head``) with the
     attention chunk boundaries drawn as lines (gid ``"chunk-boundary"``) and the layer's type
     (chunked RoPE / global NoPE) in the title. Masked (zero) entries are grey. Token labels
-    are shown when the sequence has at most ``max_labels`` tokens and a tokenizer or tokens
-    are given. ``chunk`` defaults to the config's chunk size on chunked layers and to none on
-    global layers (pass one to draw reference lines there)."""
+    are shown when a tokenizer or tokens are given (every n-th token, with its position, past
+    ``max_labels`` tokens); the title names the document (``meta["source"]``, ``"domain"``).
+    ``chunk`` defaults to the config's chunk size on chunked layers and to none on global
+    layers (pass one to draw reference lines there)."""
     name = f"layers.{layer}.attn.pattern"
     if name not in trace:
         raise ValueError(f"attention_pattern needs the hook {name!r}; re-run with "
@@ -75,14 +76,19 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
         ax.axvline(b - 0.5, color=BOUNDARY, lw=1.0, ls="--", gid="chunk-boundary")
         if b > q0:
             ax.axhline(b - 0.5, color=BOUNDARY, lw=1.0, ls="--", gid="chunk-boundary")
-    if (tokenizer is not None or tokens is not None) and Tk <= max_labels:
+    if tokenizer is not None or tokens is not None:
         ids = np.asarray(trace.input_ids)
         ids = ids[batch] if ids.ndim == 2 else ids.ravel()
         labels = [plain(s) for s in token_labels(ids[:Tk], tokenizer, tokens)]
-        ax.set_xticks(range(Tk), labels, rotation=90, fontsize=FONT_SIZES["annotation"],
-                      family="monospace")
-        ax.set_yticks(range(q0, Tk), labels[q0:], fontsize=FONT_SIZES["annotation"],
-                      family="monospace")
+        step = max(1, int(np.ceil(Tk / max_labels)))
+        xs = list(range(0, Tk, step))
+        ax.set_xticks(xs, [f"{labels[i]}" if step == 1 else f"{i}:{labels[i]}" for i in xs],
+                      rotation=90, fontsize=FONT_SIZES["annotation"], family="monospace")
+        ys = [i for i in xs if i >= q0]
+        ax.set_yticks(ys, [f"{labels[i]}" if step == 1 else f"{i}:{labels[i]}" for i in ys],
+                      fontsize=FONT_SIZES["annotation"], family="monospace")
+        if step > 1:
+            ax.set_xlabel(f"key (every {step}th token labelled)")
     else:
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
@@ -91,7 +97,10 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
     except ValueError:
         kind = "layer type unknown"
     who = "mean of heads" if head is None else f"head {head}"
-    ax.set_title(f"Layer {layer} attention: {kind}, {who}")
+    doc = trace.meta.get("source") or trace.meta.get("domain")
+    doc = f"\n{doc}" + (f" ({trace.meta['domain']})" if trace.meta.get("domain")
+                         and trace.meta.get("source") else "") if doc else ""
+    ax.set_title(f"Layer {layer} attention: {kind}, {who}{plain(doc)}")
     cb = fig.colorbar(im, ax=ax, pad=0.02, shrink=0.85)
     cb.set_label("attention probability (sqrt scale)")
     return fig
@@ -102,7 +111,9 @@ def attention_by_layer_type(traces: Traces, layers: Sequence[int] | None = None,
                             chunk: int | None = None) -> Figure:
     """Chunked (RoPE) vs global (NoPE) attention: per-layer mean entropy, mean distance and
     sink mass (bars coloured by layer type; type means as dashed lines), and the attention
-    mass by query-key distance bucket for each type."""
+    mass by query-key distance bucket for each type. With four or fewer layers the per-layer
+    numbers are a table instead of bar panels (a bar chart of two bars says less than the
+    numbers)."""
     ts = as_list(traces)
     rows = an.attention_summary(ts, layers, chunk)
     if not rows:
@@ -110,6 +121,8 @@ def attention_by_layer_type(traces: Traces, layers: Sequence[int] | None = None,
                          "capture=['layers.{i}.attn.pattern']")
     types = an.by_layer_type(ts, layers, chunk)
     colors = category_colors(["chunked", "global", "global-rope"])
+    if len(rows) <= 4:
+        return _attention_table(rows, types, colors)
     fig = new_figure((13.0, 3.6))
     axes = fig.subplots(1, 4)
     x = np.arange(len(rows))
@@ -133,5 +146,42 @@ def attention_by_layer_type(traces: Traces, layers: Sequence[int] | None = None,
     ax.set_xlabel("query − key distance ≥")
     ax.set_title("attention mass by distance", fontsize=FONT_SIZES["label"])
     ax.legend(fontsize=FONT_SIZES["annotation"])
+    fig.suptitle("Attention by layer type: chunked RoPE vs global NoPE")
+    return fig
+
+
+def _distance_panel(ax: Axes, types: dict[str, Any], colors: dict[str, Any]) -> None:
+    for kind, t in types.items():
+        e = np.asarray(t["edges"])
+        ax.plot(range(len(t["distance_hist"])), t["distance_hist"], "o-", color=colors[kind],
+                label=f"{_TYPE_TEXT.get(kind, kind)} ({', '.join(map(str, t['layers']))})")
+        ax.set_xticks(range(len(e) - 1), [f"{lo}" for lo in e[:-1]], fontsize=FONT_SIZES["tick"])
+    ax.set_xlabel("query − key distance ≥")
+    ax.set_ylabel("attention mass")
+    ax.set_title("attention mass by distance", fontsize=FONT_SIZES["label"])
+    ax.legend(fontsize=FONT_SIZES["annotation"])
+
+
+def _attention_table(rows: list[dict[str, Any]], types: dict[str, Any],
+                     colors: dict[str, Any]) -> Figure:
+    fig = new_figure((11.0, 3.4))
+    ax_t, ax_d = fig.subplots(1, 2, width_ratios=[1.1, 1.0])
+    ax_t.axis("off")
+    cells = [[layer_label(r["layer"]), _TYPE_TEXT.get(r["type"], r["type"]),
+              f"{r['entropy']:.2f}", f"{r['distance']:.1f}", f"{r['sink']:.2f}"] for r in rows]
+    table = ax_t.table(cellText=cells, colLabels=["layer", "type", "entropy (nats)",
+                                                  "mean distance", "first-token mass"],
+                       loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(FONT_SIZES["label"])
+    table.scale(1.0, 1.6)
+    for (r, c), cell in table.get_celld().items():
+        cell.set_edgecolor("#dddddd")
+        if r == 0:
+            cell.set_text_props(weight="bold")
+        elif c == 1:
+            cell.set_facecolor((*colors[rows[r - 1]["type"]][:3], 0.25))
+    ax_t.set_title("per layer (mean over heads and queries)", fontsize=FONT_SIZES["label"])
+    _distance_panel(ax_d, types, colors)
     fig.suptitle("Attention by layer type: chunked RoPE vs global NoPE")
     return fig

@@ -14,7 +14,7 @@ from matplotlib.lines import Line2D
 
 from .. import analysis as an
 from ..analysis._common import Traces
-from ._util import layer_label, layers_or_default
+from ._util import layer_label, layer_legend, pick_layers
 from .style import (
     FONT_SIZES,
     REFERENCE,
@@ -98,15 +98,19 @@ def parity_errors(report: Any, tol: float | None = None, ax: Axes | None = None,
 # --------------------------------------------------------------------------- causal
 @styled
 def ablation_bars(result: an.ExpertAblation, metric: str = "delta_loss",
-                  ax: Axes | None = None) -> Figure:
+                  ax: Axes | None = None, max_bars: int = 32) -> Figure:
     """Effect of removing each expert, per domain (grouped bars coloured by domain), against
     the random-expert null (dashed line per domain; ± one std shaded for one domain). Experts
     whose z-score exceeds 2 get a star. ``metric``: ``delta_loss`` (nats), ``flip_rate`` or
-    ``delta_accuracy``. One bar per (domain, expert)."""
+    ``delta_accuracy``. One bar per (domain, expert); with more than ``max_bars`` experts a
+    domain × expert heatmap instead (diverging, centred at the random-expert null for
+    ``delta_loss``, at 0 otherwise; z > 2 starred)."""
     if metric not in ("delta_loss", "flip_rate", "delta_accuracy"):
         raise ValueError(f"metric must be delta_loss, flip_rate or delta_accuracy, got {metric!r}")
     vals = np.asarray(getattr(result, metric), dtype=np.float64)  # (D, X)
     D, X = vals.shape
+    if X > max_bars:
+        return _ablation_heatmap(result, metric, vals, ax)
     colors = category_colors(result.domains)
     fig, ax = figure_and_axes(ax, (min(12.0, max(6.0, 0.2 * X * D + 3.5)), 3.9))
     x = np.arange(X)
@@ -135,6 +139,34 @@ def ablation_bars(result: an.ExpertAblation, metric: str = "delta_loss",
                  + ("; dashed = random-expert null, * = z > 2" if metric == "delta_loss" else ""),
                  fontsize=FONT_SIZES["title"] - 1)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def _ablation_heatmap(result: an.ExpertAblation, metric: str, vals: np.ndarray,
+                      ax: Axes | None) -> Figure:
+    from matplotlib.colors import TwoSlopeNorm
+    D, X = vals.shape
+    fig, ax = figure_and_axes(ax, (14.0, max(2.6, 0.45 * D + 2.0)))
+    centre = result.null_mean[:, None] if metric == "delta_loss" else np.zeros((D, 1))
+    rel = vals - centre
+    lim = max(float(np.nanmax(np.abs(rel))), 1e-9)
+    im = ax.imshow(rel, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim), aspect="auto",
+                   interpolation="nearest")
+    if metric == "delta_loss":
+        for d, x in zip(*np.nonzero(np.nan_to_num(result.z, nan=0.0) > 2)):
+            ax.text(x, d, "*", ha="center", va="center", fontsize=FONT_SIZES["annotation"])
+    ax.set_yticks(range(D), result.domains)
+    if list(result.experts) == list(range(X)):
+        expert_ticks(ax, X)
+    ax.set_xlabel("expert removed")
+    cb = fig.colorbar(im, ax=ax, pad=0.02)
+    cb.set_label({"delta_loss": "Δ loss − random-expert null (nats)",
+                  "flip_rate": "prediction flip rate",
+                  "delta_accuracy": "Δ next-token accuracy"}[metric])
+    how = "banned" if result.mode == "ban" else "zeroed"
+    ax.set_title(f"Layer {result.layer}: {X} experts {how}, one at a time"
+                 + ("; * = z > 2" if metric == "delta_loss" else ""),
+                 fontsize=FONT_SIZES["title"] - 1)
     return fig
 
 
@@ -237,8 +269,9 @@ def routing_stability_plot(results: Mapping[str, Iterable[Mapping[str, Any]]],
 def capacity_plot(traces: Traces, layers: Sequence[int] | None = None,
                   factors: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
                   ax: Axes | None = None) -> Figure:
-    """Simulated Switch-style drop rate against capacity factor, one line per layer."""
-    layers = layers_or_default(traces, layers)
+    """Simulated Switch-style drop rate against capacity factor, one line per layer (without
+    ``layers``, at most eight evenly spaced MoE layers)."""
+    layers, note = pick_layers(traces, layers)
     fig, ax = figure_and_axes(ax, (5.5, 3.6))
     for i, col in zip(layers, layer_colors(len(layers))):
         ax.plot(factors, an.drop_rate_curve(traces, i, factors), "o-", color=col,
@@ -246,8 +279,7 @@ def capacity_plot(traces: Traces, layers: Sequence[int] | None = None,
     ax.axvline(1.0, color=REFERENCE, ls=":", lw=0.9)
     ax.set_xlabel("capacity factor")
     ax.set_ylabel("dropped assignments")
-    ax.set_title("Simulated capacity drops")
-    ax.legend(handles=ax.get_legend_handles_labels()[0]
-              + [Line2D([], [], color=REFERENCE, ls=":", label="cf = 1")],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(f"Simulated capacity drops{note}")
+    layer_legend(fig, ax, layers, [Line2D([], [], color=REFERENCE, ls=":", label="cf = 1")],
+                 loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig

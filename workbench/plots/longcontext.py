@@ -23,7 +23,7 @@ from ..analysis._common import Traces, as_list
 from ..analysis.longcontext import BUCKETS
 from ..numerics import distance_bucket_edges
 from ..trace import Trace
-from ._util import layer_label
+from ._util import capped, layer_label, spread
 from .style import (
     ATTENTION,
     FONT_SIZES,
@@ -278,11 +278,14 @@ def plot_routing_by_position(traces: Traces, bins: int | Sequence[int] = 12,
     and each bin's Jensen-Shannon divergence (bits) from the layer's overall distribution
     (:func:`workbench.analysis.routing_by_position`), with the divergence that sampling
     alone gives a bin of that many tokens (dotted). JS near that floor: routing does not
-    depend on where in the context a token sits."""
+    depend on where in the context a token sits. Without ``layers``, at most four evenly
+    spaced MoE layers are drawn."""
+    if layers is None:
+        layers = spread(an.moe_layers(traces), 4)
     rows = an.routing_by_position(traces, bins, scale, layers, min_width)
     lays = sorted({r["layer"] for r in rows})
     n = len(lays)
-    fig = new_figure((2.6 * n + 4.6, 3.8))
+    fig = new_figure(capped(2.6 * n + 4.6, 3.8))
     axes = fig.subplots(1, n + 1, width_ratios=[1.0] * n + [1.5])
     colors = layer_colors(n)
     im = None
@@ -326,7 +329,10 @@ def plot_repeat_consistency(traces: Traces, input_ids: Any = None,
     between the two occurrences (solid), against random position pairs at the same distances
     (dashed) and two independent tokens under the layer's load (dotted),
     from :func:`workbench.analysis.repeat_consistency`; one colour per MoE layer. Each tick
-    gives the number of pairs in its bucket (few pairs: a noisy rate)."""
+    gives the number of pairs in its bucket (few pairs: a noisy rate). Without ``layers``,
+    at most six evenly spaced MoE layers are drawn."""
+    if layers is None:
+        layers = spread(an.moe_layers(traces), 6)
     rows = an.repeat_consistency(traces, input_ids, layers)
     lays = sorted({r["layer"] for r in rows})
     fig, ax = figure_and_axes(ax, (7.0, 4.0))

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.colors import ListedColormap, to_rgb
+from matplotlib.colors import ListedColormap, to_rgb  # noqa: F401 (re-exported)
 from matplotlib.figure import Figure
 
 #: Font sizes (points) used by every figure.

@@ -163,16 +163,20 @@ class RoutingState:
         outline(fig.axes[0], [self.position], len(self.tokens))
         return fig
 
-    def render_path(self) -> Figure:
+    def render_path(self, max_annotated: int = 12) -> Figure:
         """The selected token through the layers: gate σ(z) of every expert per layer (shading),
-        chosen experts marked and joined, each annotated with its gate and router margin."""
+        chosen experts marked and joined; with at most ``max_annotated`` layers each choice is
+        annotated with its gate and router margin (near-ties: red text, dashed outline). The
+        figure stays within 14 × 8 inches at any depth and width (Maverick: 24 × 128)."""
         E = int(self.model.config.num_local_experts)
         rows = self.path()
         L = len(self.layers)
         probs = np.stack([_sigmoid(np.asarray(self.trace.routing(i).logits,
                                               dtype=np.float64)[0, self.position])
                           for i in self.layers], axis=1)  # (E, L)
-        fig = new_figure((max(4.8, 1.3 * L + 2.4), max(3.2, 0.3 * E + 1.4)))
+        big = L > max_annotated
+        fig = new_figure((min(14.0, max(4.8, (0.28 if big else 1.3) * L + 2.4)),
+                          min(8.0, max(3.2, (0.06 if E > 32 else 0.3) * E + 1.6))))
         ax = fig.add_subplot()
         im = ax.imshow(probs, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto",
                        extent=(-0.5, L - 0.5, E - 0.5, -0.5))
@@ -180,29 +184,39 @@ class RoutingState:
         ax.plot(range(L), top1, "-", color=REFERENCE, lw=1.2, zorder=2, gid="token-path")
         for x, r in enumerate(rows):
             for slot, (e, g) in enumerate(zip(r["experts"], r["gates"])):
-                ax.scatter([x], [e], s=170 if slot == 0 else 90, color=expert_color(e),
-                           edgecolors=WARN if r["near_tie"] else "black", linewidths=1.5,
-                           zorder=3)
-                if slot == 0:
+                ax.scatter([x], [e], s=(170 if slot == 0 else 90) / (3 if big else 1),
+                           color=expert_color(e), edgecolors="black", linewidths=1.5,
+                           linestyle="--" if r["near_tie"] else "-", zorder=3)
+                if slot == 0 and not big:
                     ax.annotate(f"g {g:.2f}\nΔ {r['margin']:.2g}", (x, e), xytext=(10, 0),
                                 textcoords="offset points", va="center",
                                 fontsize=FONT_SIZES["annotation"],
                                 color=WARN if r["near_tie"] else "black")
-        ax.set_xticks(range(L), [f"L{i}" for i in self.layers])
-        ax.set_yticks(range(E), [f"E{e}" for e in range(E)] if E <= 32 else None)
+        step = max(1, int(np.ceil(L / 24)))
+        ax.set_xticks(range(0, L, step), [f"L{i}" for i in self.layers[::step]],
+                      rotation=90 if L > 16 else 0)
+        if E <= 32:
+            ax.set_yticks(range(E), [f"E{e}" for e in range(E)])
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("expert")
         tok = self.tokens[self.position]
-        ax.set_title(f"Path of token {self.position} {tok!r}\n(g = gate, Δ = top-1 − top-2 "
-                     "router logit; red = near-tie)", fontsize=FONT_SIZES["title"] - 1)
+        ties = sum(r["near_tie"] for r in rows)
+        ax.set_title(f"Path of token {self.position} {tok!r}\n"
+                     + ("(g = gate, Δ = top-1 − top-2 router logit; red = near-tie)" if not big
+                        else f"({ties} near-tie layer(s): dashed outline; see the table)"),
+                     fontsize=FONT_SIZES["title"] - 1)
         cb = fig.colorbar(im, ax=ax, pad=0.02)
         cb.set_label("σ(router logit)")
         return fig
 
-    def render_load(self, max_layers: int = 8) -> Figure:
+    def render_load(self, max_layers: int = 8, max_bars: int = 16) -> Figure:
         """Per-layer expert load of this text as bars (selected layer framed, the selected
-        token's expert hatched); at most ``max_layers`` panels around the selected layer."""
+        token's expert hatched); at most ``max_layers`` panels around the selected layer.
+        Above ``max_bars`` experts, one layer × expert heatmap of all layers instead, the
+        selected token's expert ringed in each row and the selected layer marked."""
         E = int(self.model.config.num_local_experts)
+        if E > max_bars:
+            return self._load_heatmap()
         k = self.layers.index(self.layer)
         lo = max(0, min(k - max_layers // 2, len(self.layers) - max_layers))
         shown = self.layers[lo:lo + max_layers]
@@ -227,6 +241,29 @@ class RoutingState:
         axes[0].set_ylabel("share of tokens")
         fig.suptitle(f"Expert load on this text ({len(self.tokens)} tokens; dotted = 1/E; "
                      "hatched = selected token's expert)", fontsize=FONT_SIZES["label"])
+        return fig
+
+
+    def _load_heatmap(self) -> Figure:
+        from ..plots.routing import _ratio_norm, ratio_colorbar
+        E = int(self.model.config.num_local_experts)
+        L = len(self.layers)
+        ratio = np.stack([expert_load(self.trace, i) for i in self.layers]) * E
+        fig = new_figure((min(14.0, 0.06 * E + 4.0), min(7.0, 0.14 * L + 1.8)))
+        ax = fig.add_subplot()
+        im = ax.imshow(ratio, cmap="RdBu_r", norm=_ratio_norm(ratio), aspect="auto",
+                       interpolation="nearest")
+        chosen = [r["experts"][0] for r in self.path()]
+        ax.scatter(chosen, range(L), s=22, facecolors="none", edgecolors="black", lw=1.2,
+                   gid="selected-token")
+        k = self.layers.index(self.layer)
+        ax.axhspan(k - 0.5, k + 0.5, fill=False, ec="black", lw=1.5, gid="selected-layer")
+        step = max(1, int(np.ceil(L / 24)))
+        ax.set_yticks(range(0, L, step), [f"L{i}" for i in self.layers[::step]])
+        ax.set_xlabel("expert")
+        ratio_colorbar(fig, im, ax, "load ÷ uniform (log)")
+        ax.set_title(f"Expert load on this text ({len(self.tokens)} tokens); circles = selected "
+                     "token's expert, box = selected layer", fontsize=FONT_SIZES["label"])
         return fig
 
 
