@@ -302,3 +302,31 @@ def test_device_attention_is_causal_gqa_attention():
 
     # off a GPU, dot_product_attention's portable form holds the S x S scores; flash does not
     assert f"{S}x{S}x" in text("gpu") and f"{S}x{S}x" not in text("cpu")
+
+
+def test_one_query_attention_equals_the_general_kernel():
+    """A decoding step (one query) contracts without the unit query axis: the same values as
+    the same call with the query repeated (general path), masked cache slots included."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 4, 1, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 2, 40, 8)), jnp.float32) for _ in range(2))
+    one = att.fused(q, k, v, np.int32(30), 0, None, 0.3)
+    two = att.fused(jnp.concatenate([q, q], axis=2), k, v, np.int32(30), 0, None, 0.3)
+    np.testing.assert_allclose(np.asarray(one[:, :, 0]), np.asarray(two[:, :, 0]), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_long_heads_write_logits_in_blocks(monkeypatch):
+    """Above HEAD_BLOCK_BYTES the head runs over position blocks straight into one host array
+    (a remainder block too): the same logits, also when the logits hook is captured."""
+    import workbench as wb
+    from workbench.jax import model as jm
+    m = wb.load(wb.widgets.BUNDLED_MODEL, backend="jax")
+    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 11))
+    whole = m.run(ids).logits
+    monkeypatch.setattr(jm, "HEAD_BLOCK_BYTES", 2 * m.config.vocab_size * 4 * 3)  # 3 rows
+    blocked = m.run(ids)
+    np.testing.assert_allclose(blocked.logits, whole, rtol=1e-6, atol=1e-6)
+    assert blocked.logits.dtype == np.float32 and blocked.logits.flags.writeable
+    captured = m.run(ids, capture="logits")
+    np.testing.assert_allclose(captured.trace["logits"], whole, rtol=1e-6, atol=1e-6)

@@ -70,6 +70,9 @@ MAX_STEPS = 256
 _ALIGN = 64  # bytes: host buffers aligned so, jax's CPU client uses in place
 _XLA_TRANSPOSE_BYTES = 32 << 20
 _MIN_KV_CAP = 16
+HEAD_BLOCK_BYTES = 256 << 20
+"""Float32 logits (all batch rows) above which the head runs over blocks of positions, each
+block copied into the host result as it comes (no device-side logits of the whole call)."""
 
 
 @dataclass
@@ -330,7 +333,9 @@ class JaxModel(Model):
             if continuing and hk.is_pattern(n):  # drop the buffer's unused slots
                 a = a[..., : start + S - before[hk.layer_of(n)]]
             arrays[n] = store(a, spec)
-        return (None if logits is None else self.ops.to_numpy(logits)), arrays, cache
+        if logits is not None and not isinstance(logits, np.ndarray):  # (see ``head``)
+            logits = self.ops.to_numpy(logits)
+        return logits, arrays, cache
 
     def _image(self, images: tuple[np.ndarray, np.ndarray], spec: CaptureSpec,
                rec: Recorder) -> tuple[jax.Array, jax.Array]:
@@ -418,12 +423,26 @@ class _CompiledSteps(Executor):
         return self._call(("embedding", image is None), None, EMBED_HOOKS.__contains__, step,
                           table, ids, image)
 
-    def head(self, norm: jax.Array, head: jax.Array, h: jax.Array) -> jax.Array:
+    def head(self, norm: jax.Array, head: jax.Array, h: jax.Array) -> jax.Array | np.ndarray:
         cfg = self.cfg
 
         def step(norm, head, h, rec):
             return head_step(self.ops, cfg, norm, head, h, rec)
-        return self._call(("head",), None, HEAD_HOOKS.__contains__, step, norm, head, h)
+        B, S = h.shape[:2]
+        rows = max(1, HEAD_BLOCK_BYTES // (B * cfg.vocab_size * 4))
+        touched = any(n in HEAD_HOOKS for n in (*self.spec.names, *self.plan.fns,
+                                                 *self.patches))
+        if S <= rows or touched or self.rec.nan_check:
+            return self._call(("head",), None, HEAD_HOOKS.__contains__, step, norm, head, h)
+        # a long sequence: the logits go straight into one float32 host array, a block of
+        # positions at a time, instead of a device array plus its host copy
+        out = np.empty((B, S, cfg.vocab_size), np.float32)
+        for s0 in range(0, S, rows):
+            part = self._call(("head",), None, HEAD_HOOKS.__contains__, step, norm, head,
+                              h[:, s0:s0 + rows])
+            out[:, s0:s0 + rows] = np.asarray(part)
+            del part
+        return out
 
     def layer(self, i: int, lp: dict[str, Any], h: jax.Array, ctx: Context,
               entry: CacheEntry | None) -> tuple[jax.Array, CacheEntry | None]:
