@@ -287,12 +287,12 @@ class JaxModel(Model):
         Checkpoint.save)."""
         if isinstance(self.weights, StreamedWeights):
             return streamed_state_dict(self.weights)
-        out = from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
-                                         self.params.items()})
-        if self.mesh is not None:
-            for i, slots in self.expert_slots.items():
-                out.update(parallel.stacked_experts(self.config, self.mesh, slots, i))
-        return out
+        host = {n: self.ops.to_numpy(a) for n, a in self.params.items()}
+        if self.mesh is None:
+            return from_params(self.config, host)
+        for i, slots in self.expert_slots.items():
+            host.update(parallel.stacked_experts(self.config, self.mesh, slots, i))
+        return host
 
 
 class _CompiledSteps(Executor):
