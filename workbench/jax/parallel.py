@@ -162,16 +162,18 @@ def expert_bytes_per_device(slots_by_layer: Mapping[int, Slots]) -> dict[str, in
 
 def exchange_bytes(mesh: Mesh, tokens: int, k: int, hidden: int, itemsize: int,
                    experts: int) -> dict[str, int]:
-    """Bytes one MoE layer's dispatch moves through ``all_to_all`` on each device: the count
-    exchange, and the row buffers out and back (sized for every assignment of the shard, the
-    capacity no routing can overflow; ``payload`` is what balanced routing fills)."""
+    """Bytes one MoE layer's dispatch sends from each device to the others through
+    ``all_to_all``: the count exchange, and the row buffers out and back, whose blocks hold
+    every assignment of the shard (the capacity no routing can overflow) whatever the routing;
+    ``payload`` is what balanced routing's rows fill of them."""
     n = mesh.shape[EXPERT_AXIS]
     groups = n * (mesh.shape[DATA_AXIS] if DATA_AXIS in mesh.axis_names else 1)
     local = -(-tokens // groups) * k  # assignments per shard
-    counts = n * (experts // n) * 4
-    rows = n * local * hidden * itemsize
+    counts = (n - 1) * (experts // n) * 4
+    rows = (n - 1) * local * hidden * itemsize
     return {"counts": counts, "rows_out": rows, "rows_back": rows,
-            "payload": 2 * local * hidden * itemsize, "total": counts + 2 * rows}
+            "payload": 2 * local * hidden * itemsize * (n - 1) // n,
+            "total": counts + 2 * rows}
 
 
 class ExpertParallelOps(JaxOps):
