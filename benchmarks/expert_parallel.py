@@ -287,6 +287,7 @@ def main() -> None:
     results["maverick_bf16_8x80GB"] = proj
     results["maverick_alternatives"] = {
         "bf16_16x80GB": maverick_projection(16, 80.0),
+        "bf16_32x80GB": maverick_projection(32, 80.0),
         "bf16_8x141GB": maverick_projection(8, 141.0),
         "fp8_experts_8x80GB": maverick_projection(8, 80.0, 1.0)}
     for name, p in [("bf16_8x80GB", proj), *results["maverick_alternatives"].items()]:
