@@ -95,6 +95,8 @@ def test_refusals(results: dict) -> None:
     assert "only 'expert' and 'data'" in err["other_axis"]
     assert "offload='disk'" in err["offload"]
     assert "jax.sharding.Mesh" in err["not_a_mesh"]
+    assert "batch of 3 sequences cannot be split over the mesh's 'data' axis of 2" in \
+        err["odd_batch"]
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -194,6 +196,8 @@ def worker(name: str, path: str, out: str) -> None:
             "offload": _error(lambda: wb.load(path, backend="jax", expert_parallel=True,
                                               offload="disk")),
             "not_a_mesh": _error(lambda: wb.load(path, backend="jax", mesh="expert")),
+            "odd_batch": _error(lambda: wb.load(path, backend="jax", mesh=Mesh(
+                devs.reshape(2, 2), ("data", "expert"))).run(np.zeros((3, 4), np.int64))),
         }
     Path(out).write_text(json.dumps({"result": result, "info": info, "extra": extra}))
 

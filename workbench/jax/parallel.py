@@ -4,7 +4,8 @@
 ``jax.devices()``; ``mesh=Mesh(devices, ("data", "expert"))`` uses the caller's. Expert ``e`` of
 every MoE layer lives on expert-shard ``e // (E / n)``; everything else (embedding, attention,
 norms, router, shared expert, head) is replicated, and with a ``"data"`` axis the batch is split
-over it (the embedding's output carries that sharding and XLA propagates it).
+over it (the embedding's output carries that sharding and XLA propagates it; the batch must
+then be a multiple of the ``"data"`` axis size).
 
 The forward is the shared one (``workbench.forward``); only the expert dispatch differs
 (``ExpertParallelOps.dispatch``). Inside ``jax.shard_map``, each (data, expert) shard takes its
@@ -40,8 +41,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config import ModelConfig
+from ..model import InputError
 from .moe import combine_rows, expert_names, expert_tiles, tile_rows
-from .ops import JaxOps, resolve_device
+from .ops import JaxOps, host_array, resolve_device
 
 EXPERT_AXIS = "expert"
 DATA_AXIS = "data"
@@ -186,12 +188,16 @@ class ExpertParallelOps(JaxOps):
         self.data = mesh.shape[DATA_AXIS] if DATA_AXIS in mesh.axis_names else 1
 
     def asarray(self, a: np.ndarray) -> jax.Array:
-        from .ops import host_array
         return jax.device_put(host_array(np.asarray(a)), self.replicated)
 
     def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
         h = super().embed(table, ids)
-        if self.data > 1 and h.shape[0] % self.data == 0:  # split the batch over "data"
+        if self.data > 1:  # split the batch over "data"
+            if h.shape[0] % self.data:
+                raise InputError(f"a batch of {h.shape[0]} sequences cannot be split over the "
+                                 f"mesh's {DATA_AXIS!r} axis of {self.data} devices: pass a "
+                                 f"batch that is a multiple of {self.data}, or use a mesh "
+                                 f"without a {DATA_AXIS!r} axis")
             h = jax.lax.with_sharding_constraint(h, NamedSharding(self.mesh, P(DATA_AXIS)))
         return h
 
@@ -201,8 +207,7 @@ class ExpertParallelOps(JaxOps):
         # "data"): without this, XLA would propagate the dispatch's split of the tokens over
         # "expert" back into attention and forward into the shared expert, changing how
         # their products are blocked and so their rounding
-        rows = NamedSharding(self.mesh, P(DATA_AXIS) if self.data > 1 and
-                             xf.shape[0] % self.data == 0 else P())
+        rows = NamedSharding(self.mesh, P(DATA_AXIS) if self.data > 1 else P())
         xf, idx, gates = (jax.lax.with_sharding_constraint(a, rows) for a in (xf, idx, gates))
         return jax.lax.with_sharding_constraint(dispatch(self.mesh, xf, idx, gates, experts),
                                                 rows)
