@@ -25,6 +25,12 @@ memory per GPU and bytes exchanged per token.
 
     python benchmarks/expert_parallel.py [--tokens 256] [--repeat 3] [--counts 1,2,4]
         [--only torch,jax] [--json benchmarks/results-expert-parallel.json] [--keep]
+    python benchmarks/expert_parallel.py --device-check gpu --json ep-gpu.json
+
+``--device-check gpu`` is the check for a machine with one GPU: torch's dispatch through a
+1-rank NCCL group and jax's on a 1-GPU mesh, each against the single-device model (fp32 and
+bf16, logits and every hook; one GPU cannot host two NCCL ranks, so the exchange between ranks
+is what the CPU tests cover).
 """
 
 from __future__ import annotations
@@ -207,6 +213,54 @@ def run_jax(n: int, tokens: int, repeat: int, timeout: int) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------- device check
+def device_check(platform: str, tokens: int, out: str) -> None:
+    """One process on one accelerator (or the CPU): the expert-parallel model against the
+    single-device one, logits and every hook. torch: a 1-rank process group (NCCL on CUDA,
+    gloo on the CPU); jax: a 1-device "expert" mesh on the platform."""
+    import jax
+    import torch
+    import torch.distributed as dist
+
+    import workbench as wb
+    ids = np.random.default_rng(1).integers(0, bench_config().vocab_size, (2, tokens // 2))
+
+    def worst(a, b) -> float:
+        errs = [np.abs(a.logits - b.logits).max() / np.abs(a.logits).max()]
+        errs += [np.abs(a.trace[n] - b.trace[n]).max() / max(np.abs(a.trace[n]).max(), 1e-30)
+                 for n in a.trace if a.trace[n].dtype.kind == "f"]
+        return float(max(errs))
+
+    res: dict = {"platform": platform}
+    cuda = platform != "cpu"
+    dev = "cuda:0" if cuda else "cpu"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    try:
+        for dtype in ("float32", "bfloat16"):
+            ref = wb.load(CACHE, backend="torch", dtype=dtype, device=dev)
+            ep = wb.load(CACHE, backend="torch", dtype=dtype, device=dev, expert_parallel=True)
+            a, b = (m.run(ids, capture="*", interventions=[wb.set_top_k(2)]) for m in (ref, ep))
+            res[f"torch_{dtype}"] = {"backend": dist.get_backend(), "worst_rel": worst(a, b)}
+            del ref, ep
+            if cuda:
+                torch.cuda.empty_cache()
+    finally:
+        dist.destroy_process_group()
+    jdev = jax.devices("gpu" if cuda else "cpu")[0]
+    mesh = jax.sharding.Mesh(np.array([jdev]), ("expert",))
+    for dtype in ("float32", "bfloat16"):
+        ref = wb.load(CACHE, backend="jax", dtype=dtype, device=jdev)
+        ep = wb.load(CACHE, backend="jax", dtype=dtype, mesh=mesh)
+        a, b = (m.run(ids, capture="*", interventions=[wb.set_top_k(2)]) for m in (ref, ep))
+        res[f"jax_{dtype}"] = {"device": str(jdev), "worst_rel": worst(a, b)}
+    print(json.dumps(res, indent=1))
+    Path(out).write_text(json.dumps(res, indent=1) + "\n")
+
+
 # ----------------------------------------------------------------------------- projection
 def maverick_projection(gpus: int = 8, gpu_gb: float = 80.0, expert_bytes: float = 2.0
                         ) -> dict:
@@ -249,9 +303,19 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" /
                                           "results-expert-parallel.json"))
     ap.add_argument("--keep", action="store_true", help="keep the cached checkpoint")
+    ap.add_argument("--device-check", choices=("cpu", "gpu"),
+                    help="only compare expert-parallel and single-device runs on one device "
+                         "(torch NCCL / jax GPU with 'gpu'), writing --json")
     a = ap.parse_args()
     counts = [int(c) for c in a.counts.split(",")]
     ensure_checkpoint()
+    if a.device_check:
+        try:
+            device_check(a.device_check, a.tokens, a.json)
+        finally:
+            if not a.keep:
+                shutil.rmtree(CACHE, ignore_errors=True)
+        return
     cfg = bench_config()
     results: dict = {"date": datetime.date.today().isoformat(), "tokens": a.tokens,
                      "config": {"hidden": cfg.hidden_size, "expert_width": cfg.intermediate_size,
