@@ -162,7 +162,7 @@ class TorchModel(Model):
             return streamed_state_dict(self.weights)
         params = self.params.as_dict()
         out = {n: t.detach().float().cpu().numpy() for n, t in params.items()
-               if self.shard is None or not self.shard.owns(n)}
+               if self.shard is None or not self.shard.sharded(n)}
         if self.shard is not None:  # a collective: every rank's experts
             out.update(gather_experts(params, self.shard))
         return out
@@ -204,7 +204,7 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
     kept_views = False
     for name in ck.weight_names():
         view = ck.view(name)
-        if shard is not None and shard.owns(name):
+        if shard is not None and shard.sharded(name):
             view = shard.local(view)  # this rank's experts only: only their pages are read
         t = from_numpy(view) if _aligned(view) else from_numpy(view.copy())
         if t.dtype == tdt and dev.type == "cpu" and t.data_ptr() == view.ctypes.data:

@@ -73,7 +73,7 @@ class ExpertShard(NamedTuple):
     def per_rank(self) -> int:
         return self.hi - self.lo
 
-    def owns(self, name: str) -> bool:
+    def sharded(self, name: str) -> bool:
         """Whether a canonical tensor name is a layer's stacked routed experts."""
         return ".feed_forward.experts." in name
 
@@ -225,7 +225,7 @@ def gather_experts(params: dict[str, torch.Tensor], shard: ExpertShard
     """Every rank's experts, stacked in checkpoint layout as float32 numpy (a collective:
     every rank calls it)."""
     out = {}
-    for name in sorted(n for n in params if shard.owns(n)):
+    for name in sorted(n for n in params if shard.sharded(n)):
         t = params[name].detach().contiguous()
         parts = [torch.empty_like(t) for _ in range(shard.world)]
         dist.all_gather(parts, t, group=shard.group)
