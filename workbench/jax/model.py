@@ -355,11 +355,10 @@ class JaxModel(Model):
         if isinstance(self.weights, StreamedWeights):
             return streamed_state_dict(self.weights)
         if self.mesh is not None:
-            out = from_params(self.config, {n: self.ops.to_numpy(a) for n, a in
-                                             self.params.items()})
+            host = {n: self.ops.to_numpy(a) for n, a in self.params.items()}
             for i, slots in self.expert_slots.items():
-                out.update(parallel.stacked_experts(self.config, self.mesh, slots, i))
-            return out
+                host.update(parallel.stacked_experts(self.config, self.mesh, slots, i))
+            return host
         host = {n: np.asarray(a) for n, a in self.params.items() if n.endswith("_scale")}
         out = {}
         for n, a in self.params.items():

@@ -4,7 +4,8 @@
 ``jax.devices()``; ``mesh=Mesh(devices, ("data", "expert"))`` uses the caller's. Expert ``e`` of
 every MoE layer lives on expert-shard ``e // (E / n)``; everything else (embedding, attention,
 norms, router, shared expert, head) is replicated, and with a ``"data"`` axis the batch is split
-over it (the embedding's output carries that sharding and XLA propagates it).
+over it (the embedding's output carries that sharding and XLA propagates it; the batch must
+then be a multiple of the ``"data"`` axis size).
 
 The forward is the shared one (``workbench.forward``); only the expert dispatch differs
 (``ExpertParallelOps.dispatch``). Inside ``jax.shard_map``, each (data, expert) shard takes its
@@ -40,9 +41,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..config import ModelConfig
+from ..model import InputError
 from ..vision.jax_ops import JaxVisionOps
 from .moe import combine_rows, expert_names, expert_tiles, tile_rows
-from .ops import resolve_device
+from .ops import host_array, resolve_device
 
 EXPERT_AXIS = "expert"
 DATA_AXIS = "data"
@@ -163,16 +165,18 @@ def expert_bytes_per_device(slots_by_layer: Mapping[int, Slots]) -> dict[str, in
 
 def exchange_bytes(mesh: Mesh, tokens: int, k: int, hidden: int, itemsize: int,
                    experts: int) -> dict[str, int]:
-    """Bytes one MoE layer's dispatch moves through ``all_to_all`` on each device: the count
-    exchange, and the row buffers out and back (sized for every assignment of the shard, the
-    capacity no routing can overflow; ``payload`` is what balanced routing fills)."""
+    """Bytes one MoE layer's dispatch sends from each device to the others through
+    ``all_to_all``: the count exchange, and the row buffers out and back, whose blocks hold
+    every assignment of the shard (the capacity no routing can overflow) whatever the routing;
+    ``payload`` is what balanced routing's rows fill of them."""
     n = mesh.shape[EXPERT_AXIS]
     groups = n * (mesh.shape[DATA_AXIS] if DATA_AXIS in mesh.axis_names else 1)
     local = -(-tokens // groups) * k  # assignments per shard
-    counts = n * (experts // n) * 4
-    rows = n * local * hidden * itemsize
+    counts = (n - 1) * (experts // n) * 4
+    rows = (n - 1) * local * hidden * itemsize
     return {"counts": counts, "rows_out": rows, "rows_back": rows,
-            "payload": 2 * local * hidden * itemsize, "total": counts + 2 * rows}
+            "payload": 2 * local * hidden * itemsize * (n - 1) // n,
+            "total": counts + 2 * rows}
 
 
 class ExpertParallelOps(JaxVisionOps):
@@ -185,12 +189,16 @@ class ExpertParallelOps(JaxVisionOps):
         self.data = mesh.shape[DATA_AXIS] if DATA_AXIS in mesh.axis_names else 1
 
     def asarray(self, a: np.ndarray) -> jax.Array:
-        from .ops import host_array
         return jax.device_put(host_array(np.asarray(a)), self.replicated)
 
     def embed(self, table: jax.Array, ids: jax.Array) -> jax.Array:
         h = super().embed(table, ids)
-        if self.data > 1 and h.shape[0] % self.data == 0:  # split the batch over "data"
+        if self.data > 1:  # split the batch over "data"
+            if h.shape[0] % self.data:
+                raise InputError(f"a batch of {h.shape[0]} sequences cannot be split over the "
+                                 f"mesh's {DATA_AXIS!r} axis of {self.data} devices: pass a "
+                                 f"batch that is a multiple of {self.data}, or use a mesh "
+                                 f"without a {DATA_AXIS!r} axis")
             h = jax.lax.with_sharding_constraint(h, NamedSharding(self.mesh, P(DATA_AXIS)))
         return h
 
@@ -200,8 +208,7 @@ class ExpertParallelOps(JaxVisionOps):
         # "data"): without this, XLA would propagate the dispatch's split of the tokens over
         # "expert" back into attention and forward into the shared expert, changing how
         # their products are blocked and so their rounding
-        rows = NamedSharding(self.mesh, P(DATA_AXIS) if self.data > 1 and
-                             xf.shape[0] % self.data == 0 else P())
+        rows = NamedSharding(self.mesh, P(DATA_AXIS) if self.data > 1 else P())
         xf, idx, gates = (jax.lax.with_sharding_constraint(a, rows) for a in (xf, idx, gates))
         return jax.lax.with_sharding_constraint(dispatch(self.mesh, xf, idx, gates, experts),
                                                 rows)

@@ -220,7 +220,7 @@ class TorchModel(Model):
         p = self.params.as_dict()
         out = {}
         for n, t in p.items():
-            if n.endswith("_scale") or (self.shard is not None and self.shard.owns(n)):
+            if n.endswith("_scale") or (self.shard is not None and self.shard.sharded(n)):
                 continue
             if n + "_scale" in p:  # FP8 experts (E, in, out), scales (E, out)
                 t = dequantize(t, p[n + "_scale"][:, None, :], torch.float32)
@@ -305,7 +305,7 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
                 tensors[name] = from_numpy(ck.dequantized(name)).to(dev, tdt)
             continue
         view = ck.view(name)
-        if shard is not None and shard.owns(name):
+        if shard is not None and shard.sharded(name):
             view = shard.local(view)  # this rank's experts only: only their pages are read
         t = from_numpy(view) if _aligned(view) else from_numpy(view.copy())
         if t.dtype == tdt and dev.type == "cpu" and t.data_ptr() == view.ctypes.data:

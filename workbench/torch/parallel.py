@@ -73,7 +73,7 @@ class ExpertShard(NamedTuple):
     def per_rank(self) -> int:
         return self.hi - self.lo
 
-    def owns(self, name: str) -> bool:
+    def sharded(self, name: str) -> bool:
         """Whether a canonical tensor name is a layer's stacked routed experts."""
         return ".feed_forward.experts." in name
 
@@ -158,11 +158,6 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
-def _wire(x: torch.Tensor) -> torch.Tensor:
-    """bf16 travels as its int16 bits (exact, and every backend moves int16)."""
-    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
-
-
 def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, experts: LocalExperts,
              shard: ExpertShard, stats: ExchangeStats | None = None) -> torch.Tensor:
     """Routed output (N, D) for tokens xf (N, D) with choices idx/gates (N, k), computed with
@@ -186,7 +181,7 @@ def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, experts: 
     dist.all_to_all_single(recv_e, send_e, group=group)  # count exchange
     send_n, recv_n = send_e.sum(1).tolist(), recv_e.sum(1).tolist()
     recv = xin.new_empty((sum(recv_n), D))
-    dist.all_to_all_single(_wire(recv), _wire(xin.contiguous()), recv_n, send_n, group=group)
+    dist.all_to_all_single(recv, xin.contiguous(), recv_n, send_n, group=group)
     t1 = time.perf_counter()
 
     # received rows: per source rank, sorted by this rank's expert; regroup by expert
@@ -200,7 +195,7 @@ def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, experts: 
     t2 = time.perf_counter()
 
     back = xin.new_empty((sum(send_n), D))
-    dist.all_to_all_single(_wire(back), _wire(y), send_n, recv_n, group=group)
+    dist.all_to_all_single(back, y, send_n, recv_n, group=group)
     t3 = time.perf_counter()
     if k == 1:
         part = torch.empty_like(back)
@@ -211,7 +206,7 @@ def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, experts: 
     if b - a < m:
         part = torch.cat([part, part.new_zeros((m - (b - a), D))])
     full = xf.new_empty((world * m, D))
-    dist.all_gather_single(_wire(full), _wire(part.contiguous()), group=group)
+    dist.all_gather_single(full, part.contiguous(), group=group)
     t4 = time.perf_counter()
 
     item = xf.element_size()
@@ -230,9 +225,9 @@ def gather_experts(params: dict[str, torch.Tensor], shard: ExpertShard
     """Every rank's experts, stacked in checkpoint layout as float32 numpy (a collective:
     every rank calls it)."""
     out = {}
-    for name in sorted(n for n in params if shard.owns(n)):
+    for name in sorted(n for n in params if shard.sharded(n)):
         t = params[name].detach().contiguous()
         parts = [torch.empty_like(t) for _ in range(shard.world)]
-        dist.all_gather([_wire(p) for p in parts], _wire(t), group=shard.group)
+        dist.all_gather(parts, t, group=shard.group)
         out[name] = torch.cat(parts).float().cpu().numpy()
     return out
