@@ -23,7 +23,15 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..trace import Trace
-from ._common import Traces, as_list, flat_labels, indices, nmi_from_joint, num_experts
+from ._common import (
+    Traces,
+    as_list,
+    flat_labels,
+    indices,
+    nmi_from_joint,
+    num_experts,
+    token_ids,
+)
 from .load import expert_counts
 
 DomainTraces = Mapping[str, Traces] | Sequence[Trace]
@@ -165,11 +173,11 @@ def _token_ids(ts: list[Trace], layer: int, what: str) -> tuple[np.ndarray, np.n
     ids, idx = [], []
     for t in ts:
         a = indices(t, layer, what)
-        if a.shape[0] != t.input_ids.size:
+        real = token_ids(t)
+        if a.shape[0] != real.size:
             raise ValueError(f"{what}: routing of layer {layer} covers {a.shape[0]} tokens but "
-                             f"input_ids has {t.input_ids.size}; capture without a position "
-                             "slice")
-        ids.append(t.input_ids.reshape(-1).astype(np.int64))
+                             f"input_ids has {real.size}; capture without a position slice")
+        ids.append(real.astype(np.int64))
         idx.append(a)
     return np.concatenate(ids), np.concatenate(idx)
 
