@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..trace import LayerArray
 from ._common import (
     Traces,
     as_list,
@@ -62,12 +63,13 @@ def expert_load(traces: Traces, layer: int) -> np.ndarray:
 
 def load_matrix(traces: Traces, layers: Sequence[int] | None = None) -> np.ndarray:
     """Layer × expert load fractions (L, E) for ``layers`` (default: every captured MoE layer,
-    see :func:`moe_layers`)."""
+    see :func:`moe_layers`), as a :class:`~workbench.trace.LayerArray`: ``m[3]`` is layer 3's
+    row."""
     layers = moe_layers(traces) if layers is None else list(layers)
     if not layers:
         raise ValueError("load_matrix: no MoE routing captured; re-run with "
                          "capture=['*.moe.topk_indices'] (or '*.moe.*')")
-    return np.stack([expert_load(traces, i) for i in layers])
+    return LayerArray(np.stack([expert_load(traces, i) for i in layers]), layers)
 
 
 def load_cv(load: ArrayLike) -> float | np.ndarray:

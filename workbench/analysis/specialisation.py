@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ..trace import Trace
+from ..trace import LayerArray, Trace
 from ._common import (
     Traces,
     as_list,
@@ -113,8 +113,9 @@ def domain_specialisation(traces: DomainTraces, layer: int) -> DomainSpecialisat
 
 
 def domain_js_by_layer(traces: DomainTraces, layers: Sequence[int]) -> np.ndarray:
-    """(L, D) JS(f^D ‖ f^all) in bits for each layer and domain."""
-    return np.stack([domain_specialisation(traces, i).js for i in layers])
+    """(L, D) JS(f^D ‖ f^all) in bits for each layer and domain, as a
+    :class:`~workbench.trace.LayerArray`: ``js[3]`` is layer 3's row."""
+    return LayerArray(np.stack([domain_specialisation(traces, i).js for i in layers]), layers)
 
 
 @dataclass(frozen=True)
