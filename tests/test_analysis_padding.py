@@ -81,6 +81,7 @@ def _same(x, y) -> None:
     an.gate_values, an.logit_margin, an.routing_entropy, an.confidence_summary,
     an.capacity_drops, an.shared_routed_ratio, an.vocabulary_specialisation,
     lambda t, i: an.load_by_position(t, i, bins=4), an.load_by_frequency,
+    lambda t, i: an.routing_by_position(t, [0, 4, 8, 16], layers=[i]),
     lambda t, i: an.vocabulary_estimate(t, i, n_boot=20, n_shuffle=20),
     lambda t, i: an.category_nmi_estimate(
         t, i, [np.asarray(x.input_ids) % 2 for x in t] if isinstance(t, list)

@@ -77,18 +77,22 @@ def set_slider(page, slider, value: int) -> None:
     page.keyboard.press("Enter")
 
 
+# the explorer's figures that are shown (the image pane for pictures stays hidden on text)
+SHOWN_IMAGES = ("() => [...document.querySelectorAll('img.widget-image')]"
+                ".filter(i => i.offsetParent !== null)")
+
+
 def change_layer_and_wait(page, timeout_ms: int = 120_000) -> None:
-    """Move the routing explorer's layer slider and wait for its token figure to change."""
-    img = page.locator("img.widget-image").first
-    img.wait_for(state="visible", timeout=timeout_ms)
-    page.wait_for_function("() => { const i = document.querySelector('img.widget-image');"
-                           " return i && i.src && i.naturalWidth > 0; }", timeout=timeout_ms)
-    before = img.get_attribute("src")
+    """Move the routing explorer's layer slider and wait for one of its figures to change."""
+    page.locator("img.widget-image:visible").first.wait_for(state="visible", timeout=timeout_ms)
+    page.wait_for_function(f"() => {{ const s = ({SHOWN_IMAGES})(); return s.length > 0 && "
+                           "s.every(i => i.src && i.naturalWidth > 0); }", timeout=timeout_ms)
+    before = page.evaluate(f"() => ({SHOWN_IMAGES})().map(i => i.src).join(' ')")
     slider = page.locator(".widget-slider").first
     set_slider(page, slider, 2)
-    page.wait_for_function("(old) => document.querySelector('img.widget-image').src !== old",
+    page.wait_for_function(f"(old) => ({SHOWN_IMAGES})().map(i => i.src).join(' ') !== old",
                            arg=before, timeout=timeout_ms)
-    page.wait_for_function("() => document.querySelector('img.widget-image').naturalWidth > 0",
+    page.wait_for_function(f"() => ({SHOWN_IMAGES})().every(i => i.naturalWidth > 0)",
                            timeout=timeout_ms)
     assert slider.locator(".widget-readout").inner_text().strip() == "2"
     assert page.locator(".workbench-error").count() == 0
