@@ -42,12 +42,14 @@ ROOT_FLAG = $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/ $(ROOT_FLAG)
 
-# Voila offline: "null" MathJax settings make its page use the MathJax bundled with the
-# JupyterLab extension instead of fetching it from cdnjs (icons come from Voila's own bundle).
-VOILA_OFFLINE = --Voila.mathjax_url=null --Voila.mathjax_config=null
+# Voila offline: the repo's template share/jupyter/voila/templates/workbench is Voila's lab
+# template without its CDN stylesheet links (Font Awesome ships in Voila's bundle), and "null"
+# MathJax settings keep the page from fetching MathJax from cdnjs.
+VOILA_OFFLINE = --template=workbench --Voila.mathjax_url=null --Voila.mathjax_config=null
+VOILA_PATH = JUPYTER_PATH=$(CURDIR)/share/jupyter$${JUPYTER_PATH:+:$$JUPYTER_PATH}
 
 voila: $(STAMP)
-	$(VENV)/bin/voila notebooks/ $(VOILA_OFFLINE)
+	$(VOILA_PATH) $(VENV)/bin/voila notebooks/ $(VOILA_OFFLINE)
 
 # The .ipynb are generated from the jupytext sources notebooks/NN_name.py (edit those).
 notebooks: $(STAMP)

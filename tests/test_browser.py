@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from helpers_server import SHARE, free_port, makefile_voila_flags, server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,49 +40,6 @@ if not os.environ.get(MODEL_ENV) and not (BUNDLED_MODEL / "config.json").exists(
     pytest.skip(f"bundled model missing at {BUNDLED_MODEL}", allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    """Wait until the server accepts connections (without sending a request)."""
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.25)
-    raise TimeoutError(f"port {port} never opened:\n{log.read_text()[-3000:]}")
-
-
-@contextmanager
-def server(cmd: list[str], tmp: Path, port: int) -> Iterator[subprocess.Popen]:
-    """Start a Jupyter server in ``tmp/nb`` with private data/runtime/config dirs under
-    ``tmp``; kill it (and its kernels) by PID after."""
-    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp / "data"),
-               JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), JUPYTER_CONFIG_DIR=str(tmp / "config"),
-               PYDEVD_DISABLE_FILE_VALIDATION="1")
-    log = tmp / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp / "nb", env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        wait_for_port(port, proc, log)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and the kernels it started
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-
-
 @pytest.fixture
 def browser():
     with sync_api.sync_playwright() as p:
@@ -98,8 +50,9 @@ def browser():
             b.close()
 
 
-def local_page(browser, port: int):
-    """A page that may only reach the local server."""
+def local_page(browser, port: int, blocked: list[str] | None = None):
+    """A page that may only reach the local server; the URLs it tried to fetch elsewhere are
+    appended to ``blocked``."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
     def route(r):
@@ -107,6 +60,8 @@ def local_page(browser, port: int):
         if host in ("127.0.0.1", "localhost") or r.request.url.startswith(("data:", "blob:")):
             r.continue_()
         else:
+            if blocked is not None:
+                blocked.append(r.request.url)
             r.abort()
 
     page.route("**/*", route)
@@ -122,18 +77,22 @@ def set_slider(page, slider, value: int) -> None:
     page.keyboard.press("Enter")
 
 
+# the explorer's figures that are shown (the image pane for pictures stays hidden on text)
+SHOWN_IMAGES = ("() => [...document.querySelectorAll('img.widget-image')]"
+                ".filter(i => i.offsetParent !== null)")
+
+
 def change_layer_and_wait(page, timeout_ms: int = 120_000) -> None:
-    """Move the routing explorer's layer slider and wait for its token figure to change."""
-    img = page.locator("img.widget-image").first
-    img.wait_for(state="visible", timeout=timeout_ms)
-    page.wait_for_function("() => { const i = document.querySelector('img.widget-image');"
-                           " return i && i.src && i.naturalWidth > 0; }", timeout=timeout_ms)
-    before = img.get_attribute("src")
+    """Move the routing explorer's layer slider and wait for one of its figures to change."""
+    page.locator("img.widget-image:visible").first.wait_for(state="visible", timeout=timeout_ms)
+    page.wait_for_function(f"() => {{ const s = ({SHOWN_IMAGES})(); return s.length > 0 && "
+                           "s.every(i => i.src && i.naturalWidth > 0); }", timeout=timeout_ms)
+    before = page.evaluate(f"() => ({SHOWN_IMAGES})().map(i => i.src).join(' ')")
     slider = page.locator(".widget-slider").first
     set_slider(page, slider, 2)
-    page.wait_for_function("(old) => document.querySelector('img.widget-image').src !== old",
+    page.wait_for_function(f"(old) => ({SHOWN_IMAGES})().map(i => i.src).join(' ') !== old",
                            arg=before, timeout=timeout_ms)
-    page.wait_for_function("() => document.querySelector('img.widget-image').naturalWidth > 0",
+    page.wait_for_function(f"() => ({SHOWN_IMAGES})().every(i => i.naturalWidth > 0)",
                            timeout=timeout_ms)
     assert slider.locator(".widget-readout").inner_text().strip() == "2"
     assert page.locator(".workbench-error").count() == 0
@@ -144,12 +103,14 @@ def test_voila_layer_slider_redraws_the_figure(tmp_path, browser):
     shutil.copy(ROOT / "notebooks" / "02_routing_explorer.ipynb", tmp_path / "nb" / "routing.ipynb")
     port = free_port()
     cmd = [str(BIN / "voila"), "routing.ipynb", "--no-browser", f"--port={port}",
-           "--Voila.ip=127.0.0.1"]
-    with server(cmd, tmp_path, port):
-        page = local_page(browser, port)
+           "--Voila.ip=127.0.0.1", *makefile_voila_flags()]  # as `make voila` runs it
+    blocked: list[str] = []
+    with server(cmd, tmp_path, port, env={"JUPYTER_PATH": str(SHARE)}):
+        page = local_page(browser, port, blocked)
         page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
         change_layer_and_wait(page)
         page.screenshot(path=tmp_path / "voila.png", full_page=True)
+    assert blocked == [], f"the Voila page tried to fetch from other hosts: {blocked}"
 
 
 LAB_NOTEBOOK = """

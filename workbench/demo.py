@@ -93,8 +93,8 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
     print("domain specialisation: Jensen-Shannon divergence (bits) of each domain's expert load "
           "from the overall load")
     print("  layer " + " ".join(f"{d:>8s}" for d in traces))
-    for li, layer in enumerate(layers):
-        print(f"  {layer:5d} " + " ".join(f"{v:8.3f}" for v in js[li]))
+    for layer in layers:
+        print(f"  {layer:5d} " + " ".join(f"{v:8.3f}" for v in js[layer]))
     js_est = {layer: an.domain_js_estimate(traces, layer, n_boot=100, n_shuffle=100)
               for layer in layers}
     if min(len(an.group_by_domain(traces)[d]) for d in traces) < 2:

@@ -88,6 +88,59 @@ class ByLayer(Mapping[int, np.ndarray]):
         return f"ByLayer({self.what}, layers={self.layers}, shape={shape})"
 
 
+class LayerArray(np.ndarray):
+    """A per-layer stack (n_layers, ...) whose first index is a layer id, like :class:`ByLayer`:
+    ``a[3]`` is layer 3's row and ``a[3, 5]`` an entry of it, whatever the layers' order or
+    gaps (Maverick's MoE layers are every other one). ``layers`` names the rows in order.
+
+    Everything else is plain numpy: slices and arrays as the first index (``a[:, e]``),
+    iteration (rows in ``layers`` order), arithmetic, reductions and reshapes give ordinary
+    ndarrays, which index by position again.
+    """
+
+    layers: list[int] | None
+
+    def __new__(cls, array: Any, layers: Any) -> LayerArray:
+        obj = np.asarray(array).view(cls)
+        ids = [int(i) for i in layers]
+        if obj.ndim == 0 or obj.shape[0] != len(ids):
+            raise ValueError(f"LayerArray: {len(ids)} layer ids {ids} for an array of shape "
+                             f"{obj.shape}; the first axis must hold one row per layer")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"LayerArray: repeated layer ids {ids}")
+        obj.layers = ids
+        return obj
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.layers = None  # a view or result: positional, like any ndarray
+
+    def __getitem__(self, key: Any) -> Any:
+        if self.layers is None:
+            return super().__getitem__(key)
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if isinstance(first, int | np.integer) and not isinstance(first, bool | np.bool_):
+            if int(first) not in self.layers:
+                raise IndexError(f"layer {int(first)} is not in this per-layer array (its rows "
+                                 f"are layers {self.layers}; index by layer id, not position)")
+            key = (self.layers.index(int(first)), *rest)
+        return np.asarray(self)[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(np.asarray(self))
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        def plain(x: Any) -> Any:
+            return x.view(np.ndarray) if isinstance(x, LayerArray) else x
+        if "out" in kwargs:
+            kwargs["out"] = tuple(plain(x) for x in kwargs["out"])
+        return getattr(ufunc, method)(*map(plain, inputs), **kwargs)
+
+    def __repr__(self) -> str:
+        if self.layers is None:
+            return repr(self.view(np.ndarray))
+        return f"LayerArray(layers={self.layers}, {self.view(np.ndarray)!r})"
+
+
 @dataclass(frozen=True)
 class Routing:
     """One MoE layer's routing for every token: arrays of shape (batch, seq, ...)."""

@@ -5,7 +5,9 @@ Conventions used by every analysis module:
   (every batch row, every position) are concatenated in order (trace, batch row, position).
 - Entropies are in nats unless a function says otherwise; Jensen-Shannon divergence is in bits.
 - Padding is ignored: tokens a trace's ``attention_mask`` marks as pad are left out of the
-  concatenated token arrays (``indices``, ``logits``) and of token-aligned labels.
+  concatenated token arrays (``indices``, ``logits``), of token-aligned labels and ids, and of
+  the per-sequence views (``row_tokens``): a padded row's real tokens, in order, are the
+  sequence an analysis of consecutive tokens or positions sees, as if the row ran alone.
 - Load counts every top-k assignment; "top1" functions use slot 0 of ``topk_indices`` (the first
   choice).
 """
@@ -94,6 +96,41 @@ def real_tokens(trace: Trace, a: np.ndarray) -> np.ndarray:
         if m.shape == a.shape[:2]:
             return a[m]
     return a.reshape(-1, *a.shape[2:])
+
+
+def row_tokens(trace: Trace, a: np.ndarray) -> list[np.ndarray]:
+    """A (B, T, ...) hook value of ``trace`` as one (T_b, ...) array per batch row: the row's
+    real tokens in order (all T without padding)."""
+    if trace.attention_mask is not None:
+        m = trace.token_mask()
+        if m.shape == a.shape[:2]:
+            return [a[b][m[b]] for b in range(a.shape[0])]
+    return list(a)
+
+
+def rows(traces: Traces, layer: int, what: str) -> list[np.ndarray]:
+    """Every sequence's chosen experts at ``layer``: one int64 (T_b, k) array per batch row of
+    every trace (order: trace, batch row), pads left out."""
+    ts = as_list(traces)
+    return [r for t, a in zip(ts, indices_per_trace(ts, layer, what)) for r in row_tokens(t, a)]
+
+
+def token_ids(trace: Trace) -> np.ndarray:
+    """The trace's input ids of its real tokens, flattened (batch row, position): aligned with
+    :func:`indices` when the routing covers every position."""
+    ids = np.asarray(trace.input_ids)
+    if trace.attention_mask is not None and ids.ndim == 2:
+        return ids[trace.attention_mask]
+    return ids.reshape(-1)
+
+
+def row_ids(trace: Trace) -> list[np.ndarray]:
+    """The trace's input ids of each batch row's real tokens, one array per row."""
+    ids = np.asarray(trace.input_ids)
+    ids = ids.reshape(1, -1) if ids.ndim == 1 else ids
+    if trace.attention_mask is not None:
+        return [r[m] for r, m in zip(ids, trace.attention_mask)]
+    return list(ids)
 
 
 def indices(traces: Traces, layer: int, what: str) -> np.ndarray:

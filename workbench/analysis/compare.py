@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..trace import Trace
-from ._common import Traces, as_list, indices, moe_layers, num_experts
+from ._common import Traces, as_list, indices, moe_layers, num_experts, row_ids, rows, token_ids
 from .specialisation import js_divergence
 
 
@@ -44,8 +44,8 @@ class RoutingDiff:
 
 
 def _row(trace: Trace, layer: int, batch: int) -> np.ndarray:
-    a = np.asarray(trace.routing(layer).indices)
-    return a[batch] if a.ndim == 3 else a
+    """Batch row ``batch``'s chosen experts at ``layer`` over its real tokens, (T_b, k)."""
+    return rows(trace, layer, "routing_diff")[batch]
 
 
 def routing_diff(trace_a: Trace, trace_b: Trace, layers: Sequence[int] | None = None,
@@ -60,8 +60,7 @@ def routing_diff(trace_a: Trace, trace_b: Trace, layers: Sequence[int] | None = 
         raise ValueError("routing_diff: the traces share no captured MoE layer; capture "
                          "'*.moe.*' in both")
     E = max(num_experts([trace_a], layers[0]), num_experts([trace_b], layers[0]))
-    ida = np.asarray(trace_a.input_ids).reshape(-1, trace_a.input_ids.shape[-1])[batch]
-    idb = np.asarray(trace_b.input_ids).reshape(-1, trace_b.input_ids.shape[-1])[batch]
+    ida, idb = row_ids(trace_a)[batch], row_ids(trace_b)[batch]
     sm = difflib.SequenceMatcher(a=ida.tolist(), b=idb.tolist(), autojunk=False)
     pairs = np.array([(blk.a + j, blk.b + j) for blk in sm.get_matching_blocks()
                       for j in range(blk.size)], dtype=np.int64).reshape(-1, 2)
@@ -89,13 +88,12 @@ def load_by_position(traces: Traces, layer: int, bins: int = 8) -> tuple[np.ndar
     whose position falls in each of ``bins`` equal-width position bins."""
     ts = as_list(traces)
     E = num_experts(ts, layer)
-    T = max(t.input_ids.shape[-1] for t in ts)
+    seqs = rows(ts, layer, "load_by_position")
+    T = max(a.shape[0] for a in seqs)
     edges = np.unique(np.linspace(0, T, bins + 1).round().astype(int))
     out = np.zeros((len(edges) - 1, E))
-    for t in ts:
-        a = np.asarray(t.routing(layer).indices)
-        a = a.reshape(-1, a.shape[-2], a.shape[-1])
-        pos = np.broadcast_to(np.arange(a.shape[1])[None, :, None], a.shape)
+    for a in seqs:  # positions count from each sequence's first real token
+        pos = np.broadcast_to(np.arange(a.shape[0])[:, None], a.shape)
         b = np.clip(np.searchsorted(edges, pos, side="right") - 1, 0, len(edges) - 2)
         np.add.at(out, (b.ravel(), a.ravel()), 1)
     return edges, out / np.maximum(out.sum(axis=1, keepdims=True), 1)
@@ -107,7 +105,7 @@ def load_by_frequency(traces: Traces, layer: int, bins: int = 5) -> tuple[np.nda
     id occurs in these traces, in log-spaced frequency bins (rare ids first)."""
     ts = as_list(traces)
     E = num_experts(ts, layer)
-    ids = np.concatenate([t.input_ids.reshape(-1) for t in ts])
+    ids = np.concatenate([token_ids(t) for t in ts])
     idx = indices(ts, layer, "load_by_frequency")
     if idx.shape[0] != ids.size:
         raise ValueError(f"load_by_frequency: routing of layer {layer} does not cover every "

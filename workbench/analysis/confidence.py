@@ -22,6 +22,7 @@ from ._common import (
     indices_per_trace,
     logits,
     need,
+    real_tokens,
     sigmoid,
     softmax,
 )
@@ -77,7 +78,7 @@ def gate_values(traces: Traces, layer: int) -> np.ndarray:
         name = f"layers.{layer}.moe.topk_scores"
         if name in t:
             s = np.asarray(t[name], dtype=np.float64)
-            out.append(s.reshape(-1, s.shape[-1]) if s.ndim > 1 else s.reshape(-1, 1))
+            out.append(real_tokens(t, s) if s.ndim == 3 else s.reshape(-1, 1))
             continue
         lname = f"layers.{layer}.moe.router_logits"
         if lname not in t:
@@ -85,7 +86,7 @@ def gate_values(traces: Traces, layer: int) -> np.ndarray:
         z = np.asarray(t[lname], dtype=np.float64)
         idx = indices_per_trace(t, layer, "gate_values")[0]
         g = sigmoid(np.take_along_axis(z, idx, axis=-1))
-        out.append(g.reshape(-1, g.shape[-1]))
+        out.append(real_tokens(t, g))
     return np.concatenate(out)
 
 

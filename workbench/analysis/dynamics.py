@@ -3,7 +3,8 @@
 Everything here that says "top1" uses slot 0 of ``topk_indices`` (each token's first-choice
 expert); :func:`same_expert_rate` also reports the any-overlap rate of the whole top-k sets.
 Consecutive pairs (t, t+1) are taken within one sequence (batch row), never across rows or
-traces. Entropies are in nats.
+traces; in a padded row they are pairs of consecutive real tokens (pads are left out, so a
+padded row counts as the row alone would). Entropies are in nats.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from ._common import (
     as_list,
     entropy,
     indices,
-    indices_per_trace,
     moe_layers,
     nmi_from_joint,
     num_experts,
+    rows,
+    token_ids,
 )
 
 
@@ -58,17 +60,17 @@ class SameExpertRate:
 def same_expert_rate(traces: Traces, layer: int) -> SameExpertRate:
     """Consecutive-token same-expert rate against chance (the temporal-locality measure of
     the Mixtral paper's routing analysis); the fields are described on :class:`SameExpertRate`."""
-    per = indices_per_trace(traces, layer, "same_expert_rate")
+    per = rows(traces, layer, "same_expert_rate")
     E = num_experts(traces, layer)
     k = per[0].shape[-1]
     same1, anyov, n = 0, 0, 0
-    for a in per:
-        if a.shape[1] < 2:
+    for a in per:  # one sequence (T_b, k)
+        if a.shape[0] < 2:
             continue
-        x, y = a[:, :-1], a[:, 1:]
+        x, y = a[:-1], a[1:]
         same1 += int(np.sum(x[..., 0] == y[..., 0]))
         anyov += int(np.sum((x[..., :, None] == y[..., None, :]).any(axis=(-1, -2))))
-        n += x.shape[0] * x.shape[1]
+        n += x.shape[0]
     if n == 0:
         raise ValueError("same_expert_rate: no sequence has two or more tokens")
     top = _top1(traces, layer, "same_expert_rate")
@@ -82,13 +84,13 @@ def run_lengths(traces: Traces, layer: int) -> np.ndarray:
     """Lengths of maximal runs of consecutive tokens with the same top1 expert, within each
     sequence, int64 (n_runs,). Σ lengths = number of tokens."""
     out = []
-    for a in indices_per_trace(traces, layer, "run_lengths"):
-        for row in a[..., 0]:
-            if row.size == 0:
-                continue
-            change = np.flatnonzero(np.diff(row) != 0) + 1
-            bounds = np.concatenate([[0], change, [row.size]])
-            out.append(np.diff(bounds))
+    for a in rows(traces, layer, "run_lengths"):
+        row = a[:, 0]
+        if row.size == 0:
+            continue
+        change = np.flatnonzero(np.diff(row) != 0) + 1
+        bounds = np.concatenate([[0], change, [row.size]])
+        out.append(np.diff(bounds))
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -172,7 +174,7 @@ def path_tokens(trace: Traces, path: Sequence[int], layers: Sequence[int] | None
     layers, P = _paths(ts, layers, "path_tokens")
     if len(path) != len(layers):
         raise ValueError(f"path_tokens: path has {len(path)} experts for {len(layers)} layers")
-    ids = np.concatenate([t.input_ids.reshape(-1) for t in ts])
+    ids = np.concatenate([token_ids(t) for t in ts])
     if ids.size != P.shape[0]:
         raise ValueError("path_tokens: routing does not cover every input token; capture "
                          "without a position slice")

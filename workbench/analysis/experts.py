@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._common import Traces, as_list, need
+from ._common import Traces, as_list, need, real_tokens
 
 
 def router_cosine_similarity(weight: ArrayLike) -> np.ndarray:
@@ -54,9 +54,9 @@ def most_similar_experts(similarity: ArrayLike, n: int = 5
 
 
 def shared_routed_ratio(traces: Traces, layer: int, eps: float = 1e-12) -> np.ndarray:
-    """Per-token ρ_t = ‖routed_out_t‖₂ / ‖shared_out_t‖₂, (N,) over all tokens of all traces
-    (order: trace, batch row, position). Needs ``routed_out`` and ``shared_out``; a shared
-    norm below ``eps`` gives inf (or NaN when both are zero)."""
+    """Per-token ρ_t = ‖routed_out_t‖₂ / ‖shared_out_t‖₂, (N,) over all real tokens of all
+    traces (order: trace, batch row, position; pads left out). Needs ``routed_out`` and
+    ``shared_out``; a shared norm below ``eps`` gives inf (or NaN when both are zero)."""
     out = []
     for t in as_list(traces):
         r = need(t, f"layers.{layer}.moe.routed_out", "shared_routed_ratio").astype(np.float64)
@@ -64,8 +64,10 @@ def shared_routed_ratio(traces: Traces, layer: int, eps: float = 1e-12) -> np.nd
         if r.shape != s.shape:
             raise ValueError(f"shared_routed_ratio: routed_out {r.shape} and shared_out "
                              f"{s.shape} differ in shape")
-        nr = np.linalg.norm(r.reshape(-1, r.shape[-1]), axis=-1)
-        ns = np.linalg.norm(s.reshape(-1, s.shape[-1]), axis=-1)
+        r, s = (real_tokens(t, x) if x.ndim == 3 else x.reshape(-1, x.shape[-1])
+                for x in (r, s))
+        nr = np.linalg.norm(r, axis=-1)
+        ns = np.linalg.norm(s, axis=-1)
         with np.errstate(divide="ignore", invalid="ignore"):
             out.append(np.where(ns > eps, nr / np.where(ns > eps, ns, 1.0),
                                 np.where(nr > 0, np.inf, np.nan)))

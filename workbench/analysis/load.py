@@ -15,16 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..trace import LayerArray
 from ._common import (
     Traces,
     as_list,
     entropy,
     indices,
-    indices_per_trace,
     logits,
     logsumexp,
     moe_layers,
     num_experts,
+    rows,
     softmax,
 )
 
@@ -62,12 +63,13 @@ def expert_load(traces: Traces, layer: int) -> np.ndarray:
 
 def load_matrix(traces: Traces, layers: Sequence[int] | None = None) -> np.ndarray:
     """Layer × expert load fractions (L, E) for ``layers`` (default: every captured MoE layer,
-    see :func:`moe_layers`)."""
+    see :func:`moe_layers`), as a :class:`~workbench.trace.LayerArray`: ``m[3]`` is layer 3's
+    row."""
     layers = moe_layers(traces) if layers is None else list(layers)
     if not layers:
         raise ValueError("load_matrix: no MoE routing captured; re-run with "
                          "capture=['*.moe.topk_indices'] (or '*.moe.*')")
-    return np.stack([expert_load(traces, i) for i in layers])
+    return LayerArray(np.stack([expert_load(traces, i) for i in layers]), layers)
 
 
 def load_cv(load: ArrayLike) -> float | np.ndarray:
@@ -167,43 +169,44 @@ def capacity_drops(traces: Traces, layer: int, capacity_factor: float = 1.0) -> 
     """Simulate Switch-style expert capacity on a dropless routing.
 
     Each sequence (batch row) is one group of T tokens with capacity C = ceil(cf · k · T / E)
-    per expert. Assignments are admitted first-choice slots before second-choice ones (GShard
-    priority) and, within a slot, in position order; an expert's assignments beyond C are
-    dropped. Dropping towards the end of the sequence shows up in ``by_position``.
+    per expert (T: the row's real tokens; pads are left out and positions count from the row's
+    first real token, as if the row ran alone). Assignments are admitted first-choice slots
+    before second-choice ones (GShard priority) and, within a slot, in position order; an
+    expert's assignments beyond C are dropped. Dropping towards the end of the sequence shows
+    up in ``by_position``.
     """
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
-    per = indices_per_trace(traces, layer, "capacity_drops")
+    per = rows(traces, layer, "capacity_drops")
     E = num_experts(traces, layer)
     k = per[0].shape[-1]
-    T_max = max(a.shape[1] for a in per)
+    T_max = max(a.shape[0] for a in per)
     drop_pos = np.zeros(T_max)
     tot_pos = np.zeros(T_max)
     drop_e = np.zeros(E)
     tot_e = np.zeros(E)
     caps: list[int] = []
     tokens = dropped_tokens = 0
-    for a in per:
-        B, T, _ = a.shape
+    for a in per:  # one sequence (T, k)
+        T = a.shape[0]
         if T == 0:
             continue
         C = math.ceil(capacity_factor * k * T / E)
-        for b in range(B):
-            caps.append(C)
-            order = a[b].T.ravel()  # slot-major: all first choices, then second choices ...
-            pos = np.tile(np.arange(T), k)
-            srt = np.argsort(order, kind="stable")
-            e_sorted = order[srt]
-            starts = np.searchsorted(e_sorted, e_sorted, side="left")
-            rank = np.empty_like(srt)
-            rank[srt] = np.arange(len(srt)) - starts
-            drop = rank >= C
-            np.add.at(drop_pos, pos, drop)
-            np.add.at(tot_pos, pos, 1)
-            np.add.at(drop_e, order, drop)
-            np.add.at(tot_e, order, 1)
-            tokens += T
-            dropped_tokens += int(np.sum(drop.reshape(k, T).all(axis=0)))
+        caps.append(C)
+        order = a.T.ravel()  # slot-major: all first choices, then second choices ...
+        pos = np.tile(np.arange(T), k)
+        srt = np.argsort(order, kind="stable")
+        e_sorted = order[srt]
+        starts = np.searchsorted(e_sorted, e_sorted, side="left")
+        rank = np.empty_like(srt)
+        rank[srt] = np.arange(len(srt)) - starts
+        drop = rank >= C
+        np.add.at(drop_pos, pos, drop)
+        np.add.at(tot_pos, pos, 1)
+        np.add.at(drop_e, order, drop)
+        np.add.at(tot_e, order, 1)
+        tokens += T
+        dropped_tokens += int(np.sum(drop.reshape(k, T).all(axis=0)))
     if tot_pos.sum() == 0:
         raise ValueError(f"capacity_drops: layer {layer} routed no tokens (empty trace)")
     with np.errstate(invalid="ignore", divide="ignore"):

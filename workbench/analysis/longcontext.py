@@ -392,7 +392,8 @@ def routing_by_position(traces: Traces, bins: int | Sequence[int] = 16, scale: s
     and the layer's distribution over all tokens) and ``js_noise`` = (E - 1) / (8 ln 2 ·
     tokens), the expected JS of a bin of that many tokens drawn from the overall distribution
     (small bins diverge by sampling alone; compare ``js`` with it). Reads
-    ``layers.{i}.moe.topk_indices`` (default: every MoE layer captured)."""
+    ``layers.{i}.moe.topk_indices`` (default: every MoE layer captured). Pads are left out and
+    a padded row's positions count from its first real token."""
     ts = as_list(traces)
     edges = _edges(_max_length(ts), bins, scale, min_width, "routing_by_position")
     nb = edges.size - 1
@@ -401,12 +402,17 @@ def routing_by_position(traces: Traces, bins: int | Sequence[int] = 16, scale: s
         E = num_experts(ts, i)
         counts = np.zeros((nb, E))
         psum = np.zeros(nb)
-        for top, pos, _ in _top1_per_trace(ts, i, "routing_by_position"):
-            b = np.searchsorted(edges, pos, side="right") - 1
-            bb = np.broadcast_to(b, top.shape)
-            ok = (bb >= 0) & (bb < nb)
+        for t, (top, pos, _) in zip(ts, _top1_per_trace(ts, i, "routing_by_position")):
+            pos = np.broadcast_to(pos, top.shape)
+            real = np.ones(top.shape, bool)
+            if t.attention_mask is not None and t.attention_mask.shape[0] == top.shape[0]:
+                # pads left out; positions count from each row's first real token
+                real = t.attention_mask[:, pos[0]]
+                pos = (np.cumsum(t.attention_mask, axis=1) - 1)[:, pos[0]]
+            bb = np.searchsorted(edges, pos, side="right") - 1
+            ok = (bb >= 0) & (bb < nb) & real
             np.add.at(counts, (bb[ok], top[ok]), 1)
-            np.add.at(psum, bb[ok], np.broadcast_to(pos, top.shape)[ok])
+            np.add.at(psum, bb[ok], pos[ok])
         overall = counts.sum(axis=0)
         for k in np.flatnonzero(counts.sum(axis=1) > 0):
             n = counts[k].sum()

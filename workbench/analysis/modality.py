@@ -13,7 +13,16 @@ import numpy as np
 
 from ..hooks import MODALITY_IMAGE, MODALITY_TEXT
 from ..trace import Trace
-from ._common import Traces, as_list, indices, moe_layers, need, nmi_from_joint, num_experts
+from ._common import (
+    Traces,
+    as_list,
+    indices,
+    moe_layers,
+    need,
+    nmi_from_joint,
+    num_experts,
+    real_tokens,
+)
 from .specialisation import js_divergence
 
 
@@ -32,9 +41,9 @@ class ModalityLayer:
 
 
 def modality_labels(traces: Traces) -> np.ndarray:
-    """``token_modality`` of every token, pooled in the analysis order."""
-    return np.concatenate([need(t, "token_modality", "modality analysis").reshape(-1)
-                           for t in as_list(traces)])
+    """``token_modality`` of every real token (pads left out), pooled in the analysis order."""
+    return np.concatenate([real_tokens(t, need(t, "token_modality", "modality analysis"))
+                           .reshape(-1) for t in as_list(traces)])
 
 
 def modality_specialisation(traces: Traces, layers: list[int] | None = None,

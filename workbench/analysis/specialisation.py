@@ -22,8 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ..trace import Trace
-from ._common import Traces, as_list, flat_labels, indices, nmi_from_joint, num_experts
+from ..trace import LayerArray, Trace
+from ._common import (
+    Traces,
+    as_list,
+    flat_labels,
+    indices,
+    nmi_from_joint,
+    num_experts,
+    token_ids,
+)
 from .load import expert_counts
 
 DomainTraces = Mapping[str, Traces] | Sequence[Trace]
@@ -105,8 +113,9 @@ def domain_specialisation(traces: DomainTraces, layer: int) -> DomainSpecialisat
 
 
 def domain_js_by_layer(traces: DomainTraces, layers: Sequence[int]) -> np.ndarray:
-    """(L, D) JS(f^D ‖ f^all) in bits for each layer and domain."""
-    return np.stack([domain_specialisation(traces, i).js for i in layers])
+    """(L, D) JS(f^D ‖ f^all) in bits for each layer and domain, as a
+    :class:`~workbench.trace.LayerArray`: ``js[3]`` is layer 3's row."""
+    return LayerArray(np.stack([domain_specialisation(traces, i).js for i in layers]), layers)
 
 
 @dataclass(frozen=True)
@@ -165,11 +174,11 @@ def _token_ids(ts: list[Trace], layer: int, what: str) -> tuple[np.ndarray, np.n
     ids, idx = [], []
     for t in ts:
         a = indices(t, layer, what)
-        if a.shape[0] != t.input_ids.size:
+        real = token_ids(t)
+        if a.shape[0] != real.size:
             raise ValueError(f"{what}: routing of layer {layer} covers {a.shape[0]} tokens but "
-                             f"input_ids has {t.input_ids.size}; capture without a position "
-                             "slice")
-        ids.append(t.input_ids.reshape(-1).astype(np.int64))
+                             f"input_ids has {real.size}; capture without a position slice")
+        ids.append(real.astype(np.int64))
         idx.append(a)
     return np.concatenate(ids), np.concatenate(idx)
 

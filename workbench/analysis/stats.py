@@ -29,7 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from ._common import Traces, as_list, flat_labels, indices_per_trace, nmi_from_joint, num_experts
+from ._common import (
+    Traces,
+    as_list,
+    flat_labels,
+    nmi_from_joint,
+    num_experts,
+    row_ids,
+    rows,
+    token_ids,
+)
 from .specialisation import DomainTraces, group_by_domain, js_divergence
 
 #: Default numbers of bootstrap resamples and label shuffles.
@@ -94,11 +103,9 @@ def estimate(value: float, resampled: Callable[[np.random.Generator], float],
 
 
 def _docs(traces: Traces, layer: int, what: str) -> list[np.ndarray]:
-    """Each document's chosen experts (T, k), documents = batch rows of every trace."""
-    out = []
-    for a in indices_per_trace(traces, layer, what):
-        out.extend(a[b] for b in range(a.shape[0]))
-    return out
+    """Each document's chosen experts (T, k), documents = batch rows of every trace (their
+    real tokens: pads left out)."""
+    return rows(traces, layer, what)
 
 
 def domain_js_estimate(traces: DomainTraces, layer: int, n_boot: int = N_BOOT,
@@ -162,7 +169,7 @@ def category_nmi_estimate(traces: Traces, layer: int, categories: object,
         return nmi_from_joint(joint_docs[rng.integers(0, len(docs), len(docs))].sum(axis=0))
 
     flat_e = idx.ravel()
-    ids = np.concatenate([np.asarray(t.input_ids).reshape(-1) for t in ts])
+    ids = np.concatenate([token_ids(t) for t in ts])
     by_type = ids.size == N
     if by_type:
         uniq, inv = np.unique(ids, return_inverse=True)
@@ -204,7 +211,7 @@ def vocabulary_estimate(traces: Traces, layer: int, min_count: int = 2,
     interval over documents and the baseline of expert choices permuted across tokens."""
     ts = as_list(traces)
     docs = _docs(ts, layer, "vocabulary_estimate")
-    ids_docs = [r for t in ts for r in np.asarray(t.input_ids).reshape(-1, t.input_ids.shape[-1])]
+    ids_docs = [r for t in ts for r in row_ids(t)]
     if [d.shape[0] for d in docs] != [r.size for r in ids_docs]:
         raise ValueError(f"vocabulary_estimate: routing of layer {layer} does not cover every "
                          "input token; capture without a position slice")
