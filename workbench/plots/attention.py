@@ -87,8 +87,8 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
         ys = [i for i in xs if i >= q0]
         ax.set_yticks(ys, [f"{labels[i]}" if step == 1 else f"{i}:{labels[i]}" for i in ys],
                       fontsize=FONT_SIZES["annotation"], family="monospace")
-        if step > 1:
-            ax.set_xlabel(f"key (every {step}th token labelled)")
+        ax.set_xlabel("key" if step == 1 else f"key (one token in {step} labelled)")
+        ax.set_ylabel("query")
     else:
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
@@ -137,15 +137,7 @@ def attention_by_layer_type(traces: Traces, layers: Sequence[int] | None = None,
         ax.set_xticks(x, [layer_label(r["layer"]) for r in rows])
         ax.set_title(label, fontsize=FONT_SIZES["label"])
         ax.set_xlabel("layer")
-    ax = axes[3]
-    for kind, t in types.items():
-        e = np.asarray(t["edges"])
-        ax.plot(range(len(t["distance_hist"])), t["distance_hist"], "o-", color=colors[kind],
-                label=f"{_TYPE_TEXT.get(kind, kind)} ({', '.join(map(str, t['layers']))})")
-        ax.set_xticks(range(len(e) - 1), [f"{lo}" for lo in e[:-1]], fontsize=FONT_SIZES["tick"])
-    ax.set_xlabel("query − key distance ≥")
-    ax.set_title("attention mass by distance", fontsize=FONT_SIZES["label"])
-    ax.legend(fontsize=FONT_SIZES["annotation"])
+    _distance_panel(axes[3], types, colors)
     fig.suptitle("Attention by layer type: chunked RoPE vs global NoPE")
     return fig
 
@@ -169,16 +161,19 @@ def _attention_table(rows: list[dict[str, Any]], types: dict[str, Any],
     ax_t.axis("off")
     cells = [[layer_label(r["layer"]), _TYPE_TEXT.get(r["type"], r["type"]),
               f"{r['entropy']:.2f}", f"{r['distance']:.1f}", f"{r['sink']:.2f}"] for r in rows]
-    table = ax_t.table(cellText=cells, colLabels=["layer", "type", "entropy (nats)",
-                                                  "mean distance", "first-token mass"],
-                       loc="center", cellLoc="center")
+    table = ax_t.table(cellText=cells, colLabels=["layer", "type", "entropy\n(nats)",
+                                                  "mean distance\n(tokens)",
+                                                  "first-token\nmass"],
+                       colWidths=[0.12, 0.28, 0.18, 0.24, 0.18], loc="center",
+                       cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(FONT_SIZES["label"])
     table.scale(1.0, 1.6)
     for (r, c), cell in table.get_celld().items():
         cell.set_edgecolor("#dddddd")
-        if r == 0:
+        if r == 0:  # two-line headers need a taller row
             cell.set_text_props(weight="bold")
+            cell.set_height(cell.get_height() * 1.9)
         elif c == 1:
             cell.set_facecolor((*colors[rows[r - 1]["type"]][:3], 0.25))
     ax_t.set_title("per layer (mean over heads and queries)", fontsize=FONT_SIZES["label"])

@@ -259,7 +259,7 @@ def routing_stability_plot(results: Mapping[str, Iterable[Mapping[str, Any]]],
     ax.set_xticks(sorted(all_layers), [layer_label(i) for i in sorted(all_layers)])
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("MoE layer")
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel(metric.replace("top1", "top-1").replace("_", " "))
     ax.set_title("Routing stability")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig

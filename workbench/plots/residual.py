@@ -99,7 +99,8 @@ def load_by_position_frequency(traces: Traces, layer: int | None = None, bins: i
     norm = _ratio_norm(both)
     for ax, m, rows, what in ((ax_p, pl, [f"{a}–{b - 1}" for a, b in zip(pe[:-1], pe[1:])],
                                "position"),
-                              (ax_f, fl, [f"{a}–{b - 1}×" for a, b in zip(fe[:-1], fe[1:])],
+                              (ax_f, fl, [f"{a}×" if b - 1 == a else f"{a}–{b - 1}×"
+                                        for a, b in zip(fe[:-1], fe[1:])],
                                "token frequency")):
         im = ax.imshow(m[:, shown] * E, cmap="RdBu_r", norm=norm, aspect="auto",
                        interpolation="nearest")
