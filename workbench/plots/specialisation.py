@@ -265,7 +265,10 @@ def router_similarity(weight: Any = None, *, similarity: Any = None, layer: int 
     im = ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
     span = max(abs(lo), abs(hi), 1e-12)
     dec = int(min(4, max(2, 1 - np.floor(np.log10(span)))))
-    num = f"{{:.{dec}f}}"
+
+    def num(x: float) -> str:  # never "-0.000"
+        t = f"{x:.{dec}f}"
+        return t[1:] if t.startswith("-") and float(t) == 0 else t
     if annotate or (annotate is None and E <= 16):
         annotate_cells(ax, data, num, im)
     expert_ticks(ax, E, "x")
@@ -277,14 +280,14 @@ def router_similarity(weight: Any = None, *, similarity: Any = None, layer: int 
     rand = ""
     if D:
         band = 2.0 / np.sqrt(D)
-        rand = f"; random vectors: 0 ± {num.format(band)}"
+        rand = f"\nrandom vectors: 0 ± {num(band)}"
         for y in (-band, band):
             if lo <= y <= hi:
                 cb.ax.axhline(y, color="white", ls="--", lw=1.0)
     best = an.most_similar_experts(S, 1)
     where = f"layer {layer}: " if layer is not None else ""
-    sub = f"\nmost similar: E{best[0][0]}–E{best[0][1]} ({num.format(best[0][2])}); mean " \
-        f"{num.format(mean)}{rand}" if best else ""
+    sub = f"\nmost similar: E{best[0][0]}–E{best[0][1]} ({num(best[0][2])}); mean " \
+        f"{num(mean)}{rand}" if best else ""
     ax.set_title(f"{what} similarity, {where}{E} experts{sub}",
                  fontsize=FONT_SIZES["title"] - 1)
     return fig
