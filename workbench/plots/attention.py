@@ -15,7 +15,7 @@ from .. import analysis as an
 from ..analysis._common import Traces, as_list
 from ..numerics import chunk_boundaries
 from ..trace import Trace
-from ._util import layer_label, plain, token_labels
+from ._util import head_pattern, layer_label, plain, token_labels
 from .style import (
     ATTENTION,
     FONT_SIZES,
@@ -53,15 +53,7 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
     ``max_labels`` tokens); the title names the document (``meta["source"]``, ``"domain"``).
     ``chunk`` defaults to the config's chunk size on chunked layers and to none on global
     layers (pass one to draw reference lines there)."""
-    name = f"layers.{layer}.attn.pattern"
-    if name not in trace:
-        raise ValueError(f"attention_pattern needs the hook {name!r}; re-run with "
-                         f"capture=[{name!r}]")
-    a = np.asarray(trace[name], dtype=np.float32)[batch]  # (H, Tq, Tk)
-    H, Tq, Tk = a.shape
-    if head is not None and not 0 <= head < H:
-        raise ValueError(f"head {head} out of range: layer {layer} has {H} heads")
-    p = a.mean(axis=0) if head is None else a[head]
+    p, Tq, Tk = head_pattern(trace, layer, head, batch, "attention_pattern")
     q0 = Tk - Tq
     if chunk is None:  # boundaries only where the layer's mask has them (chunked RoPE layers)
         chunk = trace.config.get("chunk") if an.layer_type(trace, layer) == "chunked" else None
