@@ -17,7 +17,7 @@
 # # 03 · The research figure set
 #
 # The figures for a routing study of an MoE model, each one call in `plots`, all saved to
-# `$WORKBENCH_FIGURE_DIR` (default `notebooks/figures/`). Everything that claims
+# `$WORKBENCH_FIGURE_DIR` (default `notebooks/figures/`) as PNG and PDF. Everything that claims
 # something about domains runs on a **corpus sample** (`wb.data.corpus_sample`: equal-length
 # sequences from the held-out corpus, thousands of tokens), and every specialisation number
 # comes with its 95% bootstrap interval over documents and the value shuffled labels give.
@@ -291,11 +291,11 @@ keep("specialisation_over_training", fig)
 # %% [markdown]
 # ## Save the set
 #
-# `plots.save` picks the format from the suffix: PNG, or PDF and SVG for a paper (TrueType
-# fonts embedded in the PDF, text kept as text in the SVG). Add "pdf" or "svg" to `FORMATS`.
+# `plots.save` picks the format from the suffix: PNG for the screen, PDF and SVG for a paper
+# (TrueType fonts embedded in the PDF, text kept as text in the SVG).
 
 # %%
-FORMATS = ("png",)
+FORMATS = ("png", "pdf")
 saved = [plots.save(fig, FIG_DIR / f"{name}.{ext}") for name, fig in figures.items()
          for ext in FORMATS]
 print(len(saved), "files in", FIG_DIR.resolve())

@@ -160,7 +160,8 @@ CAPTIONS = {
     "router_similarity": "Cosine similarity of router rows (range fitted to the data; random "
                          "vectors give 0 ± 2/√D).",
     "expert_weight_similarity": "Cosine similarity of the experts' own weights (gate_up and "
-                                "down projections flattened).",
+                                "down projections flattened); the title gives the band "
+                                "random vectors of that length fall in.",
     "logit_lens": "Logit lens on the first input: each layer's residual stream through the "
                   "final norm and unembedding; colour = probability of the model's "
                   "prediction.",
