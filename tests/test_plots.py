@@ -181,6 +181,22 @@ def test_router_similarity(env):
         P.router_similarity()
 
 
+def test_expert_weight_similarity_precision_and_random_band():
+    """Near-orthogonal experts (cosines ~0.01): cell texts and title get enough decimals to
+    tell values apart (no wall of "0.00"), and the random band uses the flattened length."""
+    rng = np.random.default_rng(0)
+    gate_up, down = rng.normal(size=(6, 40, 80)), rng.normal(size=(6, 40, 20))
+    fig = P.expert_weight_similarity([gate_up, down], layer=2)
+    ax = fig.axes[0]
+    cells = [t.get_text() for t in ax.texts]
+    assert len(cells) == 6 * 5 and len(set(cells)) > 5
+    assert not any(c in ("0.00", "-0.00") or c.startswith("-0.000") for c in cells)
+    title = ax.get_title()
+    band = 2 / np.sqrt(40 * 80 + 40 * 20)
+    assert "Expert weight similarity, layer 2" in title
+    assert f"random vectors: 0 ± {band:.3f}" in title
+
+
 def test_attention_pattern_chunk_lines_and_layer_type(env):
     tr = env["traces"][0]
     T = tr.input_ids.shape[1]

@@ -91,6 +91,27 @@ def test_report_corpus_sample(ckpt, tmp_path):
     assert m["load"]["stats"] and m["dynamics"]["same_expert"]      # metrics stay complete
 
 
+def test_report_default_corpus_sample(ckpt, tmp_path):
+    """Without --text or --corpus the report rests on wb.data.corpus_sample: N equal-length
+    sequences per shipped domain, each row of a domain one document of the statistics."""
+    out = tmp_path / "rep"
+    assert report(ckpt, "--out", out, "--corpus-sample", "3", "--max-tokens", "12",
+                  "--no-causal", "--dpi", "40", "--n-boot", "10",
+                  "--figures", "domain_share") == 0
+    m = _metrics(out)
+    sample = wb.data.corpus_sample(3, tokenizer=wb.Tokenizer.from_pretrained(ckpt), length=12,
+                                   progress=False)
+    assert [i["ids"] for i in m["inputs"]] == [r.tolist() for d in sorted(sample)
+                                              for r in sample[d]]
+    assert [i["source"] for i in m["inputs"]] == [s for d in sorted(sample)
+                                                 for s in sample.sources[d]]
+    js = m["specialisation"]["estimates"]["domain_js"][str(m["layer"])]
+    assert js["n_docs"] == 3 * len(sample) and js["n_tokens"] == sample.tokens
+    assert m["figures"] == ["domain_share.png"]
+    assert report(ckpt, "--out", tmp_path / "big", "--corpus-sample", "100000",
+                  "--no-causal") == 2
+
+
 def test_report_formats_index_and_statistics(ckpt, tmp_path):
     """--format png,pdf,svg writes every figure three times (PDF with TrueType fonts, SVG
     with text), index.html shows each with its caption and the statistics with baselines."""

@@ -1,9 +1,11 @@
 """``workbench demo`` (``make demo``): the main job on the bundled model, end to end.
 
 Loads the bundled trained model in PyTorch and (if installed) JAX, runs one prompt per corpus
-domain and generates a continuation while capturing routing, prints the per-layer routing table
-and per-domain specialisation, runs the PyTorch↔JAX parity check, and writes figures (PNG),
-traces (safetensors) and a JSON summary to the output directory.
+domain and generates a continuation while capturing routing, prints the per-layer routing table,
+measures per-domain specialisation on a corpus sample (``wb.data.corpus_sample``: thousands of
+tokens, with bootstrap intervals over documents and a domain-shuffle baseline), runs the
+PyTorch↔JAX parity check, and writes figures (PNG), traces (safetensors) and a JSON summary to
+the output directory.
 """
 
 from __future__ import annotations
@@ -88,24 +90,27 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
     print("per-layer routing (all prompts and generated tokens):")
     print(an.format_routing_table(rows))
     layers = tm.config.moe_layers
-    js = an.domain_js_by_layer(traces, layers)
+    sample = _domain_sample(tm, tok, traces, SAMPLE_DOCS[quick])
+    n_tok = sum(t.input_ids.size for t in sample.values())
+    n_docs = sum(t.input_ids.shape[0] for t in sample.values())
+    js = an.domain_js_by_layer(sample, layers)
     print()
-    print("domain specialisation: Jensen-Shannon divergence (bits) of each domain's expert load "
-          "from the overall load")
-    print("  layer " + " ".join(f"{d:>8s}" for d in traces))
-    for layer in layers:
+    print(f"domain specialisation on a corpus sample ({n_docs} documents, {n_tok} tokens): "
+          "Jensen-Shannon divergence (bits) of each domain's expert load from the overall load")
+    print("  layer " + " ".join(f"{d:>8s}" for d in sample))
+    for layer in layers:  # js is indexed by layer id
         print(f"  {layer:5d} " + " ".join(f"{v:8.3f}" for v in js[layer]))
-    js_est = {layer: an.domain_js_estimate(traces, layer, n_boot=100, n_shuffle=100)
+    js_est = {layer: an.domain_js_estimate(sample, layer, n_boot=100, n_shuffle=100)
               for layer in layers}
-    if min(len(an.group_by_domain(traces)[d]) for d in traces) < 2:
-        print("one prompt per domain: these JS values have no interval and no baseline "
-              "(shuffling one document per domain changes nothing); for a specialisation claim "
-              "run `workbench report --corpus-sample N` on many documents per domain")
+    if min(t.input_ids.shape[0] for t in sample.values()) < 2:
+        print("one document per domain: these JS values have no interval and no baseline "
+              "(shuffling one document per domain changes nothing)")
     else:
-        print("mean JS over domains [95% bootstrap CI over prompts], against shuffled domains:")
+        print("mean JS over domains [95% bootstrap CI over documents], against shuffled "
+              "domains:")
         for layer, e in js_est.items():
             print(f"  {layer:5d} {e.text()}  (p = {e.p_value:.2f}, {e.n_tokens} tokens)")
-    prog.step("routing analysis")
+    prog.step(f"routing analysis ({n_tok} corpus tokens)")
 
     parity: dict[str, Any] = {"ran": False}
     try:
@@ -128,7 +133,7 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
         rep = None
         prog.step("PyTorch <-> JAX parity skipped")
 
-    figures = _figures(out_dir, traces, tok, layers, rep, path)
+    figures = _figures(out_dir, traces, sample, tok, layers, rep, path)
     prog.step(f"wrote {len(figures)} figures")
     tdir = out_dir / "traces"
     saved = [str(t.save(tdir / f"{d}.safetensors")) for d, t in traces.items()]
@@ -136,8 +141,12 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
 
     summary = {
         "model": str(path), "config": tm.config.summary(), "generations": generations,
-        "routing_table": rows, "domain_js_bits": {d: [float(v) for v in js[:, i]]
-                                                  for i, d in enumerate(traces)},
+        "routing_table": rows,
+        "corpus_sample": {d: {"documents": int(t.input_ids.shape[0]),
+                              "tokens": int(t.input_ids.size),
+                              "sources": list(t.meta.get("sources", []))}
+                          for d, t in sample.items()},
+        "domain_js_bits": {d: [float(v) for v in js[:, i]] for i, d in enumerate(sample)},
         "domain_js_estimate": {str(i): e.as_dict() for i, e in js_est.items()},
         "parity": parity, "figures": figures, "traces": saved,
         "elapsed_s": round(time.time() - prog.t0, 1),
@@ -147,24 +156,50 @@ def run_demo(out_dir: Path = Path("demo-output"), model: str | None = None,
     return 0 if parity.get("ok", True) else 1
 
 
-def _figures(out_dir: Path, traces: dict, tok: Any, layers: list[int], rep: Any,
+#: Corpus-sample sequences (of 128 tokens) per domain, by ``quick``.
+SAMPLE_DOCS = {False: 16, True: 4}
+
+
+def _domain_sample(model: Any, tok: Any, prompts: dict[str, Any], n_docs: int
+                   ) -> dict[str, Any]:
+    """``{domain: trace}`` of ``wb.data.corpus_sample(n_docs)`` with every MoE hook captured,
+    one batch per domain (``meta["domain"]``, ``meta["sources"]``). Without a tokenizer (a
+    random model) the prompt traces stand in."""
+    if tok is None:
+        return prompts
+    from workbench.data import corpus_sample
+    sample = corpus_sample(n_docs, tokenizer=tok)
+    out = {}
+    for domain, ids in sample.items():
+        t = model.run(ids, capture=["*.moe.*"]).trace
+        t.meta["domain"] = domain
+        t.meta["sources"] = list(sample.sources[domain])
+        out[domain] = t
+    return out
+
+
+def _figures(out_dir: Path, traces: dict, sample: dict, tok: Any, layers: list[int], rep: Any,
              path: Path) -> list[str]:
+    """The demo's figures: routing of the generated prompts, and domain specialisation on the
+    corpus ``sample`` (first, middle and last MoE layer)."""
     from workbench import plots
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     all_traces = list(traces.values())
+    pooled = list(sample.values())
     made = {
-        "load_heatmap": plots.load_heatmap(all_traces),
-        "imbalance": plots.imbalance_bars(all_traces),
-        "domain_specialisation": plots.domain_heatmap(traces, layer=layers[-1]),
+        "load_heatmap": plots.load_heatmap(pooled),
+        "imbalance": plots.imbalance_bars(pooled),
+        "domain_specialisation": plots.domain_heatmap(sample, layer=layers[-1]),
         "tokens_by_expert_code": plots.token_routing_text(traces["code"], layer=layers[0],
                                                           tokenizer=tok),
         "tokens_by_expert_numeric": plots.token_routing_text(traces["numeric"],
                                                              layer=layers[0], tokenizer=tok),
         "expert_flow": plots.expert_flow(all_traces),
         "tokens_by_layer_code": plots.token_routing_layers(traces["code"], tokenizer=tok),
-        "domain_share": plots.domain_share_bars(traces),
-        "specialisation_by_layer": plots.specialisation_by_layer(traces),
+        "domain_share": plots.domain_share_bars(sample),
+        "domain_divergence": plots.domain_divergence_plot(sample),
+        "specialisation_by_layer": plots.specialisation_by_layer(sample),
     }
     if rep is not None:
         made["parity_errors"] = plots.parity_errors(rep)

@@ -2,7 +2,8 @@
 or a saved trace.
 
 Given a checkpoint directory the model is loaded (torch by default), run on ``--text`` inputs or
-on ``--corpus-sample N`` validation documents per domain (each cut to ``--max-tokens``), with
+on a corpus sample (``wb.data.corpus_sample``: ``--corpus-sample N`` sequences of
+``--max-tokens`` tokens per domain from the held-out corpus, thousands of tokens by default), with
 ``*.moe.*`` and the attention patterns of one chunked and one global layer captured. The report
 then runs the analyses (load, confidence, specialisation by domain / token category /
 vocabulary with bootstrap intervals and shuffle baselines, dynamics,
@@ -35,6 +36,8 @@ from .jsonio import dumps
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = Path("data") / "corpus" / "val.jsonl"
+DEFAULT_SAMPLE = 8
+"""Sequences per domain when neither --text nor --corpus-sample is given."""
 
 
 # --------------------------------------------------------------------------- CLI
@@ -49,9 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="input text (repeat for several); tokenised with the checkpoint's "
                           "tokenizer.json")
     src.add_argument("--corpus-sample", type=positive_int, default=None, metavar="N",
-                     help="N validation documents per domain (default 2 when no --text)")
+                     help="N sequences of --max-tokens tokens per domain from the held-out "
+                          "corpus shipped with the package (wb.data.corpus_sample; default "
+                          f"{DEFAULT_SAMPLE} when no --text)")
     p.add_argument("--corpus", default=None,
-                   help=f"validation jsonl for --corpus-sample (default {DEFAULT_CORPUS})")
+                   help="a jsonl file (domain, source, text per line) to take the first N "
+                        "documents per domain from instead of the shipped corpus")
     p.add_argument("--max-tokens", type=positive_int, default=128,
                    help="cut each input to this many tokens (default 128)")
     p.add_argument("--backend", choices=("torch", "jax"), default="torch")
@@ -154,7 +160,8 @@ CAPTIONS = {
     "router_similarity": "Cosine similarity of router rows (range fitted to the data; random "
                          "vectors give 0 ± 2/√D).",
     "expert_weight_similarity": "Cosine similarity of the experts' own weights (gate_up and "
-                                "down projections flattened).",
+                                "down projections flattened); the title gives the band "
+                                "random vectors of that length fall in.",
     "logit_lens": "Logit lens on the first input: each layer's residual stream through the "
                   "final norm and unembedding; colour = probability of the model's "
                   "prediction.",
@@ -313,6 +320,19 @@ def _corpus_inputs(path: Path, n: int, tok: Any, max_tokens: int) -> list[dict[s
     return sorted(out, key=lambda r: r["domain"])
 
 
+def _sample_inputs(n: int, tok: Any, max_tokens: int) -> list[dict[str, Any]]:
+    """``wb.data.corpus_sample``: ``n`` sequences of ``max_tokens`` tokens per domain from the
+    held-out corpus shipped with the package, one input per sequence."""
+    from .data import corpus_sample
+    try:
+        sample = corpus_sample(n, tokenizer=tok, length=max_tokens)
+    except ValueError as e:
+        raise _Usage(f"--corpus-sample {n} with --max-tokens {max_tokens}: {e}") from None
+    return [{"domain": dom, "source": src, "ids": row.tolist()}
+            for dom, rows in sorted(sample.items())
+            for row, src in zip(rows, sample.sources[dom])]
+
+
 def _text_inputs(texts: Sequence[str], tok: Any, max_tokens: int) -> list[dict[str, Any]]:
     out = []
     for n, text in enumerate(texts):
@@ -368,12 +388,13 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
     except FileNotFoundError:
         raise _Usage(f"{tok_path}: no tokenizer.json; the report tokenises its inputs with "
                      "the checkpoint's tokenizer") from None
+    n_docs = DEFAULT_SAMPLE if args.corpus_sample is None else args.corpus_sample
     if args.text:
         inputs = _text_inputs(args.text, tok, args.max_tokens)
+    elif args.corpus is not None:
+        inputs = _corpus_inputs(_find_corpus(args.corpus, path), n_docs, tok, args.max_tokens)
     else:
-        inputs = _corpus_inputs(_find_corpus(args.corpus, path),
-                                2 if args.corpus_sample is None else args.corpus_sample, tok,
-                                args.max_tokens)
+        inputs = _sample_inputs(n_docs, tok, args.max_tokens)
     model = wb.load(path, backend=args.backend)
     cfg = model.config
     moe = list(cfg.moe_layers)
@@ -427,20 +448,22 @@ def _checkpoint_report(rep: _Report, path: Path, args: argparse.Namespace) -> No
         "layer": layer, "most_similar": [{"experts": [i, j], "cosine": c}
                                          for i, j, c in an.most_similar_experts(S, 5)],
         "mean_offdiagonal": float(S[~np.eye(S.shape[0], dtype=bool)].mean())}
-    rep.figure("router_similarity", lambda: P.router_similarity(similarity=S, layer=layer),
+    rep.figure("router_similarity", lambda: P.router_similarity(similarity=S, layer=layer,
+                                                                dim=int(np.shape(W)[-1])),
                f"mean off-diagonal cosine "
                f"{rep.metrics['experts']['router_similarity']['mean_offdiagonal']:.3f}")
     ck = wb.Checkpoint.open(path)
     ex = [f"layers.{layer}.feed_forward.experts.{w}" for w in ("gate_up_proj", "down_proj")]
     if all(n in list(ck) for n in ex):
-        SW = an.expert_weight_similarity([np.asarray(ck[n], dtype=np.float32) for n in ex])
+        EW = [np.asarray(ck[n], dtype=np.float32) for n in ex]
+        SW = an.expert_weight_similarity(EW)
         off = SW[~np.eye(SW.shape[0], dtype=bool)]
         rep.metrics["experts"]["expert_weight_similarity"] = {
             "layer": layer, "mean_offdiagonal": float(off.mean()),
             "most_similar": [{"experts": [i, j], "cosine": c}
                              for i, j, c in an.most_similar_experts(SW, 5)]}
-        rep.figure("expert_weight_similarity", lambda: P.router_similarity(
-            similarity=SW, layer=layer, what="Expert weight"),
+        rep.figure("expert_weight_similarity", lambda: P.expert_weight_similarity(
+            EW, layer=layer),
             f"mean off-diagonal cosine {off.mean():.3f}")
 
     # logit lens on the first input

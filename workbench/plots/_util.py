@@ -146,3 +146,19 @@ def top_experts(counts: np.ndarray, n: int = TOP_EXPERTS) -> list[int]:
     c = np.asarray(counts, dtype=np.float64)
     order = np.lexsort((np.arange(c.size), -c))
     return [int(e) for e in order[:n] if c[e] > 0]
+
+
+def head_pattern(trace: Any, layer: int, head: int | None, batch: int, caller: str,
+                 capture: str = "") -> tuple[np.ndarray, int, int]:
+    """One layer's captured attention pattern of batch row ``batch``: the ``head``'s (Tq, Tk)
+    matrix, or the mean over heads when ``head`` is None, with Tq and Tk. ValueError names
+    the missing hook (``capture``: extra arguments for the re-run hint) or the bad head."""
+    name = f"layers.{layer}.attn.pattern"
+    if name not in trace:
+        raise ValueError(f"{caller} needs the hook {name!r}; re-run with "
+                         f"capture=[{name!r}]{capture}")
+    a = np.asarray(trace[name], dtype=np.float32)[batch]  # (H, Tq, Tk)
+    H, Tq, Tk = a.shape
+    if head is not None and not 0 <= head < H:
+        raise ValueError(f"head {head} out of range: layer {layer} has {H} heads")
+    return (a.mean(axis=0) if head is None else a[head]), Tq, Tk

@@ -15,7 +15,7 @@ from .. import analysis as an
 from ..analysis._common import Traces, as_list
 from ..numerics import chunk_boundaries
 from ..trace import Trace
-from ._util import layer_label, plain, token_labels
+from ._util import head_pattern, layer_label, plain, token_labels
 from .style import (
     ATTENTION,
     FONT_SIZES,
@@ -53,15 +53,7 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
     ``max_labels`` tokens); the title names the document (``meta["source"]``, ``"domain"``).
     ``chunk`` defaults to the config's chunk size on chunked layers and to none on global
     layers (pass one to draw reference lines there)."""
-    name = f"layers.{layer}.attn.pattern"
-    if name not in trace:
-        raise ValueError(f"attention_pattern needs the hook {name!r}; re-run with "
-                         f"capture=[{name!r}]")
-    a = np.asarray(trace[name], dtype=np.float32)[batch]  # (H, Tq, Tk)
-    H, Tq, Tk = a.shape
-    if head is not None and not 0 <= head < H:
-        raise ValueError(f"head {head} out of range: layer {layer} has {H} heads")
-    p = a.mean(axis=0) if head is None else a[head]
+    p, Tq, Tk = head_pattern(trace, layer, head, batch, "attention_pattern")
     q0 = Tk - Tq
     if chunk is None:  # boundaries only where the layer's mask has them (chunked RoPE layers)
         chunk = trace.config.get("chunk") if an.layer_type(trace, layer) == "chunked" else None
@@ -87,8 +79,8 @@ def attention_pattern(trace: Trace, layer: int, head: int | None = None, batch: 
         ys = [i for i in xs if i >= q0]
         ax.set_yticks(ys, [f"{labels[i]}" if step == 1 else f"{i}:{labels[i]}" for i in ys],
                       fontsize=FONT_SIZES["annotation"], family="monospace")
-        if step > 1:
-            ax.set_xlabel(f"key (every {step}th token labelled)")
+        ax.set_xlabel("key" if step == 1 else f"key (one token in {step} labelled)")
+        ax.set_ylabel("query")
     else:
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
@@ -137,15 +129,7 @@ def attention_by_layer_type(traces: Traces, layers: Sequence[int] | None = None,
         ax.set_xticks(x, [layer_label(r["layer"]) for r in rows])
         ax.set_title(label, fontsize=FONT_SIZES["label"])
         ax.set_xlabel("layer")
-    ax = axes[3]
-    for kind, t in types.items():
-        e = np.asarray(t["edges"])
-        ax.plot(range(len(t["distance_hist"])), t["distance_hist"], "o-", color=colors[kind],
-                label=f"{_TYPE_TEXT.get(kind, kind)} ({', '.join(map(str, t['layers']))})")
-        ax.set_xticks(range(len(e) - 1), [f"{lo}" for lo in e[:-1]], fontsize=FONT_SIZES["tick"])
-    ax.set_xlabel("query − key distance ≥")
-    ax.set_title("attention mass by distance", fontsize=FONT_SIZES["label"])
-    ax.legend(fontsize=FONT_SIZES["annotation"])
+    _distance_panel(axes[3], types, colors)
     fig.suptitle("Attention by layer type: chunked RoPE vs global NoPE")
     return fig
 
@@ -169,16 +153,19 @@ def _attention_table(rows: list[dict[str, Any]], types: dict[str, Any],
     ax_t.axis("off")
     cells = [[layer_label(r["layer"]), _TYPE_TEXT.get(r["type"], r["type"]),
               f"{r['entropy']:.2f}", f"{r['distance']:.1f}", f"{r['sink']:.2f}"] for r in rows]
-    table = ax_t.table(cellText=cells, colLabels=["layer", "type", "entropy (nats)",
-                                                  "mean distance", "first-token mass"],
-                       loc="center", cellLoc="center")
+    table = ax_t.table(cellText=cells, colLabels=["layer", "type", "entropy\n(nats)",
+                                                  "mean distance\n(tokens)",
+                                                  "first-token\nmass"],
+                       colWidths=[0.12, 0.28, 0.18, 0.24, 0.18], loc="center",
+                       cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(FONT_SIZES["label"])
     table.scale(1.0, 1.6)
     for (r, c), cell in table.get_celld().items():
         cell.set_edgecolor("#dddddd")
-        if r == 0:
+        if r == 0:  # two-line headers need a taller row
             cell.set_text_props(weight="bold")
+            cell.set_height(cell.get_height() * 1.9)
         elif c == 1:
             cell.set_facecolor((*colors[rows[r - 1]["type"]][:3], 0.25))
     ax_t.set_title("per layer (mean over heads and queries)", fontsize=FONT_SIZES["label"])

@@ -14,7 +14,7 @@ from matplotlib.lines import Line2D
 
 from .. import analysis as an
 from ..analysis._common import Traces
-from ._util import layer_label, layer_legend, pick_layers
+from ._util import capped, layer_label, layer_legend, pick_layers
 from .style import (
     FONT_SIZES,
     REFERENCE,
@@ -59,7 +59,8 @@ def parity_errors(report: Any, tol: float | None = None, ax: Axes | None = None,
     kinds = sorted({r["kind"] for r in records})
     colors = category_colors(kinds)
     width = 0.8
-    fig, ax = figure_and_axes(ax, (max(6.5, 0.9 * (len(layers) + 2) + 4.0), 4.2))
+    n = len(layers) + 2
+    fig, ax = figure_and_axes(ax, capped(max(6.5, min(0.9, 10.0 / n) * n + 4.0), 4.2))
     for k, kind in enumerate(kinds):
         rs = [r for r in records if r["kind"] == kind]
         off = (k - (len(kinds) - 1) / 2) * width / max(len(kinds), 1)
@@ -73,12 +74,14 @@ def parity_errors(report: Any, tol: float | None = None, ax: Axes | None = None,
         ax.axhline(tol, color=WARN, ls="--", lw=1.0, label=f"tolerance {tol:g}")
     if len(nonzero) < len(records):
         ax.axhline(floor, color=REFERENCE, ls=":", lw=0.8, label="exact (error 0)")
+    step = max(1, int(np.ceil(len(layers) / 24)))  # about 24 layer labels at most
     ticks = ([-1.0] if any(r["name"] == "embed" for r in records) else []) + \
-        [float(i) for i in layers] + \
+        [float(i) for i in layers[::step]] + \
         ([float(last)] if any(r["layer"] is None and r["name"] != "embed" for r in records)
          else [])
     names = {-1.0: "embed", float(last): "final"}
-    ax.set_xticks(ticks, [names.get(t) or layer_label(int(t)) for t in ticks])
+    ax.set_xticks(ticks, [names.get(t) or layer_label(int(t)) for t in ticks],
+                  rotation=90 if len(ticks) > 14 else 0)
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("relative error  max|Δ| / max|ref|")
@@ -259,7 +262,7 @@ def routing_stability_plot(results: Mapping[str, Iterable[Mapping[str, Any]]],
     ax.set_xticks(sorted(all_layers), [layer_label(i) for i in sorted(all_layers)])
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("MoE layer")
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel(metric.replace("top1", "top-1").replace("_", " "))
     ax.set_title("Routing stability")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig

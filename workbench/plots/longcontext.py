@@ -23,7 +23,7 @@ from ..analysis._common import Traces, as_list
 from ..analysis.longcontext import BUCKETS
 from ..numerics import distance_bucket_edges
 from ..trace import Trace
-from ._util import capped, layer_label, spread
+from ._util import capped, head_pattern, layer_label, spread
 from .style import (
     ATTENTION,
     FONT_SIZES,
@@ -229,15 +229,8 @@ def plot_attention_window(trace: Trace, layer: int, head: int | None = None, bat
     rows as an image with keys pooled into at most ``max_columns`` bins (each cell is the mass
     in its key bin); bottom, the mass per key bin averaged over the window's queries, on a log
     scale. Mean of heads unless ``head``."""
-    name = f"layers.{layer}.attn.pattern"
-    if name not in trace:
-        raise ValueError(f"plot_attention_window needs the hook {name!r}; re-run with "
-                         f"capture=[{name!r}], positions=slice(-64, None)")
-    a = np.asarray(trace[name], dtype=np.float32)[batch]  # (H, Tq, Tk)
-    H, Tq, Tk = a.shape
-    if head is not None and not 0 <= head < H:
-        raise ValueError(f"head {head} out of range: layer {layer} has {H} heads")
-    p = a.mean(axis=0) if head is None else a[head]
+    p, Tq, Tk = head_pattern(trace, layer, head, batch, "plot_attention_window",
+                             ", positions=slice(-64, None)")
     width = max(1, math.ceil(Tk / max_columns))
     nbin = math.ceil(Tk / width)
     pooled = np.pad(p, ((0, 0), (0, nbin * width - Tk))).reshape(Tq, nbin, width).sum(-1)

@@ -47,15 +47,15 @@ def routing_diff_plot(diff: an.RoutingDiff | tuple[Trace, Trace], tokenizer: Any
     fig = new_figure(capped(max(8.0, 0.22 * M + 5.0), max(3.2, 0.2 * L + 2.2)))
     ax_l, ax_r = fig.subplots(1, 2, width_ratios=[1.0, max(2.0, M / 12)])
     y = np.arange(L)
-    ax_l.barh(y, d.agreement, color="#4c72b0", label="same top-1 (aligned tokens)")
-    ax_l.plot(d.js, y, "o", color=WARN, ms=3, label="JS(load A ‖ load B), bits")
+    ax_l.barh(y, d.agreement, color="#4c72b0", label="share of aligned tokens with the same "
+              "top-1")
+    ax_l.plot(d.js, y, "o", color=WARN, ms=4, label="JS(load A ‖ load B) in bits")
     ax_l.set_yticks(y, [layer_label(i) for i in d.layers] if L <= 32 else None)
     layer_ticks(ax_l, d.layers, "y", 24)
     ax_l.set_ylim(L - 0.5, -0.5)
     ax_l.set_xlim(0, 1)
-    ax_l.set_xlabel("share / bits")
-    ax_l.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12 - 0.0), fontsize=FONT_SIZES[
-        "annotation"])
+    # no x label: the legend below the axis names both quantities
+    ax_l.legend(loc="upper left", bbox_to_anchor=(0.0, -0.17), fontsize=FONT_SIZES["annotation"])
     cmap = mpl.colors.ListedColormap(["#e8eef7", WARN])
     ax_r.imshow(d.changed[:, :M].astype(float), cmap=cmap, vmin=0, vmax=1, aspect="auto",
                 interpolation="nearest")
@@ -99,7 +99,8 @@ def load_by_position_frequency(traces: Traces, layer: int | None = None, bins: i
     norm = _ratio_norm(both)
     for ax, m, rows, what in ((ax_p, pl, [f"{a}–{b - 1}" for a, b in zip(pe[:-1], pe[1:])],
                                "position"),
-                              (ax_f, fl, [f"{a}–{b - 1}×" for a, b in zip(fe[:-1], fe[1:])],
+                              (ax_f, fl, [f"{a}×" if b - 1 == a else f"{a}–{b - 1}×"
+                                        for a, b in zip(fe[:-1], fe[1:])],
                                "token frequency")):
         im = ax.imshow(m[:, shown] * E, cmap="RdBu_r", norm=norm, aspect="auto",
                        interpolation="nearest")

@@ -140,8 +140,10 @@ def imbalance_bars(traces: Traces, layers: Sequence[int] | None = None,
         vals = [s[key] for s in stats]
         if n <= 16:
             bars = a.bar(x, vals, 0.6, color=color, label=label)
-            if n <= 12:
-                a.bar_label(bars, fmt="%.2f", fontsize=FONT_SIZES["annotation"], padding=1)
+            if n <= 12:  # inside the bars when labels on top would sit on the reference line
+                inside = ref > 0 and any(0.85 * ref <= v <= ref for v in vals)
+                a.bar_label(bars, fmt="%.2f", fontsize=FONT_SIZES["annotation"],
+                            padding=-11 if inside else 1, color="white" if inside else None)
         else:
             a.plot(x, vals, "o-", color=color, ms=3, lw=1.2, label=label)
         a.axhline(ref, color=REFERENCE, ls="--", lw=0.9)

@@ -235,16 +235,18 @@ def top_tokens_table(traces: Traces, layer: int | None = None, tokenizer: Any = 
 @styled
 def router_similarity(weight: Any = None, *, similarity: Any = None, layer: int | None = None,
                       ax: Axes | None = None, annotate: bool | None = None,
-                      what: str = "Router-row") -> Figure:
+                      what: str = "Router-row", dim: int | None = None) -> Figure:
     """Cosine similarity of router rows, cos(W_r[i], W_r[j]), as an E × E heatmap. The colour
     range is fitted to the off-diagonal values (sequential map; the trivial diagonal is grey)
     and the colour bar marks the mean and the ±2/√D band of random D-dimensional vectors.
     Pass the router ``weight`` (E, D), e.g.
     ``wb.Checkpoint.open(path)[f"layers.{i}.feed_forward.router.weight"]``, or a precomputed
-    ``similarity`` (E, E). ``what`` names the rows in the title (e.g. "Expert weight")."""
+    ``similarity`` (E, E) with the vectors' length ``dim`` for the random band. ``what`` names
+    the rows in the title (e.g. "Expert weight"). Cell values and the title get as many
+    decimals as the spread of the values needs."""
     if (weight is None) == (similarity is None):
         raise ValueError("router_similarity: pass exactly one of weight= or similarity=")
-    D = None
+    D = dim
     if similarity is None:
         W = np.asarray(weight)
         S = an.router_cosine_similarity(W.reshape(W.shape[0], -1))
@@ -261,8 +263,14 @@ def router_similarity(weight: Any = None, *, similarity: Any = None, layer: int 
                                    min(9.0, max(4.0, 0.42 * E + 1.6))))
     cmap = mpl.colormaps[SEQUENTIAL].with_extremes(bad=MASKED)
     im = ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    span = max(abs(lo), abs(hi), 1e-12)
+    dec = int(min(4, max(2, 1 - np.floor(np.log10(span)))))
+
+    def num(x: float) -> str:  # never "-0.000"
+        t = f"{x:.{dec}f}"
+        return t[1:] if t.startswith("-") and float(t) == 0 else t
     if annotate or (annotate is None and E <= 16):
-        annotate_cells(ax, data, "{:.2f}", im)
+        annotate_cells(ax, data, num, im)
     expert_ticks(ax, E, "x")
     expert_ticks(ax, E, "y")
     cb = fig.colorbar(im, ax=ax, pad=0.02)
@@ -272,14 +280,14 @@ def router_similarity(weight: Any = None, *, similarity: Any = None, layer: int 
     rand = ""
     if D:
         band = 2.0 / np.sqrt(D)
-        rand = f"; random vectors: 0 ± {band:.2f}"
+        rand = f"\nrandom vectors: 0 ± {num(band)}"
         for y in (-band, band):
             if lo <= y <= hi:
                 cb.ax.axhline(y, color="white", ls="--", lw=1.0)
     best = an.most_similar_experts(S, 1)
     where = f"layer {layer}: " if layer is not None else ""
-    sub = f"\nmost similar: E{best[0][0]}–E{best[0][1]} ({best[0][2]:.2f}); mean {mean:.2f}" \
-        f"{rand}" if best else ""
+    sub = f"\nmost similar: E{best[0][0]}–E{best[0][1]} ({num(best[0][2])}); mean " \
+        f"{num(mean)}{rand}" if best else ""
     ax.set_title(f"{what} similarity, {where}{E} experts{sub}",
                  fontsize=FONT_SIZES["title"] - 1)
     return fig
@@ -292,9 +300,11 @@ def expert_weight_similarity(weights: Any, layer: int | None = None, ax: Axes | 
     drawn like :func:`router_similarity`. ``weights``: (E, ...) per-expert weights, e.g.
     ``ckpt[f"layers.{i}.feed_forward.experts.down_proj"]``, or a list of such arrays (they
     are concatenated per expert, e.g. gate_up_proj and down_proj)."""
+    ws = weights if isinstance(weights, list | tuple) else [weights]
+    dim = sum(int(np.prod(np.shape(w)[1:])) for w in ws)
     S = an.expert_weight_similarity(weights)
     return router_similarity(similarity=S, layer=layer, ax=ax, annotate=annotate,
-                             what="Expert weight")
+                             what="Expert weight", dim=dim)
 
 
 @styled

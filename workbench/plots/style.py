@@ -160,10 +160,12 @@ def figure_and_axes(ax: Axes | None, figsize: tuple[float, float] = (6.4, 4.0)
     return fig, fig.add_subplot()
 
 
-def annotate_cells(ax: Axes, values: np.ndarray, fmt: str = "{:.2f}", image: Any = None,
-                   max_cells: int = 400) -> None:
-    """Write each cell's value on a heatmap (skipped above ``max_cells``); text colour follows
-    the cell colour of ``image`` when given."""
+def annotate_cells(ax: Axes, values: np.ndarray, fmt: str | Callable[[float], str] = "{:.2f}",
+                   image: Any = None, max_cells: int = 400) -> None:
+    """Write each cell's value on a heatmap (skipped above ``max_cells``); ``fmt`` is a format
+    string or a function of the value; text colour follows the cell colour of ``image`` when
+    given."""
+    text = fmt if callable(fmt) else fmt.format
     mask = np.ma.getmaskarray(values)
     v = np.ma.getdata(values)
     if v.size > max_cells:
@@ -174,7 +176,7 @@ def annotate_cells(ax: Axes, values: np.ndarray, fmt: str = "{:.2f}", image: Any
         color = "black"
         if image is not None:
             color = text_color_on(image.cmap(image.norm(x)))
-        ax.text(j, i, fmt.format(x), ha="center", va="center",
+        ax.text(j, i, text(x), ha="center", va="center",
                 fontsize=FONT_SIZES["annotation"], color=color)
 
 

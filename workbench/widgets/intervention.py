@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from .. import interventions as iv
 from .. import plots
 from ..analysis import next_token_loss
+from ..plots._util import layer_ticks
 from ..plots.style import FONT_SIZES, REFERENCE, WARN, layer_colors, new_figure
 from ._common import (
     PROMPTS,
@@ -280,7 +281,7 @@ class InterventionState:
         T = len(self.tokens)
         shares = [len(e.rerouted[i]) / T for i in self.moe_layers]
         ax_r.bar(range(len(shares)), shares, color=layer_colors(len(shares)))
-        ax_r.set_xticks(range(len(shares)), [f"L{i}" for i in self.moe_layers])
+        layer_ticks(ax_r, self.moe_layers, max_ticks=8)
         ax_r.set_ylim(0, 1)
         ax_r.set_ylabel("tokens re-routed")
         ax_r.set_title("re-routed (top-1 changed)", fontsize=FONT_SIZES["label"])
