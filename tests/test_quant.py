@@ -340,6 +340,21 @@ def test_routing_flip_analysis_and_plot(maverick, runs, bf16_dir):
         assert "top-1 flips" in fs.summary()
     fig = plots.routing_agreement(stats)
     assert len(fig.axes) == 3 and "bf16 vs FP8 (weights) vs FP8 (w8a8)" in fig._suptitle.get_text()
+    assert fig.axes[1].get_xscale() == "log"  # margins of flips and of all tokens, one axis
+
+
+def test_next_token_kl_against_torch():
+    from workbench.parity import next_token_kl
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(0, 3, (2, 1500, 50)), rng.normal(0, 3, (2, 1500, 50))
+    b[0, :7] = a[0, :7]
+    want = torch.nn.functional.kl_div(torch.log_softmax(torch.from_numpy(b), -1),
+                                      torch.log_softmax(torch.from_numpy(a), -1),
+                                      log_target=True, reduction="none").sum(-1).numpy()
+    got = next_token_kl(a.astype(np.float32), b.astype(np.float32), rows=256)  # chunked
+    assert got.shape == (2, 1500) and np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got[0, :7]).max() < 1e-12 and got.min() > -1e-12
+    raises_with(ValueError, lambda: next_token_kl(a, b[:, :3]), "(2, 1500, 50)", "(2, 3, 50)")
 
 
 def test_quantize_cli_writes_the_real_layout(tmp_path, capsys):
