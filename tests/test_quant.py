@@ -257,7 +257,10 @@ def test_w8a8_matches_numpy_reference(maverick, runs, backend):
 
 
 def test_torch_and_jax_agree_w8a8_streamed(runs, maverick):
-    rep = wb.compare(runs("torch", "w8a8", "disk")[0], runs("jax", "w8a8")[0], maverick[3])
+    jm = runs("jax", "w8a8")[0]
+    steps = jm.compiled_steps
+    rep = wb.compare(runs("torch", "w8a8", "disk")[0], jm, maverick[3])
+    assert jm.compiled_steps == steps  # the compare reused the module's compiled jax steps
     assert rep.ok, rep.summary()
     assert rep.label_a == "torch/float32+fp8-w8a8"
     assert len(rep.hooks) > 20  # every hook compared, not only the routing
