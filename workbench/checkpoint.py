@@ -489,7 +489,9 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 infos[name] = TensorInfo(name, hf_name, f, info["dtype"], tuple(info["shape"]),
                                          data_start + b, e - b)
         ck = cls(root, cfg, infos, sorted(ignored), layer_set)
-        ck._ignored_infos = ignored_infos
+        # everything outside the language model, vision tower included, as stored (what a
+        # rewrite such as `workbench quantize` copies through)
+        ck._ignored_infos = {**ignored_infos, **{i.hf_name: i for i in vision.values()}}
         ck._organise_quantised(scheme, strict)
         ck._validate(strict)
         ck._adopt_vision(vision)

@@ -106,9 +106,10 @@ class FlipStats:
 
 
 def flip_stats(trace_a: Any, trace_b: Any, logits_a: np.ndarray,
-               logits_b: np.ndarray) -> FlipStats:
+               logits_b: np.ndarray, kl: np.ndarray | None = None) -> FlipStats:
     """Routing flips between two traces of the same ids holding ``*.moe.router_logits`` and
-    ``*.moe.topk_indices``, and the KL of their logits (B, T, V). Numpy only."""
+    ``*.moe.topk_indices``, and the KL of their logits (B, T, V) (``kl``: already computed
+    by :func:`next_token_kl`). Numpy only."""
     layers = sorted({int(n.split(".")[1]) for n in trace_a
                      if n.endswith(".moe.topk_indices") and n in trace_b})
     flips, frac, fmar, mar = [], [], [], []
@@ -124,10 +125,25 @@ def flip_stats(trace_a: Any, trace_b: Any, logits_a: np.ndarray,
     nan = float("nan")
     down = [[float(flips[j][flips[i]].mean()) if j > i and flips[i].any() else nan
              for j in range(len(layers))] for i in range(len(layers))]
-    pa, pb = _softmax(np.asarray(logits_a, np.float64)), _softmax(np.asarray(logits_b,
-                                                                              np.float64))
-    kl = np.sum(pa * (np.log(pa + 1e-30) - np.log(pb + 1e-30)), -1).reshape(-1)
-    return FlipStats(layers, frac, fmar, mar, down, kl.tolist())
+    if kl is None:
+        kl = next_token_kl(logits_a, logits_b)
+    return FlipStats(layers, frac, fmar, mar, down, np.asarray(kl).reshape(-1).tolist())
+
+
+def next_token_kl(logits_a: np.ndarray, logits_b: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """Per-token KL(a || b) of the next-token distributions of two logits arrays (..., V),
+    in float64 from log-softmaxes, ``rows`` tokens at a time (bounded memory); shape (...)."""
+    a = np.asarray(logits_a)
+    b = np.asarray(logits_b)
+    if a.shape != b.shape:
+        raise ValueError(f"next_token_kl: logits of shapes {a.shape} and {b.shape}")
+    fa, fb = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    out = np.empty(fa.shape[0], np.float64)
+    for i in range(0, fa.shape[0], rows):
+        la = _log_softmax(fa[i:i + rows].astype(np.float64))
+        lb = _log_softmax(fb[i:i + rows].astype(np.float64))
+        out[i:i + rows] = np.sum(np.exp(la) * (la - lb), -1)
+    return out.reshape(a.shape[:-1])
 
 
 @dataclass
@@ -245,8 +261,9 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
     cap = [capture] if isinstance(capture, str) else list(capture)
     needed = ["*.moe.router_logits", "*.moe.topk_indices"]
     ids = model_a.check_ids(input_ids)
-    ta = model_a.run(ids, capture=cap + needed, interventions=interventions).trace
-    tb = model_b.run(ids, capture=cap + needed, interventions=interventions).trace
+    out_a = model_a.run(ids, capture=cap + needed, interventions=interventions)
+    out_b = model_b.run(ids, capture=cap + needed, interventions=interventions)
+    ta, tb = out_a.trace, out_b.trace
     rep = ParityReport(_label(model_a), _label(model_b), tol, near_tie)
     B, T = ids.shape
     # routing and the first flip per row: taint[(layer)] -> per row, first tainted position
@@ -308,12 +325,11 @@ def compare(model_a: Model, model_b: Model, input_ids: Any, capture: Any = "*",
         denom = float(ref.max()) if ref.size else 0.0
         rel = max_abs / denom if denom > 0 else max_abs
         rep.hooks.append(HookDiff(name, layer, max_abs, rel, excluded, rel <= tol))
-    la = _logits(ta, model_a, ids)
-    lb = _logits(tb, model_b, ids)
-    pa, pb = _softmax(la), _softmax(lb)
-    rep.logits_kl = float(np.mean(np.sum(pa * (np.log(pa + 1e-30) - np.log(pb + 1e-30)), -1)))
+    la, lb = out_a.logits, out_b.logits
+    kl = next_token_kl(la, lb)
+    rep.logits_kl = float(np.mean(kl))
     rep.next_token_agreement = float(np.mean(la.argmax(-1) == lb.argmax(-1)))
-    rep.flip_stats = flip_stats(ta, tb, la, lb)
+    rep.flip_stats = flip_stats(ta, tb, la, lb, kl)
     return rep
 
 
@@ -341,13 +357,6 @@ def _near_tie(la: np.ndarray, lb: np.ndarray, k: int, eps: float) -> bool:
     return False
 
 
-def _logits(trace: Any, model: Model, ids: np.ndarray) -> np.ndarray:
-    if "logits" in trace:
-        return trace["logits"].astype(np.float64)
-    return model.run(ids).logits.astype(np.float64)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
+def _log_softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))

@@ -19,8 +19,10 @@ from .style import FONT_SIZES, REFERENCE, layer_colors, new_figure, styled
 def routing_agreement(stats: Mapping[str, FlipStats], reference: str = "bf16") -> Figure:
     """Routing agreement by layer, ``reference`` vs each quantised model (one line each):
     top-1 agreement per MoE layer; the router margins (top-1 minus top-2 logit, in the
-    reference model) of the tokens that flipped against those of all tokens; and, per layer i,
-    how much more likely a token flipped at i is to flip at layer i + 1 than any token (lift).
+    reference model) of the tokens that flipped against those of all tokens, as shares of each
+    group on a log axis (flips sit at near-ties, orders of magnitude below a typical margin);
+    and, per layer i, how much more likely a token flipped at i is to flip at layer i + 1 than
+    any token (lift; "n/a" where layer i has no flip).
     """
     if not stats:
         raise ValueError("routing_agreement: give at least one FlipStats, e.g. "
@@ -33,28 +35,36 @@ def routing_agreement(stats: Mapping[str, FlipStats], reference: str = "bf16") -
     ax_a, ax_m, ax_l = fig.subplots(1, 3)
     colors = layer_colors(len(stats) + 1)[1:]
     width = 0.8 / len(stats)
+    first = next(iter(stats.values()))
+    everything = np.concatenate([np.asarray(m, float) for m in first.margins])
+    flipped = {label: np.concatenate([np.asarray(m, float) for m in s.flip_margins])
+               for label, s in stats.items()}
+    bins = _log_bins(np.concatenate([everything, *flipped.values()]))
+    ax_m.hist(np.clip(everything, bins[0], None), bins=bins, histtype="stepfilled",
+              color=REFERENCE, alpha=0.3, weights=np.full(everything.size, 1 / everything.size),
+              label=f"all tokens ({everything.size})")
     for k, ((label, s), col) in enumerate(zip(stats.items(), colors)):
         agree = 1.0 - np.asarray(s.flip_fraction)
         ax_a.plot(s.layers, agree * 100, "o-", color=col, label=label)
-        flipped = np.concatenate([np.asarray(m, float) for m in s.flip_margins])
-        if flipped.size:
-            ax_m.hist(flipped, bins=30, histtype="step", lw=1.5, color=col, density=True,
-                      label=f"{label}: flipped ({flipped.size})")
+        f = flipped[label]
+        if f.size:
+            ax_m.hist(np.clip(f, bins[0], None), bins=bins, histtype="step", lw=1.5, color=col,
+                      weights=np.full(f.size, 1 / f.size), label=f"{label}: flipped ({f.size})")
         lift = s.lift
-        nxt = [lift[r][r + 1] for r in range(len(s.layers) - 1)]
+        nxt = np.array([lift[r][r + 1] for r in range(len(s.layers) - 1)], float)
         x = np.arange(len(nxt)) + (k - (len(stats) - 1) / 2) * width
         ax_l.bar(x, np.nan_to_num(nxt), width=width, color=col, label=label)
-    first = next(iter(stats.values()))
-    everything = np.concatenate([np.asarray(m, float) for m in first.margins])
-    ax_m.hist(everything, bins=30, histtype="stepfilled", color=REFERENCE, alpha=0.3,
-              density=True, label="all tokens")
+        for xi in x[np.isnan(nxt)]:
+            ax_l.text(xi, 0, "n/a", ha="center", va="bottom", color=col,
+                      fontsize=FONT_SIZES["tick"])
     ax_a.set_xlabel("MoE layer")
     ax_a.set_ylabel(f"top-1 agreement with {reference} (%)")
     ax_a.set_xticks(first.layers)
     ax_a.set_title("routing agreement by layer", fontsize=FONT_SIZES["label"])
     ax_a.legend()
+    ax_m.set_xscale("log")
     ax_m.set_xlabel(f"router margin in {reference} (top-1 − top-2 logit)")
-    ax_m.set_ylabel("density")
+    ax_m.set_ylabel("share of the group's tokens")
     ax_m.set_title("margins of flipped tokens", fontsize=FONT_SIZES["label"])
     ax_m.legend(fontsize=FONT_SIZES["tick"])
     ax_l.axhline(1.0, color=REFERENCE, ls=":", lw=0.8)
@@ -63,6 +73,16 @@ def routing_agreement(stats: Mapping[str, FlipStats], reference: str = "bf16") -
     ax_l.set_xlabel("flip at layer i → flip at layer i+1")
     ax_l.set_ylabel("lift (P(flip | flipped before) / P(flip))")
     ax_l.set_title("do flips propagate?", fontsize=FONT_SIZES["label"])
+    ax_l.legend()
     names = " vs ".join([reference, *stats])
     fig.suptitle(f"Routing agreement by layer, {names}")
     return fig
+
+
+def _log_bins(values: np.ndarray, n: int = 40) -> np.ndarray:
+    """Log-spaced bin edges over the positive ``values`` (margins; exact ties go in the first
+    bin)."""
+    pos = values[np.isfinite(values) & (values > 0)]
+    lo = float(pos.min()) if pos.size else 1e-6
+    hi = float(pos.max()) if pos.size else 1.0
+    return np.geomspace(lo, max(hi, lo * 10), n + 1)
