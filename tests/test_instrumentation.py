@@ -252,3 +252,18 @@ def test_generation_cache_equals_full_forward(setup):
     s1 = model.generate(ids[:, :6], 5, temperature=1.0, top_p=0.9, seed=3).sequences
     s2 = model.generate(ids[:, :6], 5, temperature=1.0, top_p=0.9, seed=3).sequences
     np.testing.assert_array_equal(s1, s2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_capturing_patterns_never_changes_the_forward(backend):
+    """Capturing every hook (attention patterns included) leaves the logits bit-identical,
+    also in bf16, where an eager softmax rounds differently from the fused kernel and can flip
+    routing; a hook function on the pattern still flows into the output."""
+    m = wb.load(wb.widgets.BUNDLED_MODEL, backend=backend, dtype="bfloat16")
+    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, 40))
+    plain = m.run(ids).logits
+    captured = m.run(ids, capture="*")
+    np.testing.assert_array_equal(captured.logits, plain)
+    assert captured.trace["layers.3.attn.pattern"].shape[-1] == 40
+    flat = m.run(ids, hooks={"layers.3.attn.pattern": lambda p: p * 0 + 1 / 40}).logits
+    assert np.abs(flat - plain).max() > 0

@@ -77,6 +77,10 @@ class Recorder:
         name = self.prefix + rel
         return name in self.want or name in self.edits
 
+    def edited(self, rel: str) -> bool:
+        """Whether an intervention or hook function replaces ``rel``'s value."""
+        return self.prefix + rel in self.edits
+
     def __call__(self, rel: str, x: Array) -> Array:
         name = self.prefix + rel
         if name in self.edits:
@@ -334,15 +338,20 @@ def attention_block(ops: Ops, cfg: ModelConfig, kind: LayerKind, lp: Params, x: 
     scale = d ** -0.5
     S = q.shape[2]
     window = rec.window("attn.pattern", S)
-    if rec.wants("attn.pattern") and window is None:
+    if rec.edited("attn.pattern"):  # an edited pattern flows into the output
         probs = ops.attention_probs(q, k, ctx.start, k_start, kind.chunk, scale, pad)
         o = ops.attend(rec("attn.pattern", probs), v)
     else:
+        # capturing the pattern never changes the forward: the output stays the fused
+        # kernel's (in bf16 an eager softmax rounds differently and can flip routing)
         o = ops.attention(q, k, v, ctx.start, k_start, kind.chunk, scale, pad)
         if window is not None:  # a query window over every key: never the S x T pattern
             lo, hi = window
             rec.keep("attn.pattern", ops.attention_probs(
                 ops.seq_slice(q, lo, hi), k, ctx.start + lo, k_start, kind.chunk, scale, pad))
+        elif rec.wants("attn.pattern"):
+            rec("attn.pattern", ops.attention_probs(q, k, ctx.start, k_start, kind.chunk,
+                                                    scale, pad))
     if rec.wants("attn.summary"):
         lo, hi = rec.window("attn.summary", S) or (0, S)
         summary = ops.attention_summary(ops.seq_slice(q, lo, hi), k, ctx.start + lo, k_start,
