@@ -163,3 +163,26 @@ def test_images_run_on_disk_offloaded_models(tmp_path, backend):
     np.testing.assert_allclose(streamed.logits, resident.logits, rtol=tol, atol=tol * scale)
     with pytest.raises(wb.InputError, match="placeholder"):
         streamed_model.run(ids, pixel_values=np.concatenate([px, px]))
+
+
+def test_image_runs_follow_the_thread_choice(monkeypatch):
+    """With images the tower's positions count towards the small-call rule, and an explicit
+    ``threads`` is kept (it used to be ignored whenever pixel values were given)."""
+    from workbench.torch.model import SMALL_CALL_TOKENS
+    model = TorchModel(CFG, tiny_vlm_tensors(), "float32")
+    seen = []
+    inner = model._forward_inner
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return inner(*a, **k)
+
+    monkeypatch.setattr(model, "_forward_inner", spy)
+    ids, px = prompt(np.random.default_rng(4))
+    before = torch.get_num_threads()
+    tower = CFG.vision.grid ** 2 + 1
+    assert ids.shape[1] + tower < SMALL_CALL_TOKENS  # small: one thread
+    model.run(ids[:1], pixel_values=px[:1])
+    model.threads = 3
+    model.run(ids[:1], pixel_values=px[:1])
+    assert seen == [1, 3] and torch.get_num_threads() == before

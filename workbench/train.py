@@ -514,7 +514,8 @@ def _main_multimodal(ns: argparse.Namespace) -> int:
         raise TrainError(f"--out {out} exists and is not a directory")
     if out.resolve() == BUNDLED_MODEL.resolve():
         raise TrainError(f"--out {out} is the bundled text model the multimodal run starts "
-                         "from; choose another directory (e.g. data/scout-mini-vision)")
+                         "from and cannot be its output, even with --overwrite; choose "
+                         "another directory (e.g. data/scout-mini-vision)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TrainError(f"--out {out} is not empty; pass --overwrite to replace it")
     a = MultimodalArgs(out=out, base=BUNDLED_MODEL, steps=ns.steps, batch=ns.batch,
