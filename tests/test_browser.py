@@ -98,17 +98,19 @@ def change_layer_and_wait(page, timeout_ms: int = 120_000) -> None:
     assert page.locator(".workbench-error").count() == 0
 
 
-def test_voila_layer_slider_redraws_the_figure(tmp_path, browser):
+@pytest.mark.parametrize("notebook", ["02_routing_explorer", "08_multimodal_routing"])
+def test_voila_layer_slider_redraws_the_figure(tmp_path, browser, notebook):
+    """The explorer's first figure (08: the image's patch grid) redraws with the slider."""
     (tmp_path / "nb").mkdir()
-    shutil.copy(ROOT / "notebooks" / "02_routing_explorer.ipynb", tmp_path / "nb" / "routing.ipynb")
+    shutil.copy(ROOT / "notebooks" / f"{notebook}.ipynb", tmp_path / "nb" / "routing.ipynb")
     port = free_port()
     cmd = [str(BIN / "voila"), "routing.ipynb", "--no-browser", f"--port={port}",
            "--Voila.ip=127.0.0.1", *makefile_voila_flags()]  # as `make voila` runs it
     blocked: list[str] = []
     with server(cmd, tmp_path, port, env={"JUPYTER_PATH": str(SHARE)}):
         page = local_page(browser, port, blocked)
-        page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
-        change_layer_and_wait(page)
+        page.goto(f"http://127.0.0.1:{port}/", timeout=300_000)
+        change_layer_and_wait(page, timeout_ms=300_000)
         page.screenshot(path=tmp_path / "voila.png", full_page=True)
     assert blocked == [], f"the Voila page tried to fetch from other hosts: {blocked}"
 

@@ -248,14 +248,20 @@ def test_train_refuses_bad_arguments_before_touching_the_disk(tmp_path, capsys, 
                                                               overwrite):
     out = fake_model_dir(tmp_path / "model")
     before = snapshot(tmp_path)
-    bundled = snapshot_meta(REPO / "data" / "scout-mini")
+    bundled = bundled_meta()
     extra, fragment = BAD_TRAIN[case]
     args = ["train", *extra] + ([] if case == "no_out" else ["--out", str(out)])
     rc = main(args + (["--overwrite"] if overwrite else []))
     err = capsys.readouterr().err
     assert rc == 2 and fragment in err, err
     assert snapshot(tmp_path) == before
-    assert snapshot_meta(REPO / "data" / "scout-mini") == bundled
+    assert bundled_meta() == bundled
+
+
+def bundled_meta() -> dict[str, dict[str, tuple[int, int]]]:
+    """snapshot_meta of each bundled model (the text model and the multimodal one)."""
+    return {name: snapshot_meta(REPO / "data" / name)
+            for name in ("scout-mini", "scout-mini-vision") if (REPO / "data" / name).is_dir()}
 
 
 def snapshot_meta(d: Path) -> dict[str, tuple[int, int]]:
@@ -264,11 +270,18 @@ def snapshot_meta(d: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(d.rglob("*"))}
 
 
-@pytest.mark.parametrize("target", ["bundled", "other"])
-def test_train_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys, target):
-    out = REPO / "data" / "scout-mini" if target == "bundled" else fake_model_dir(tmp_path / "m")
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
+@pytest.mark.parametrize("target", ["bundled", "bundled-vision", "other"])
+def test_train_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys, target, multimodal):
+    out = {"bundled": REPO / "data" / "scout-mini",
+           "bundled-vision": REPO / "data" / "scout-mini-vision"}.get(target)
+    if out is None:
+        out = fake_model_dir(tmp_path / "m")
+    elif not out.is_dir():
+        pytest.skip(f"{out} is not there")
     before = snapshot_meta(out)
-    assert main(["train", "--quick", "--out", str(out)]) == 2
+    mode = ["--multimodal"] if multimodal else []
+    assert main(["train", *mode, "--quick", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "--overwrite" in err
     assert snapshot_meta(out) == before

@@ -51,6 +51,16 @@ assert "chunked" in explorer.layer_type.value
 explorer.run_button.click()
 assert not explorer.errors, explorer.errors
 ''',
+    "08_multimodal_routing": '''
+assert explorer.patch_image.layout.display is None  # the image pane shows
+before = explorer.patch_image.value
+explorer.layer_slider.value = 2
+assert explorer.patch_image.value != before, "the patch grid must recolour with the layer"
+patch = int(np.flatnonzero(explorer.state.trace["token_modality"][0] == 1)[3])
+explorer.token_buttons[patch].click()
+assert explorer.state.position == patch and explorer.state.tokens[patch] == "<|patch|>"
+assert not explorer.errors, explorer.errors
+''',
     "90_appendix_pytorch_vs_jax": '''
 before = explorer.errors_image.value
 explorer.dtype_toggle.value = "bfloat16"

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO / "data" / "corpus"
 DEFAULT_TOKENIZER = REPO / "data" / "tokenizer" / "tokenizer.json"
 BUNDLED_MODEL = REPO / "data" / "scout-mini"
+BUNDLED_VISION_MODEL = REPO / "data" / "scout-mini-vision"  # train --multimodal
 
 
 class TrainError(ValueError):
@@ -112,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of the saved weights")
     p.add_argument("--quick", action="store_true",
                    help="about a minute: a smaller model shape and 30 steps (for tests)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's setting; with --multimodal: "
+                        "1, faster for its small products, above all on a busy machine)")
     p.add_argument("--multimodal", action="store_true",
                    help="train a small vision tower on the bundled text model with generated "
                         "captioned images (workbench.vision.train); uses --out, --steps, "
@@ -442,6 +446,7 @@ def _progress(total: int, enabled: bool):
         class _Bar:
             def update(self, n): ...
             def set_postfix(self, **k): ...
+            def set_description(self, d): ...
             def close(self): ...
         return _Bar()
 
@@ -466,7 +471,7 @@ def _main(ns: argparse.Namespace) -> int:
                   batch=ns.batch, context=ns.context, lr=ns.lr, warmup=ns.warmup,
                   weight_decay=ns.weight_decay, clip=ns.clip, aux_coef=ns.aux_coef,
                   z_coef=ns.z_coef, seed=ns.seed, eval_every=ns.eval_every,
-                  snapshots=snapshots, dtype=ns.dtype)
+                  snapshots=snapshots, dtype=ns.dtype, threads=ns.threads)
     overwrite = bool(getattr(ns, "overwrite", False))
     cfg = None
     if ns.quick:
@@ -490,18 +495,48 @@ def _main(ns: argparse.Namespace) -> int:
 
 
 def _main_multimodal(ns: argparse.Namespace) -> int:
+    """``--multimodal``: checks the arguments it uses, trains into a staging directory beside
+    ``--out`` and moves the run into place when it has finished (as ``train``)."""
+    from dataclasses import replace
+
     from .vision.train import MultimodalArgs, train_multimodal
     if ns.out is None:
         raise TrainError("--out is required (e.g. --out data/scout-mini-vision)")
+    for name in ("steps", "batch", "threads"):
+        v = getattr(ns, name)
+        if v is not None and v < 1:
+            raise TrainError(f"--{name} must be an integer >= 1, got {v}")
+    if ns.seed < 0:
+        raise TrainError(f"--seed must be an integer >= 0, got {ns.seed}")
     out = Path(ns.out)
-    if out.exists() and any(out.iterdir()) and not getattr(ns, "overwrite", False):
+    overwrite = bool(getattr(ns, "overwrite", False))
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} exists and is not a directory")
+    if out.resolve() == BUNDLED_MODEL.resolve():
+        raise TrainError(f"--out {out} is the bundled text model the multimodal run starts "
+                         "from and cannot be its output, even with --overwrite; choose "
+                         "another directory (e.g. data/scout-mini-vision)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise TrainError(f"--out {out} is not empty; pass --overwrite to replace it")
-    steps = 20 if ns.quick else ns.steps
-    res = train_multimodal(MultimodalArgs(out=out, base=BUNDLED_MODEL, steps=steps,
-                                          batch=ns.batch, seed=ns.seed, dtype=ns.dtype,
-                                          eval_images=16 if ns.quick else 128))
+    a = MultimodalArgs(out=out, base=BUNDLED_MODEL, steps=ns.steps, batch=ns.batch,
+                       seed=ns.seed, dtype=ns.dtype,
+                       threads=1 if ns.threads is None else ns.threads)
+    if ns.quick:
+        a = replace(a, steps=20, batch=4, train_images=64, eval_images=8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.training-", dir=out.parent))
+    try:
+        res = train_multimodal(replace(a, out=stage))
+        install_run(stage, out, overwrite)
+    except _RunKept:
+        raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     print(f"done: caption loss {res['multimodal']['caption_loss_with_image']:.4f} with the "
-          f"image, {res['text_only_baseline']['caption_loss']:.4f} text-only -> {out}")
+          f"image, {res['text_only_baseline']['caption_loss']:.4f} text-only "
+          f"(untrained {res['untrained']['caption_loss_with_image']:.4f}) in "
+          f"{res['elapsed_s']:.0f} s -> {out}")
     return 0
 
 

@@ -175,9 +175,12 @@ class TorchModel(Model):
 
     def _forward(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None, pad=None,
                  images=None):
-        n = self.threads_for(int(ids.shape[0] * ids.shape[1]))
+        tokens = int(ids.shape[0] * ids.shape[1])
+        if images is not None:  # the tower's positions count too: (P + 1) per tile
+            tokens += int(images[0].shape[0]) * (self.config.vision.grid ** 2 + 1)
+        n = self.threads_for(tokens)
         before = torch.get_num_threads()
-        if n is None or n == before or images is not None:
+        if n is None or n == before:
             return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad, images)
         torch.set_num_threads(n)
         try:

@@ -49,7 +49,10 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
     if _GROUPED and not torch.is_grad_enabled() and _aligned(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w, offs=offs)
-    parts = [xe @ w[e] for e, xe in enumerate(x.split(counts_list)) if counts_list[e]]
+    # unbind, not w[e]: under autograd each w[e] would backpropagate a zero-filled (E, In, Out)
+    # gradient of its own; unbind's backward stacks the per-expert gradients once
+    ws = w.unbind(0)
+    parts = [xe @ ws[e] for e, xe in enumerate(x.split(counts_list)) if counts_list[e]]
     if not parts:
         return x.new_zeros((0, w.shape[-1]))
     return torch.cat(parts)

@@ -78,7 +78,10 @@ class MultimodalArgs:
     lr_text: float = 3e-4
     seed: int = 0
     eval_images: int = 128
+    train_images: int = 2000
     dtype: str = "bfloat16"
+    threads: int = 1  # torch intra-op threads; see train_multimodal
+    progress: bool = True
 
 
 def _tokenizer(base: Path) -> Any:
@@ -144,32 +147,73 @@ class CaptionSet:
         return ids, mask, (self.pixels[which] if with_image else None)
 
 
+def caption_sets(tok: Any, cfg: ModelConfig, a: MultimodalArgs) -> tuple[CaptionSet, CaptionSet]:
+    """The training and validation sets of a run (seeds ``a.seed`` and ``a.seed + 1``)."""
+    from .processor import ImageProcessor
+    ip = ImageProcessor(size=cfg.vision.image_size, max_patches=1)
+    return (CaptionSet(tok, cfg, ip, a.train_images, a.seed),
+            CaptionSet(tok, cfg, ip, a.eval_images, a.seed + 1))
+
+
+def caption_logits(model: Any, ids: np.ndarray, mask: np.ndarray,
+                   pixel_values: np.ndarray | None) -> Any:
+    """Differentiable logits (n, V) predicting the ``mask``-ed targets of ``ids`` (B, T)
+    (``mask`` (B, T-1) over the inputs ``ids[:, :-1]``). The forward runs to the final
+    residual stream and the final norm and lm_head are applied at those positions only: the
+    image prefix has no targets, and the head over the whole vocabulary is the largest
+    product of the step."""
+    import torch
+
+    from ..forward import Recorder, head_step
+    from ..interventions import Plan
+    x = ids[:, :-1]
+    images = None if pixel_values is None else model.check_images(x, pixel_values)
+    plan = Plan()
+    rec = Recorder(model.ops, frozenset(), plan)
+    _, h = model._run(torch.from_numpy(x).to(model.device), plan, rec,
+                      stop_at_layer=model.config.num_hidden_layers, images=images)
+    norm, head = model.weights.head()
+    rows = h[torch.from_numpy(mask).to(h.device)]
+    return head_step(model.ops, model.config, norm, head, rows[None], rec)[0]
+
+
+def _loss(model: Any, ids: np.ndarray, mask: np.ndarray, px: np.ndarray | None,
+          reduction: str = "mean") -> Any:
+    import torch
+    logits = caption_logits(model, ids, mask, px)
+    return torch.nn.functional.cross_entropy(
+        logits, torch.from_numpy(ids[:, 1:][mask]).to(logits.device), reduction=reduction)
+
+
 def caption_loss(model: Any, data: CaptionSet, with_image: bool, bs: int = 32) -> float:
     """Mean next-token loss (nats) over the caption tokens of ``data``."""
     import torch
     tot, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(data.captions), bs):
-            which = np.arange(s, min(s + bs, len(data.captions)))
-            ids, mask, px = data.batch(which, with_image)
-            images = None if px is None else model.check_images(ids[:, :-1], px)
-            logits, _ = model.forward_train(torch.from_numpy(ids[:, :-1]), images=images)
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                   torch.from_numpy(ids[:, 1:]).reshape(-1),
-                                                   reduction="none").reshape(mask.shape)
-            tot += float(ce[torch.from_numpy(mask)].sum())
+            ids, mask, px = data.batch(np.arange(s, min(s + bs, len(data.captions))),
+                                       with_image)
+            tot += float(_loss(model, ids, mask, px, "sum"))
             n += int(mask.sum())
     return tot / n
 
 
 def routing_by_modality(model: Any, data: CaptionSet, n: int = 64) -> dict[str, Any]:
-    """NMI (top-1 expert vs image/text) and the image share of each expert, per layer."""
+    """NMI (top-1 expert vs image/text), JS divergence of the image and text expert shares
+    (and its shuffled-label chance level), and the image share of each expert's tokens, per
+    layer, over the first ``n`` images of ``data`` with their captions (one run per image,
+    so no padding is counted)."""
     from ..analysis.modality import modality_specialisation
-    ids, _, px = data.batch(np.arange(min(n, len(data.captions))))
-    out = model.run(ids, pixel_values=px, capture=["*.moe.topk_indices", "token_modality"])
-    res = modality_specialisation(out.trace, shuffles=50)
+    traces = []
+    for i in range(min(n, len(data.captions))):
+        ids, _, px = data.batch(np.array([i]))
+        traces.append(model.run(ids, pixel_values=px,
+                                capture=["*.moe.topk_indices", "token_modality"]).trace)
+    res = modality_specialisation(traces, shuffles=50)
     return {str(r.layer): {"nmi": round(r.nmi, 4), "js_bits": round(r.js, 4),
                            "js_shuffled_bits": round(r.js_shuffled, 4),
+                           "image_share": [round(float(v), 3) for v in r.image_share],
+                           "text_share": [round(float(v), 3) for v in r.text_share],
                            "image_fraction_per_expert": [round(float(v), 3)
                                                          for v in r.image_fraction]}
             for r in res}
@@ -178,6 +222,8 @@ def routing_by_modality(model: Any, data: CaptionSet, n: int = 64) -> dict[str, 
 def _fit(model: Any, data: CaptionSet, a: MultimodalArgs, with_image: bool,
          log: list[dict]) -> None:
     import torch
+
+    from ..train import _progress
     params = model.params.as_dict()
     for t in params.values():
         t.requires_grad_(True)
@@ -186,72 +232,95 @@ def _fit(model: Any, data: CaptionSet, a: MultimodalArgs, with_image: bool,
     groups = [{"params": txt, "lr": a.lr_text}]
     if vis and with_image:
         groups.append({"params": vis, "lr": a.lr_vision})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.01)
+    # fused: one kernel per step over all parameters instead of a handful per tensor
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     base = [g["lr"] for g in opt.param_groups]
     rng = np.random.default_rng(a.seed + 7)
     t0 = time.time()
+    bar = _progress(a.steps, a.progress)
+    bar.set_description("image + caption" if with_image else "caption only")
     for step in range(a.steps):
         frac = min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step
                                                                          / a.steps)))
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * frac
         ids, mask, px = data.batch(rng.integers(0, len(data.captions), a.batch), with_image)
-        images = None if px is None else model.check_images(ids[:, :-1], px)
-        logits, _ = model.forward_train(torch.from_numpy(ids[:, :-1]), images=images)
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               torch.from_numpy(ids[:, 1:]).reshape(-1),
-                                               reduction="none").reshape(mask.shape)
-        loss = ce[torch.from_numpy(mask)].mean()
+        loss = _loss(model, ids, mask, px)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if step % 25 == 0 or step + 1 == a.steps:
             log.append({"step": step + 1, "caption_loss": round(float(loss.detach()), 4),
                         "elapsed_s": round(time.time() - t0, 1)})
+    bar.close()
     for t in params.values():
         t.requires_grad_(False)
 
 
 def train_multimodal(a: MultimodalArgs) -> dict[str, Any]:
-    """Train, measure and write the multimodal model to ``a.out``; returns the results."""
+    """Train, measure and write the multimodal model to ``a.out``; returns the results.
+
+    Runs with ``a.threads`` torch intra-op threads (restored afterwards). One thread is the
+    default: a step's products are small (a few hundred tokens, width 256), so splitting them
+    gains little, while OpenMP threads that wait on each other on a busy CPU cost several
+    times the step itself.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    try:
+        return _train_multimodal(a)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_multimodal(a: MultimodalArgs) -> dict[str, Any]:
     import torch
 
     from ..checkpoint import Checkpoint
     from ..torch.model import TorchModel
-    from .processor import ImageProcessor
+    from ..torch.model import load as load_torch
 
     torch.manual_seed(a.seed)
     base = Checkpoint.open(a.base)
     tok = _tokenizer(a.base)
     cfg = model_config(base.config, tok)
-    ip = ImageProcessor(size=cfg.vision.image_size, max_patches=1)
-    train = CaptionSet(tok, cfg, ip, max(2000, a.batch * 8), a.seed)
-    val = CaptionSet(tok, cfg, ip, a.eval_images, a.seed + 1)
+    train, val = caption_sets(tok, cfg, a)
     tensors = init_tensors(cfg, base.model_tensors(), a.seed)
     base.close()
+    t0 = time.time()
     model = TorchModel(cfg, {n: t.copy() for n, t in tensors.items()}, "float32")
+    results: dict[str, Any] = {"untrained": {
+        "caption_loss_with_image": round(caption_loss(model, val, True), 4),
+        "caption_loss_without_image": round(caption_loss(model, val, False), 4)}}
     untrained = routing_by_modality(model, val)
-    results: dict[str, Any] = {"untrained": {"caption_loss_with_image":
-                                             round(caption_loss(model, val, True), 4)}}
     log_mm: list[dict] = []
     _fit(model, train, a, True, log_mm)
-    results["multimodal"] = {"caption_loss_with_image": round(caption_loss(model, val, True),
-                                                              4)}
-    text_model = TorchModel(cfg, {n: t.copy() for n, t in tensors.items()}, "float32")
-    log_txt: list[dict] = []
-    _fit(text_model, train, a, False, log_txt)
-    results["text_only_baseline"] = {"caption_loss": round(caption_loss(text_model, val,
-                                                                        False), 4)}
-    results["routing_by_modality"] = {"untrained": untrained,
-                                      "trained": routing_by_modality(model, val)}
-    results["args"] = {k: str(v) for k, v in a.__dict__.items()}
-    results["log"] = {"multimodal": log_mm, "text_only": log_txt}
     out = Path(a.out)
     Checkpoint.save(out, model.state_dict_numpy(), cfg, dtype=a.dtype, multimodal=True)
     tok.save(out)
     (out / "preprocessor_config.json").write_text(json.dumps({
         "size": {"height": cfg.vision.image_size, "width": cfg.vision.image_size},
         "max_patches": 1, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, indent=1) + "\n")
+    del model
+    shipped = load_torch(out)  # measured as shipped (in --dtype), not as trained
+    results["multimodal"] = {
+        "caption_loss_with_image": round(caption_loss(shipped, val, True), 4),
+        "caption_loss_without_image": round(caption_loss(shipped, val, False), 4)}
+    text_model = TorchModel(cfg, {n: t.copy() for n, t in tensors.items()}, "float32")
+    log_txt: list[dict] = []
+    _fit(text_model, train, a, False, log_txt)
+    results["text_only_baseline"] = {"caption_loss": round(caption_loss(text_model, val,
+                                                                        False), 4)}
+    results["routing_by_modality"] = {"untrained": untrained,
+                                      "trained": routing_by_modality(shipped, val)}
+    results["args"] = {k: (Path(v).name if k == "base" else v) for k, v in a.__dict__.items()
+                       if k != "out"}
+    results["elapsed_s"] = round(time.time() - t0, 1)
+    results["log"] = {"multimodal": log_mm, "text_only": log_txt}
     (out / "training_results.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
