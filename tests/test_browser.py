@@ -122,18 +122,26 @@ def set_slider(page, slider, value: int) -> None:
     page.keyboard.press("Enter")
 
 
+# the explorer's figures on show (its patch-grid image stays hidden without an image)
+SHOWN = ("[...document.querySelectorAll('img.widget-image')]"
+         ".filter(i => i.offsetParent !== null)")
+
+
 def change_layer_and_wait(page, timeout_ms: int = 120_000) -> None:
-    """Move the routing explorer's layer slider and wait for its token figure to change."""
-    img = page.locator("img.widget-image").first
+    """Move the routing explorer's layer slider and wait for one of its figures on show to
+    change (the token colours are buttons; the figures that follow the layer are the load
+    bars and, with an image, the patch grid)."""
+    img = page.locator("img.widget-image:visible").first
     img.wait_for(state="visible", timeout=timeout_ms)
-    page.wait_for_function("() => { const i = document.querySelector('img.widget-image');"
-                           " return i && i.src && i.naturalWidth > 0; }", timeout=timeout_ms)
-    before = img.get_attribute("src")
+    page.wait_for_function(f"() => {SHOWN}.length > 0 && "
+                           f"{SHOWN}.every(i => i.src && i.naturalWidth > 0)",
+                           timeout=timeout_ms)
+    before = page.evaluate(f"() => {SHOWN}.map(i => i.src)")
     slider = page.locator(".widget-slider").first
     set_slider(page, slider, 2)
-    page.wait_for_function("(old) => document.querySelector('img.widget-image').src !== old",
-                           arg=before, timeout=timeout_ms)
-    page.wait_for_function("() => document.querySelector('img.widget-image').naturalWidth > 0",
+    page.wait_for_function(f"(old) => {SHOWN}.some((i, k) => i.src !== old[k])", arg=before,
+                           timeout=timeout_ms)
+    page.wait_for_function(f"() => {SHOWN}.every(i => i.naturalWidth > 0)",
                            timeout=timeout_ms)
     assert slider.locator(".widget-readout").inner_text().strip() == "2"
     assert page.locator(".workbench-error").count() == 0
