@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,17 +280,25 @@ def train(a: TrainArgs, cfg: ModelConfig | None = None, progress: bool = True,
     val_batches = val_stream.fixed(a.eval_batches * a.batch, a.context)
 
     out = Path(a.out)
+    return run_staged(out, overwrite,
+                      lambda stage: _train(a, cfg, tok, train_stream, val_batches, stage,
+                                           progress))
+
+
+def run_staged(out: Path, overwrite: bool, run: Callable[[Path], Any]) -> Any:
+    """``run(stage)`` in a fresh staging folder beside ``out``, then the stage installed as
+    ``out``; a failed run leaves nothing behind (unless it kept its folder on purpose)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.training-", dir=out.parent))
     try:
-        log = _train(a, cfg, tok, train_stream, val_batches, stage, progress)
+        result = run(stage)
         install_run(stage, out, overwrite)
     except _RunKept:
         raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return log
+    return result
 
 
 class _RunKept(TrainError):
@@ -523,16 +532,7 @@ def _main_multimodal(ns: argparse.Namespace) -> int:
                        threads=1 if ns.threads is None else ns.threads)
     if ns.quick:
         a = replace(a, steps=20, batch=4, train_images=64, eval_images=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.training-", dir=out.parent))
-    try:
-        res = train_multimodal(replace(a, out=stage))
-        install_run(stage, out, overwrite)
-    except _RunKept:
-        raise
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    res = run_staged(out, overwrite, lambda stage: train_multimodal(replace(a, out=stage)))
     print(f"done: caption loss {res['multimodal']['caption_loss_with_image']:.4f} with the "
           f"image, {res['text_only_baseline']['caption_loss']:.4f} text-only "
           f"(untrained {res['untrained']['caption_loss_with_image']:.4f}) in "
