@@ -61,12 +61,14 @@ def _ce_sum_and_preds(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int, 
     return float(np.sum(lse - picked)), int(tgt.size), z.argmax(axis=-1)
 
 
-def _as_ids(x: ArrayLike, name: str) -> np.ndarray:
+def as_token_batch(x: ArrayLike, what: str) -> np.ndarray:
+    """Token ids as (batch, seq >= 2) integers (a 1-D sequence becomes one row); ValueError
+    naming ``what`` otherwise."""
     ids = np.asarray(x)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] < 2 or ids.dtype.kind not in "iu":
-        raise ValueError(f"domain {name!r}: token ids must be an integer array (batch, seq) with "
+        raise ValueError(f"{what}: token ids must be an integer array (batch, seq) with "
                          f"seq >= 2, got shape {ids.shape} dtype {ids.dtype}")
     return ids
 
@@ -174,8 +176,8 @@ def expert_ablation(model: Any, inputs: Mapping[str, ArrayLike] | ArrayLike, lay
         if n_random < 1:
             raise ValueError(f"n_random must be >= 1 or None, got {n_random}")
         null = np.random.default_rng(seed).integers(0, E, size=int(n_random))
-    domains = ({str(k): _as_ids(v, str(k)) for k, v in inputs.items()}
-               if isinstance(inputs, Mapping) else {"all": _as_ids(inputs, "all")})
+    domains = ({str(k): as_token_batch(v, f"domain {str(k)!r}") for k, v in inputs.items()}
+               if isinstance(inputs, Mapping) else {"all": as_token_batch(inputs, "domain 'all'")})
     if not domains:
         raise ValueError("no inputs given")
     make = ban_expert if mode == "ban" else zero_expert

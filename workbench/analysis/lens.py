@@ -28,7 +28,7 @@ from numpy.typing import ArrayLike
 from ..interventions import ban_expert, patch
 from ..trace import Trace
 from ._common import need
-from .causal import next_token_loss
+from .causal import as_token_batch, next_token_loss
 
 
 # --------------------------------------------------------------------------- logit lens
@@ -196,12 +196,7 @@ def top_expert_knockout(model: Any, ids: ArrayLike, layers: Sequence[int] | None
     """Next-token loss as the busiest ``fraction`` of each layer's experts are banned
     (DeepSeek-MoE style; busiest by load on the clean run), against banning as many random
     experts. Every fraction must leave more experts than the model's top-k."""
-    x = np.asarray(ids)
-    if x.ndim == 1:
-        x = x[None]
-    if x.ndim != 2 or x.shape[1] < 2 or x.dtype.kind not in "iu":
-        raise ValueError(f"top_expert_knockout: ids must be integers (batch, seq >= 2), got "
-                         f"{x.dtype} {x.shape}")
+    x = as_token_batch(ids, "top_expert_knockout")
     cfg = model.config
     moe = list(cfg.moe_layers)
     layers = moe if layers is None else [int(i) for i in layers]
