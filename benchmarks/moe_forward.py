@@ -241,6 +241,35 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
     return row
 
 
+def summary_table(rows: list[dict], rate: float, bw: float) -> str:
+    """The one-table summary (markdown): prefill tok/s and the ratio to transformers, the
+    fraction of the matmul rate (active FLOPs) and of the read bandwidth (expert bytes a
+    forward must read once), decode tok/s against its bandwidth floor, jax's compile time."""
+    def f(x: float | None, fmt: str) -> str:
+        return "—" if x is None or x != x else format(x, fmt)
+
+    lines = ["| E | dtype | prefill tok/s torch / jax | × transformers torch / jax | torch % of "
+             "matmul | expert phase % of bandwidth | decode tok/s torch / jax | decode time ÷ "
+             "floor torch / jax | jax compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hf = r.get("hf_tok_s")
+        jx = r.get("jax_tok_s")
+        floor = bw * 1e9 / r["decode_bytes"]
+        expert_gbs = r["expert_weight_bytes"] / r["capture_none_s"] / 1e9
+        td, jd = r["torch_decode_tok_s"], r.get("jax_decode_tok_s")
+        lines.append(
+            f"| {r['experts']} | {r['dtype']} | {r['torch_tok_s']:.0f} / {f(jx, '.0f')} | "
+            f"{f(r['torch_tok_s'] / hf if hf else None, '.1f')}× / "
+            f"{f(jx / hf if hf and jx else None, '.1f')}× | "
+            f"{100 * r['torch_gflops'] / rate:.0f}% | "
+            f"{100 * expert_gbs / bw:.0f}% ({expert_gbs:.1f} GB/s over the whole forward: "
+            "a lower bound) | "
+            f"{td:.0f} / {f(jd, '.0f')} | {floor / td:.2f}× / "
+            f"{f(floor / jd if jd else None, '.2f')}× | {f(r.get('jax_compile_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, nargs="+", default=[16, 128])
@@ -267,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["matmul_gflops"] = rate
         row["bandwidth_gb_s"] = bw
+    print()
+    print(summary_table(rows, rate, bw))
     print()
     hdr = (f"{'E':>4s} {'ours torch tok/s':>16s} {'ours jax tok/s':>14s} {'HF tok/s':>9s} "
            f"{'torch/HF':>8s} {'jax/HF':>7s} {'jax/torch':>9s} {'GFLOP/s':>8s} {'% matmul':>8s}")
