@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_ep import compare_runs
 
 HERE = Path(__file__).resolve()
 TIMEOUT_S = 300
@@ -100,23 +101,9 @@ def test_refusals(results: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the worker
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def _compare(ref, ep, ids: np.ndarray, interventions: list, capture: object = "*") -> dict:
-    a = ref.run(ids, capture=capture, interventions=interventions)
-    b = ep.run(ids, capture=capture, interventions=interventions)
-    assert set(a.trace) == set(b.trace)
-    worst = _rel(b.logits, a.logits)
-    for n in a.trace:
-        assert a.trace[n].shape == b.trace[n].shape, n
-        if a.trace[n].dtype.kind == "f":
-            worst = max(worst, _rel(b.trace[n], a.trace[n]))
-    idx = sorted(n for n in a.trace if n.endswith("moe.topk_indices"))
-    return {"worst_rel": worst, "hooks": len(a.trace),
-            "routing_equal": all(np.array_equal(a.trace[n], b.trace[n]) for n in idx),
-            "trace": a.trace}
+    summary, a, _, _ = compare_runs(ref, ep, ids, interventions, capture)
+    return {**summary, "trace": a.trace}
 
 
 def _case(path: str, data_mesh: bool) -> tuple[dict, dict]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_ep import compare_runs
 
 HERE = Path(__file__).resolve()
 TIMEOUT_S = 240  # the whole two-process run (bounded; a hung collective fails the test)
@@ -131,10 +132,6 @@ def test_needs_a_process_group(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the worker
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def _digest(out) -> str:
     h = hashlib.sha256(np.ascontiguousarray(out.logits).tobytes())
     for n in sorted(out.trace):
@@ -144,19 +141,9 @@ def _digest(out) -> str:
 
 
 def _compare(ref, ep, ids: np.ndarray, interventions: list) -> dict:
-    a = ref.run(ids, capture="*", interventions=interventions)
-    b = ep.run(ids, capture="*", interventions=interventions)
-    assert set(a.trace) == set(b.trace)
-    worst = _rel(b.logits, a.logits)
-    for n in a.trace:
-        assert a.trace[n].shape == b.trace[n].shape, n
-        if a.trace[n].dtype.kind == "f":
-            worst = max(worst, _rel(b.trace[n], a.trace[n]))
-    idx = [n for n in a.trace if n.endswith("moe.topk_indices")]
+    summary, a, b, idx = compare_runs(ref, ep, ids, interventions)
     chosen = np.concatenate([a.trace[n].ravel() for n in idx])
-    return {"worst_rel": worst, "hooks": len(a.trace),
-            "routing_equal": all(np.array_equal(a.trace[n], b.trace[n]) for n in idx),
-            "distinct_experts": int(len(np.unique(chosen))),
+    return {**summary, "distinct_experts": int(len(np.unique(chosen))),
             "k": int(a.trace[idx[0]].shape[-1]), "digest": _digest(b), "chosen": chosen}
 
 
