@@ -102,22 +102,31 @@ def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
 def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
                  prompt: int = 16) -> dict:
     """Greedy decode tok/s (batch 1, ``new`` cached steps after a ``prompt``-token prefill) in
-    torch and jax, best of two timed runs after a warm-up, and the bytes one step must read
-    (attention, norms, router, shared expert, k experts per MoE layer, lm_head, one embedding
-    row: ``workbench.plan``'s decode count, the same bytes resident or streamed)."""
+    torch (its default thread choice for small steps, and ``threads=2``) and jax, best of
+    three timed runs after a warm-up, and the bytes one step must read (attention, norms,
+    router, shared expert, k experts per MoE layer, lm_head, one embedding row:
+    ``workbench.plan``'s decode count, the same bytes resident or streamed)."""
     from workbench.plan import make_plan
     from workbench.torch.model import TorchModel
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, prompt))
     out = {"decode_bytes": make_plan(cfg, 1 << 50, dtype, read_rate=1e9).decode_read,
-           "decode_new_tokens": new}
-    models = {"torch": TorchModel(cfg, tensors, dtype)}
+           "decode_new_tokens": new, "dtype": dtype}
+    tm = TorchModel(cfg, tensors, dtype)
+    models = {"torch": tm}
     try:
         from workbench.jax.model import JaxModel
         models["jax"] = JaxModel(cfg, tensors, dtype)
     except ImportError:
         pass
-    for name, m in models.items():
-        m.generate(ids, 4, temperature=0)  # compiles jax's prefill and decode steps
+
+    def two_threads():
+        tm.threads = 2
+    variants = [(name, m, None) for name, m in models.items()] + [("torch_2threads", tm,
+                                                                   two_threads)]
+    for name, m, setup in variants:
+        if setup is not None:
+            setup()
+        m.generate(ids, new + 1, temperature=0)  # compiles jax's prefill and decode steps
         best = {1: float("inf"), new + 1: float("inf")}
         for _ in range(3):  # prefill only, and prefill + ``new`` cached steps, alternating
             for n in best:
@@ -128,8 +137,65 @@ def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
     return out
 
 
+def bench_expert_phase(cfg: ModelConfig, tensors: dict, dtype: str, ids: np.ndarray,
+                       repeats: int = 6) -> dict:
+    """The expert phase alone, in torch and jax: every MoE layer's routed experts on the
+    routing the model chose for ``ids`` (inputs random, which does not change the cost),
+    timed round-robin. Returns its seconds per forward and the bytes it must read (each
+    expert used, once), whose ratio is the phase's achieved read rate."""
+    import torch
+
+    from workbench.torch import moe as tmoe
+    from workbench.torch.model import TorchModel
+    tm = TorchModel(cfg, tensors, dtype)
+    trace = tm.run(ids, capture=["*.moe.topk_indices", "*.moe.topk_scores"]).trace
+    rng = np.random.default_rng(0)
+    routes = []
+    for i in cfg.moe_layers:
+        idx = trace[f"layers.{i}.moe.topk_indices"].reshape(-1, cfg.num_experts_per_tok)
+        gates = trace[f"layers.{i}.moe.topk_scores"].reshape(idx.shape)
+        x = rng.standard_normal((idx.shape[0], cfg.hidden_size)).astype(np.float32)
+        routes.append((i, x, idx, gates))
+    itemsize = 2 if dtype == "bfloat16" else 4
+    nbytes = sum(len(np.unique(idx)) * 3 * cfg.hidden_size * cfg.intermediate_size * itemsize
+                 for _, _, idx, _ in routes)
+    targs = [(tm.ops.asarray(x).to(tm.torch_dtype), torch.from_numpy(idx.astype(np.int64)),
+              tm.ops.asarray(g).to(tm.torch_dtype), tm.weights.layer(i)["experts"])
+             for i, x, idx, g in routes]
+
+    def torch_phase():
+        with torch.inference_mode():
+            for a in targs:
+                tmoe.dispatch(*a)
+
+    fns = {"torch": torch_phase}
+    try:
+        import jax
+
+        from workbench.jax import moe as jmoe
+        from workbench.jax.model import JaxModel
+    except ImportError:
+        jax = None
+    if jax is not None:
+        jm = JaxModel(cfg, tensors, dtype)
+        step = jax.jit(jmoe.dispatch)
+        jargs = [(jm.put(x), jax.device_put(idx.astype(np.int32)), jm.put(g),
+                  jm.weights.layer(i)["experts"]) for i, x, idx, g in routes]
+
+        def jax_phase():
+            for a in jargs:
+                step(*a).block_until_ready()
+
+        jax_phase()  # compiles
+        fns["jax"] = jax_phase
+    best = timed_interleaved(fns, repeats)
+    out = {"expert_phase_bytes": nbytes}
+    out.update({f"{k}_expert_phase_s": v for k, v in best.items()})
+    return out
+
+
 def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
-              dtype: str = "float32") -> dict:
+              dtype: str = "float32", decode_dtypes: tuple[str, ...] = ()) -> dict:
     import torch
 
     from workbench.forward import Recorder
@@ -235,7 +301,14 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
         del hf, sd
     del ours
     gc.collect()
+    row.update(bench_expert_phase(cfg, tensors, dtype, ids, max(6, 2 * repeats)))
+    gc.collect()
     row.update(bench_decode(cfg, tensors, dtype))
+    row["decode"] = [{k: v for k, v in row.items() if "decode" in k or k == "dtype"}]
+    for other in decode_dtypes:
+        if other != dtype:
+            gc.collect()
+            row["decode"].append(bench_decode(cfg, tensors, other))
     ours = tensors = None  # free the weights before the next configuration
     gc.collect()
     return row
@@ -243,30 +316,38 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
 
 def summary_table(rows: list[dict], rate: float, bw: float) -> str:
     """The one-table summary (markdown): prefill tok/s and the ratio to transformers, the
-    fraction of the matmul rate (active FLOPs) and of the read bandwidth (expert bytes a
-    forward must read once), decode tok/s against its bandwidth floor, jax's compile time."""
+    fraction of the matmul rate (active FLOPs), the expert phase's read rate (the bytes of
+    the experts used, read once, over the phase's own time) as a fraction of the read
+    bandwidth, decode tok/s against its bandwidth floor per dtype, and jax's compile time."""
     def f(x: float | None, fmt: str) -> str:
         return "—" if x is None or x != x else format(x, fmt)
 
     lines = ["| E | dtype | prefill tok/s torch / jax | × transformers torch / jax | torch % of "
-             "matmul | expert phase % of bandwidth | decode tok/s torch / jax | decode time ÷ "
-             "floor torch / jax | jax compile s |",
+             "matmul | expert phase GB/s torch / jax (% of bandwidth) | decode tok/s torch / "
+             "jax | decode time ÷ floor torch / jax | jax compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = r.get("hf_tok_s")
         jx = r.get("jax_tok_s")
-        floor = bw * 1e9 / r["decode_bytes"]
-        expert_gbs = r["expert_weight_bytes"] / r["capture_none_s"] / 1e9
-        td, jd = r["torch_decode_tok_s"], r.get("jax_decode_tok_s")
-        lines.append(
-            f"| {r['experts']} | {r['dtype']} | {r['torch_tok_s']:.0f} / {f(jx, '.0f')} | "
-            f"{f(r['torch_tok_s'] / hf if hf else None, '.1f')}× / "
-            f"{f(jx / hf if hf and jx else None, '.1f')}× | "
-            f"{100 * r['torch_gflops'] / rate:.0f}% | "
-            f"{100 * expert_gbs / bw:.0f}% ({expert_gbs:.1f} GB/s over the whole forward: "
-            "a lower bound) | "
-            f"{td:.0f} / {f(jd, '.0f')} | {floor / td:.2f}× / "
-            f"{f(floor / jd if jd else None, '.2f')}× | {f(r.get('jax_compile_s'), '.1f')} |")
+        phase = [r["expert_phase_bytes"] / r[k] / 1e9 if r.get(k) else None
+                 for k in ("torch_expert_phase_s", "jax_expert_phase_s")]
+        pct = " / ".join(f(100 * g / bw if g else None, ".0f") + "%" for g in phase)
+        for i, d in enumerate(r["decode"]):
+            floor = bw * 1e9 / d["decode_bytes"]
+            td, jd = d["torch_decode_tok_s"], d.get("jax_decode_tok_s")
+            decode = (f"{td:.0f} / {f(jd, '.0f')}", f"{floor / td:.2f}× / "
+                      f"{f(floor / jd if jd else None, '.2f')}×")
+            if i:  # decode in another dtype: its own line
+                lines.append(f"| {r['experts']} | {d['dtype']} (decode) | | | | | {decode[0]} | "
+                             f"{decode[1]} | |")
+                continue
+            lines.append(
+                f"| {r['experts']} | {r['dtype']} | {r['torch_tok_s']:.0f} / {f(jx, '.0f')} | "
+                f"{f(r['torch_tok_s'] / hf if hf else None, '.1f')}× / "
+                f"{f(jx / hf if hf and jx else None, '.1f')}× | "
+                f"{100 * r['torch_gflops'] / rate:.0f}% | "
+                f"{f(phase[0], '.1f')} / {f(phase[1], '.1f')} ({pct}) | "
+                f"{decode[0]} | {decode[1]} | {f(r.get('jax_compile_s'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -279,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-hf", action="store_true", help="do not run transformers")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and activations of all three models")
+    ap.add_argument("--decode-dtypes", nargs="*", default=["float32", "bfloat16"],
+                    choices=["float32", "bfloat16"], help="dtypes greedy decode is timed in")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     a = ap.parse_args(argv)
     import torch
@@ -287,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     bw = memory_bandwidth(64 * 2**20 if a.quick else 512 * 2**20)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured {a.dtype} "
           f"matmul rate {rate:.1f} GFLOP/s, memory read bandwidth {bw:.1f} GB/s")
-    rows = [bench_one(E, a.seq, a.repeats, a.quick, a.skip_hf, a.dtype) for E in a.experts]
+    rows = [bench_one(E, a.seq, a.repeats, a.quick, a.skip_hf, a.dtype,
+                      tuple(a.decode_dtypes)) for E in a.experts]
     # the machine is shared: a second measurement after the runs, and the better one is used
     rate = max(rate, matmul_rate(n, dtype=a.dtype))
     bw = max(bw, memory_bandwidth(64 * 2**20 if a.quick else 512 * 2**20))
@@ -312,15 +396,27 @@ def main(argv: list[str] | None = None) -> int:
               f"{jx / r['torch_tok_s'] if jx else float('nan'):8.2f}x "
               f"{r['torch_gflops']:8.1f} {100 * r['torch_gflops'] / rate:7.0f}%")
     print()
-    print("decode (batch 1, greedy, cached; floor = bytes one step reads / read bandwidth):")
-    print(f"{'E':>4s} {'MB/step':>8s} {'floor tok/s':>11s} {'torch tok/s':>11s} "
-          f"{'torch/floor':>11s} {'jax tok/s':>9s} {'jax/floor':>9s}")
+    print("decode (batch 1, greedy, cached; floor = bytes one step reads / read bandwidth; "
+          "torch by default runs a decode step on 1 thread):")
+    print(f"{'E':>4s} {'dtype':>9s} {'MB/step':>8s} {'floor tok/s':>11s} {'torch tok/s':>11s} "
+          f"{'torch/floor':>11s} {'torch 2 thr':>11s} {'jax tok/s':>9s} {'jax/floor':>9s}")
     for r in rows:
-        floor = bw * 1e9 / r["decode_bytes"]
-        tt, jt = r["torch_decode_tok_s"], r.get("jax_decode_tok_s", float("nan"))
-        r["decode_floor_tok_s"] = floor
-        print(f"{r['experts']:4d} {r['decode_bytes'] / 1e6:8.1f} {floor:11.0f} {tt:11.0f} "
-              f"{floor / tt:10.2f}x {jt:9.0f} {floor / jt:8.2f}x")
+        for d in r["decode"]:
+            floor = bw * 1e9 / d["decode_bytes"]
+            tt, jt = d["torch_decode_tok_s"], d.get("jax_decode_tok_s", float("nan"))
+            d["decode_floor_tok_s"] = floor
+            print(f"{r['experts']:4d} {d['dtype']:>9s} {d['decode_bytes'] / 1e6:8.1f} "
+                  f"{floor:11.0f} {tt:11.0f} {floor / tt:10.2f}x "
+                  f"{d['torch_2threads_decode_tok_s']:11.0f} {jt:9.0f} {floor / jt:8.2f}x")
+    print()
+    print("expert phase alone (the experts used, read once; seconds per forward):")
+    for r in rows:
+        for b in ("torch", "jax"):
+            t = r.get(f"{b}_expert_phase_s")
+            if t:
+                g = r["expert_phase_bytes"] / t / 1e9
+                print(f"  E={r['experts']} {b}: {t:.3f} s for {r['expert_phase_bytes'] / 2**30:.2f}"
+                      f" GiB: {g:.1f} GB/s, {100 * g / bw:.0f}% of the read bandwidth")
     print()
     print("hook cost (torch, seconds per forward; ratio to the uninstrumented forward):")
     for r in rows:

@@ -291,6 +291,7 @@ def test_every_tile_size_matches_torch(scout, monkeypatch):
     A = ids.size * cfg.num_experts_per_tok
     assert jmoe.tile_rows(A, cfg.num_local_experts) == 8
     assert jmoe.tile_rows(4096, 16) == 128 and jmoe.tile_rows(512, 16) == 16
+    assert jmoe.tile_rows(1, 16) == 1 and jmoe.tile_rows(3, 128) == 4  # capped by A
     for tile in (1, 3, 2 * A):
         monkeypatch.setattr(jmoe, "tile_rows", lambda a, e, t=tile: t)
         jm = jax_model(path)

@@ -37,7 +37,7 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
          max_memory: int | str | None = None,
          max_position_embeddings: int | None = None, threads: int | None = None,
          expert_parallel: bool = False, mesh: Any = None,
-         quant: str | None = None) -> Model:
+         quant: str | None = None, compile: bool | dict[str, Any] = False) -> Model:
     """Load a Llama 4 checkpoint directory on ``backend`` ("torch" | "jax") in ``dtype``.
 
     ``device``: torch takes "cpu", "cuda", "cuda:N", "mps" or a torch.device; jax takes a
@@ -58,6 +58,10 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
     over fewer than 64 positions (a decode step) runs on one thread and larger ones use
     torch's setting (``model.threads`` can be changed later). jax's CPU thread pool is fixed
     when jax starts (``XLA_FLAGS``), so the jax backend refuses ``threads``.
+
+    ``compile=True`` (torch) runs each decoder layer as a ``torch.compile``d step (CUDA
+    graphs on CUDA; a dict passes ``torch.compile`` keyword arguments; see
+    ``TorchModel.set_compile``). The jax backend always compiles its steps.
 
     ``expert_parallel=True`` shards each MoE layer's experts: jax over ``jax.devices()`` on a
     mesh axis named "expert" (or over ``mesh=``, a ``jax.sharding.Mesh`` with an "expert" and
@@ -85,6 +89,9 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
                              "pool when it starts (set XLA_FLAGS before importing jax)")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r} must be an int >= 1 (or None)")
+    if compile is not False and backend != "torch":
+        raise ValueError("compile= applies to the torch backend; the jax backend always "
+                         "compiles its steps")
     if not isinstance(expert_parallel, bool):
         raise ValueError(f"expert_parallel={expert_parallel!r} must be True or False")
     if mesh is not None and backend != "jax":
@@ -98,6 +105,8 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
                   quant=quant, **parallel)
     if threads is not None:
         model.threads = threads
+    if compile is not False:
+        model.set_compile(compile)
     if max_position_embeddings is not None:
         model.set_max_positions(max_position_embeddings)
     return model

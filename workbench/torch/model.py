@@ -10,17 +10,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import hooks as hk
 from ..checkpoint import Checkpoint, ExpertWeights
 from ..config import ModelConfig
 from ..forward import (
     Context,
     Executor,
+    LayerKind,
+    LayerPlan,
     Padding,
     PadMask,
     Recorder,
     ResidentWeights,
     first_nonfinite,
     forward,
+    layer_step,
 )
 from ..interventions import Plan
 from ..model import CaptureSpec, Model, raise_nonfinite, store
@@ -47,6 +51,20 @@ from .parallel import (
 from .quant import FP8Expert, FP8Experts, dequantize, fp8_tokens, to_fp8
 
 SMALL_CALL_TOKENS = 64  # forwards over fewer positions run single-threaded on the CPU
+
+
+class CompiledLayers(Executor):
+    """The eager executor with each decoder layer run by a ``torch.compile``d ``layer_step``
+    (``TorchModel.set_compile``): the same recorder, hooks and interventions, traced."""
+
+    def __init__(self, ops: Any, cfg: ModelConfig, plan: Plan, rec: Recorder, step: Any):
+        super().__init__(ops, cfg, plan, rec)
+        self.step = step
+
+    def layer(self, i: int, lp: dict, h: torch.Tensor, ctx: Context, cache: Any) -> Any:
+        return self.step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx,
+                         self.rec.scope(hk.absolute(i, "")), LayerPlan.of(self.cfg, self.plan, i),
+                         cache)
 
 
 class Params(nn.Module):
@@ -80,6 +98,7 @@ class TorchModel(Model):
         self.shard = shard  # expert parallel: this rank's experts and process group
         self._device = resolve_device(device)
         self.threads: int | None = None  # intra-op threads per forward (None: threads_for)
+        self._compiled: tuple[Any, Any] | None = None  # (layer step, ops): see set_compile
         self.quant = quant  # None, or how FP8 weights run: "weights" | "w8a8"
         tdt = TORCH_DTYPES[dtype]
         # FP8 experts stay FP8 and their scales float32; the rest in the model dtype
@@ -143,7 +162,11 @@ class TorchModel(Model):
              cache: dict | None = None, stop_at_layer: int | None = None,
              pad: Padding | None = None,
              images: tuple[np.ndarray, np.ndarray] | None = None):
-        ex = Executor(self.ops, self.config, plan, rec)
+        if self._compiled is None or torch.is_grad_enabled():
+            ex = Executor(self.ops, self.config, plan, rec)
+        else:
+            step, ops = self._compiled
+            ex = CompiledLayers(ops, self.config, plan, rec, step)
         image = None if images is None else self._image(images, rec)
         return forward(ex, self.weights, ids, self._context(start, ids.shape[1], pad),
                        cache,
@@ -161,6 +184,32 @@ class TorchModel(Model):
                                split_params(vc, self.params.as_dict()),
                                self.ops.asarray(pixels).to(self.torch_dtype), cos, sin)
         return self.ops.asarray(positions), feats.reshape(-1, feats.shape[-1])
+
+    def set_compile(self, options: bool | dict[str, Any] = True) -> None:
+        """Run each decoder layer as a ``torch.compile``d layer step (False: eagerly again).
+
+        ``options`` are ``torch.compile``'s keyword arguments (``True``: ``dynamic=True``, and
+        on CUDA ``mode="reduce-overhead"``, i.e. CUDA graphs). Expert dispatch (data-dependent
+        shapes) and the KV-cache append (in-place buffers) stay eager; attention, norms, RoPE,
+        the router and the shared expert are traced. Hooks and interventions are traced with
+        them: a new capture set or intervention plan costs one recompile of the layer. Training
+        (``forward_train``) stays eager.
+        """
+        if options is False or options is None:
+            self._compiled = None
+            return
+        if options is True:
+            options = {"dynamic": True}
+            if self._device.type == "cuda":
+                options["mode"] = "reduce-overhead"
+        if not isinstance(options, dict):
+            raise ValueError(f"compile={options!r}: True, False or a dict of torch.compile "
+                             "keyword arguments")
+        import copy
+        ops = copy.copy(self.ops)
+        ops.dispatch = torch.compiler.disable(self.ops.dispatch)
+        ops.cache_update = torch.compiler.disable(self.ops.cache_update)
+        self._compiled = (torch.compile(layer_step, **options), ops)
 
     def threads_for(self, tokens: int) -> int | None:
         """Intra-op threads a forward over ``tokens`` (batch x seq) positions runs with: the
