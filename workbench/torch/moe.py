@@ -110,14 +110,28 @@ def expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torc
     return expert_matmul(gu[:, inter:] * F.silu(gu[:, :inter]), down, counts, counts_list)
 
 
+def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (n, In) @ w (In, Out); bf16 on the CPU is computed in fp32 (an exact upcast, one
+    rounding at the end, as a bf16 product accumulating in fp32 rounds) because torch's CPU
+    bf16 kernel for a weight in this (in, out) layout reads it 20 to 1000 times slower than
+    the fp32 product on CPUs without native bf16 (the experts' checkpoint layout). One row
+    (a decode step) goes through ``torch.mv`` on the transposed weight instead, which gives
+    the same values without converting the weight."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        if x.shape[0] == 1:
+            return torch.mv(w.T, x[0])[None]
+        return (x.float() @ w.float()).to(x.dtype)
+    return x @ w
+
+
 def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                   act: Any = None) -> torch.Tensor:
     """One expert on its rows x (n, D): down(silu(gate x) * up x) with gate_up (D, 2I) and
     down (I, D); ``act`` quantises the inputs of both products (w8a8)."""
-    gu = (x if act is None else act(x)) @ gate_up
+    gu = _mm(x if act is None else act(x), gate_up)
     inter = gu.shape[-1] // 2
     h = gu[:, inter:] * F.silu(gu[:, :inter])
-    return (h if act is None else act(h)) @ down
+    return _mm(h if act is None else act(h), down)
 
 
 def cpu_expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, gate_up: torch.Tensor,
