@@ -3,7 +3,7 @@
 Dispatch sorts the (token, choice) assignments by expert and runs each expert's rows through
 its weights, so cost follows the tokens routed, not the number of experts: on accelerators
 with ``torch._grouped_mm``; on the CPU (inference) one fused SwiGLU per expert used, the
-experts split between two worker threads (see ``cpu_expert_rows``); under autograd a loop of
+experts split between two threads (see ``cpu_expert_rows``); under autograd a loop of
 per-expert matmuls.
 """
 
@@ -137,8 +137,8 @@ def expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
 def cpu_expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, gate_up: torch.Tensor,
                     down: torch.Tensor) -> torch.Tensor:
     """Expert-sorted rows through resident experts on the CPU: one fused SwiGLU per expert
-    used (its intermediate stays in cache), the experts used split in two halves run by two
-    worker threads.
+    used (its intermediate stays in cache), the experts used split in two halves, one run by
+    the calling thread and one by a worker thread.
 
     The phase reads each used expert's weights once with a few rows each (about 4 for 512
     tokens over 128 experts), where one product is too small to split well between threads:
