@@ -99,6 +99,23 @@ def select_experts(logits: jax.Array, k: int, ban: tuple[int, ...],
     return jax.lax.top_k(sel, k)[1]
 
 
+def expert_branches(experts: list[Any], tile: int) -> list[Callable[[jax.Array], jax.Array]]:
+    """One function per expert taking its tile of rows (tile, D) to the expert's outputs: the
+    ``lax.switch`` branches of the dispatch (FP8 experts dequantised per tile)."""
+    def ffn(w: Any) -> Callable[[jax.Array], jax.Array]:
+        def run(xt: jax.Array) -> jax.Array:
+            gate_up, down, act = expert_weights(w, xt.dtype)  # FP8: dequantised per tile
+            if not act and xt.dtype == jnp.float32 and tile <= SKINNY_ROWS:
+                return skinny_swiglu(xt, gate_up, down)
+            gu = linear(fp8_tokens(xt) if act else xt, gate_up)
+            inter = gu.shape[-1] // 2
+            h = gu[:, inter:] * silu(gu[:, :inter])
+            return linear(fp8_tokens(h) if act else h, down)
+        return run
+
+    return [ffn(w) for w in experts]
+
+
 def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
                  experts: list[tuple[jax.Array, jax.Array]], tile: int) -> jax.Array:
     """Expert outputs (A, D) for expert-sorted inputs xs (A, D), in tiles of ``tile`` rows.
@@ -121,18 +138,7 @@ def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
     xs = jnp.concatenate([xs, jnp.zeros((tile, D), xs.dtype)])  # a slice never clamps
     rows = jnp.arange(tile)[:, None]
 
-    def ffn(w: Any) -> Callable[[jax.Array], jax.Array]:
-        def run(xt: jax.Array) -> jax.Array:
-            gate_up, down, act = expert_weights(w, xt.dtype)  # FP8: dequantised per tile
-            if not act and xt.dtype == jnp.float32 and tile <= SKINNY_ROWS:
-                return skinny_swiglu(xt, gate_up, down)
-            gu = linear(fp8_tokens(xt) if act else xt, gate_up)
-            inter = gu.shape[-1] // 2
-            h = gu[:, inter:] * silu(gu[:, :inter])
-            return linear(fp8_tokens(h) if act else h, down)
-        return run
-
-    branches = [ffn(w) for w in experts]
+    branches = expert_branches(experts, tile)
 
     def body(i, y):
         s = start[i]
@@ -156,6 +162,11 @@ def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
     k = idx.shape[1]
     E = len(experts)
     flat = idx.reshape(-1)
+    if flat.shape[0] == 1:  # one assignment (a decode step): its expert, no sort or loop
+        ok = (flat[0] >= 0) & (flat[0] < E)
+        x1 = xf[:1] * gates.reshape(-1)[:, None]
+        y = jax.lax.switch(jnp.where(ok, flat[0], 0), expert_branches(experts, 1), x1)
+        return jnp.where(ok, y, jnp.zeros_like(y))
     key = jnp.where((flat >= 0) & (flat < E), flat, E)  # outside the group: sorted last
     order = jnp.argsort(key, stable=True)
     counts = jnp.bincount(key, length=E + 1)[:E]
