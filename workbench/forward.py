@@ -374,23 +374,27 @@ def mlp_block(ops: Ops, lp: Params, x: Array, rec: Recorder) -> Array:
 
 # ----------------------------------------------------------------------------- the loop
 class Executor:
-    """Runs the steps of one forward. This one calls them eagerly with one shared recorder;
-    a compiling backend overrides ``embed``/``layer``/``head`` to call compiled versions of the
-    same steps (and merges what they captured into ``rec.out``)."""
+    """Runs the steps of one forward. This one calls them eagerly with one shared recorder
+    (``step``: the layer step it calls, ``layer_step`` or a traced version of it, e.g.
+    ``torch.compile(layer_step)``); a compiling backend overrides ``embed``/``layer``/``head``
+    to call compiled versions of the same steps (and merges what they captured into
+    ``rec.out``)."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, plan: Plan, rec: Recorder):
+    def __init__(self, ops: Ops, cfg: ModelConfig, plan: Plan, rec: Recorder,
+                 step: Callable[..., tuple[Array, Any]] | None = None):
         self.ops = ops
         self.cfg = cfg
         self.plan = plan
         self.rec = rec
+        self.step = layer_step if step is None else step
 
     def embed(self, table: Array, ids: Array, image: tuple[Array, Array] | None = None) -> Array:
         return embed_step(self.ops, table, ids, self.rec.scope(""), image)
 
     def layer(self, i: int, lp: Params, h: Array, ctx: Context, cache: Any) -> tuple[Array, Any]:
-        return layer_step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx,
-                          self.rec.scope(hk.absolute(i, "")), LayerPlan.of(self.cfg,
-                                                                           self.plan, i), cache)
+        return self.step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx,
+                         self.rec.scope(hk.absolute(i, "")), LayerPlan.of(self.cfg, self.plan, i),
+                         cache)
 
     def head(self, norm: Array, head: Array, h: Array) -> Array:
         return head_step(self.ops, self.cfg, norm, head, h, self.rec.scope(""))

@@ -10,14 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import hooks as hk
 from ..checkpoint import Checkpoint, ExpertWeights
 from ..config import ModelConfig
 from ..forward import (
     Context,
     Executor,
-    LayerKind,
-    LayerPlan,
     Padding,
     PadMask,
     Recorder,
@@ -51,20 +48,6 @@ from .parallel import (
 from .quant import FP8Expert, FP8Experts, dequantize, fp8_tokens, to_fp8
 
 SMALL_CALL_TOKENS = 64  # forwards over fewer positions run single-threaded on the CPU
-
-
-class CompiledLayers(Executor):
-    """The eager executor with each decoder layer run by a ``torch.compile``d ``layer_step``
-    (``TorchModel.set_compile``): the same recorder, hooks and interventions, traced."""
-
-    def __init__(self, ops: Any, cfg: ModelConfig, plan: Plan, rec: Recorder, step: Any):
-        super().__init__(ops, cfg, plan, rec)
-        self.step = step
-
-    def layer(self, i: int, lp: dict, h: torch.Tensor, ctx: Context, cache: Any) -> Any:
-        return self.step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx,
-                         self.rec.scope(hk.absolute(i, "")), LayerPlan.of(self.cfg, self.plan, i),
-                         cache)
 
 
 class Params(nn.Module):
@@ -164,9 +147,9 @@ class TorchModel(Model):
              images: tuple[np.ndarray, np.ndarray] | None = None):
         if self._compiled is None or torch.is_grad_enabled():
             ex = Executor(self.ops, self.config, plan, rec)
-        else:
+        else:  # the compiled layer step, with its ops (dispatch and cache append eager)
             step, ops = self._compiled
-            ex = CompiledLayers(ops, self.config, plan, rec, step)
+            ex = Executor(ops, self.config, plan, rec, step)
         image = None if images is None else self._image(images, rec)
         return forward(ex, self.weights, ids, self._context(start, ids.shape[1], pad),
                        cache,

@@ -145,24 +145,32 @@ def cpu_expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, gate_up: torch.Te
     two experts at a time read memory faster than one expert split in two. Each expert's
     result does not depend on the split, so the output is the same with any thread count.
     """
-    used, counts = torch.unique_consecutive(sorted_e, return_counts=True)
-    used_l = used.tolist()
-    parts = xin.split(counts.tolist())
+    used, parts = _by_expert(xin, sorted_e)
 
     def run(lo: int, hi: int) -> list[torch.Tensor]:
         with torch.inference_mode():
-            return [expert_swiglu(parts[j], gate_up[used_l[j]], down[used_l[j]])
+            return [expert_swiglu(parts[j], gate_up[used[j]], down[used[j]])
                     for j in range(lo, hi)]
 
-    n = len(used_l)
-    if n == 0:
-        return xin.new_zeros((0, xin.shape[-1]))
+    n = len(used)
     if n < MIN_SPLIT_EXPERTS or torch.get_num_threads() < 2:
-        return torch.cat(run(0, n))
+        return _cat(run(0, n), xin)
     half = n // 2
     second = _pool().submit(run, half, n)
     first = run(0, half)
-    return torch.cat(first + second.result())
+    return _cat(first + second.result(), xin)
+
+
+def _by_expert(xin: torch.Tensor, sorted_e: torch.Tensor
+               ) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+    """The experts used (in order) and each one's rows of the expert-sorted xin."""
+    used, counts = torch.unique_consecutive(sorted_e, return_counts=True)
+    return used.tolist(), xin.split(counts.tolist())
+
+
+def _cat(parts: list[torch.Tensor], xin: torch.Tensor) -> torch.Tensor:
+    """Per-expert outputs joined in order ((0, D) when no expert was used)."""
+    return torch.cat(parts) if parts else xin.new_zeros((0, xin.shape[-1]))
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -177,14 +185,13 @@ def _pool() -> ThreadPoolExecutor:
 def _streamed(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torch.Tensor:
     """Expert-sorted rows through experts read on demand: each expert used is read once,
     used, and dropped before the next is read (unless the source's cache keeps it)."""
-    used, counts = torch.unique_consecutive(sorted_e, return_counts=True)
     act = getattr(experts, "act_quant", None)  # w8a8: FP8 expert inputs, per token
-    parts = []
-    for e, xe in zip(used.tolist(), xin.split(counts.tolist())):
+    out = []
+    for e, xe in zip(*_by_expert(xin, sorted_e)):
         gate_up, down = expert_weights(experts.fetch([e])[e], xin.dtype)  # FP8: dequantised
-        parts.append(expert_swiglu(xe, gate_up, down, act))
+        out.append(expert_swiglu(xe, gate_up, down, act))
         del gate_up, down
-    return torch.cat(parts) if parts else xin.new_zeros((0, xin.shape[-1]))
+    return _cat(out, xin)
 
 
 def zero_gates(gates: torch.Tensor, idx: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
