@@ -1,0 +1,403 @@
+/* Few-row products that stream their weights, for the CPU (x86-64 with AVX2 and FMA).
+ *
+ * A decode step, or an expert that receives a handful of tokens, multiplies 1-8 rows by a
+ * weight read once from memory. Library GEMMs pack the weight into panels first (fine when
+ * many rows reuse it, a second pass over memory when few do), so they read it at a fraction
+ * of the machine's bandwidth. These kernels read each weight element once, in address order,
+ * and apply it to every row while it is in a register.
+ *
+ * Weights are fp32 or bf16 (converted to fp32 in registers: exact); activations and sums are
+ * fp32. Every output element's sum runs over k in the same order whatever the thread count or
+ * the column split, so results do not depend on threads.
+ *
+ * Two layouts:
+ *   wb_linear:  y = x @ W.T with W (O, K) (nn.Linear layout): dot products along W's rows.
+ *   wb_experts: per expert e, out = (silu(x @ Wg) * (x @ Wu)) @ Wd, with [Wg | Wu] = GU[e]
+ *               (D, 2I) and Wd = DN[e] (I, D) (the checkpoint's (in, out) layout): rows of W
+ *               are added into the outputs four at a time.
+ * Both split their columns between the calling thread and one worker thread.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- loads, rounding, silu */
+
+static inline __m256 load8(const void *w, long off, int bf16) {
+    if (bf16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + off));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    }
+    return _mm256_loadu_ps((const float *)w + off);
+}
+
+static inline float load1(const void *w, long off, int bf16) {
+    if (bf16) {
+        uint32_t u = (uint32_t)((const uint16_t *)w)[off] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return ((const float *)w)[off];
+}
+
+/* fp32 -> nearest bf16 (ties to even), returned as fp32; NaN stays NaN */
+static inline float round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) {
+        u |= 0x00400000u;
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);
+    }
+    u &= 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* ---------------------------------------------------------------- y = x @ W.T, W (O, K) */
+
+/* outputs o0..o1 of rows r0..r0+rn (rn <= 2), four outputs at a time */
+static void dot_rows(const float *x, long K, int rn, const void *w, int bf16, long o0, long o1,
+                     float *y, long ldy) {
+    const float *x0 = x, *x1 = x + (rn > 1 ? K : 0);
+    long o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        long k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 w0 = load8(w, o * K + k, bf16), w1 = load8(w, (o + 1) * K + k, bf16);
+            __m256 w2 = load8(w, (o + 2) * K + k, bf16), w3 = load8(w, (o + 3) * K + k, bf16);
+            __m256 v = _mm256_loadu_ps(x0 + k);
+            a0 = _mm256_fmadd_ps(v, w0, a0);
+            a1 = _mm256_fmadd_ps(v, w1, a1);
+            a2 = _mm256_fmadd_ps(v, w2, a2);
+            a3 = _mm256_fmadd_ps(v, w3, a3);
+            if (rn > 1) {
+                v = _mm256_loadu_ps(x1 + k);
+                b0 = _mm256_fmadd_ps(v, w0, b0);
+                b1 = _mm256_fmadd_ps(v, w1, b1);
+                b2 = _mm256_fmadd_ps(v, w2, b2);
+                b3 = _mm256_fmadd_ps(v, w3, b3);
+            }
+        }
+        float s[2][4][8];
+        _mm256_storeu_ps(s[0][0], a0);
+        _mm256_storeu_ps(s[0][1], a1);
+        _mm256_storeu_ps(s[0][2], a2);
+        _mm256_storeu_ps(s[0][3], a3);
+        _mm256_storeu_ps(s[1][0], b0);
+        _mm256_storeu_ps(s[1][1], b1);
+        _mm256_storeu_ps(s[1][2], b2);
+        _mm256_storeu_ps(s[1][3], b3);
+        for (int r = 0; r < rn; r++) {
+            const float *xr = r ? x1 : x0;
+            for (int q = 0; q < 4; q++) {
+                float t = ((s[r][q][0] + s[r][q][1]) + (s[r][q][2] + s[r][q][3])) +
+                          ((s[r][q][4] + s[r][q][5]) + (s[r][q][6] + s[r][q][7]));
+                for (long kk = k; kk < K; kk++) t += xr[kk] * load1(w, (o + q) * K + kk, bf16);
+                y[r * ldy + o + q] = t;
+            }
+        }
+    }
+    for (; o < o1; o++) {
+        for (int r = 0; r < rn; r++) {
+            const float *xr = r ? x1 : x0;
+            float t = 0.0f;
+            for (long kk = 0; kk < K; kk++) t += xr[kk] * load1(w, o * K + kk, bf16);
+            y[r * ldy + o] = t;
+        }
+    }
+}
+
+static void dot_mm(const float *x, long n, long K, const void *w, int bf16, long o0, long o1,
+                   float *y, long ldy) {
+    for (long r = 0; r < n; r += 2)
+        dot_rows(x + r * K, K, n - r < 2 ? (int)(n - r) : 2, w, bf16, o0, o1, y + r * ldy, ldy);
+}
+
+/* ---------------------------------------------------------------- y = x @ W, W (K, ldw) */
+
+/* y[r, c0:c1] += sum over k..k+kb (kb <= 4) of x[r, k'] W[k', c0:c1], rows r < rn (rn <= 4) */
+static inline __attribute__((always_inline)) void axpy_block(
+    const float *x, long ldx, int rn, long k, int kb, const void *w, long ldw, int bf16,
+    long c0, long c1, float *y, long ldy) {
+    __m256 b[4][4];
+    for (int r = 0; r < rn; r++)
+        for (int q = 0; q < 4; q++)
+            b[r][q] = _mm256_set1_ps(q < kb ? x[r * ldx + k + q] : 0.0f);
+    long c = c0;
+    for (; c + 8 <= c1; c += 8) {
+        __m256 w0 = load8(w, k * ldw + c, bf16);
+        __m256 w1 = kb > 1 ? load8(w, (k + 1) * ldw + c, bf16) : _mm256_setzero_ps();
+        __m256 w2 = kb > 2 ? load8(w, (k + 2) * ldw + c, bf16) : _mm256_setzero_ps();
+        __m256 w3 = kb > 3 ? load8(w, (k + 3) * ldw + c, bf16) : _mm256_setzero_ps();
+        for (int r = 0; r < rn; r++) {
+            float *yr = y + r * ldy + c;
+            __m256 acc = _mm256_loadu_ps(yr);
+            acc = _mm256_fmadd_ps(b[r][0], w0, acc);
+            if (kb > 1) acc = _mm256_fmadd_ps(b[r][1], w1, acc);
+            if (kb > 2) acc = _mm256_fmadd_ps(b[r][2], w2, acc);
+            if (kb > 3) acc = _mm256_fmadd_ps(b[r][3], w3, acc);
+            _mm256_storeu_ps(yr, acc);
+        }
+    }
+    for (; c < c1; c++)
+        for (int r = 0; r < rn; r++) {
+            float t = y[r * ldy + c];
+            for (int q = 0; q < kb; q++) t += x[r * ldx + k + q] * load1(w, (k + q) * ldw + c, bf16);
+            y[r * ldy + c] = t;
+        }
+}
+
+#define AXPY_RN(RN)                                                                         \
+    static void axpy_rows##RN(const float *x, long ldx, long k0, long k1, const void *w,    \
+                              long ldw, int bf16, long c0, long c1, float *y, long ldy) {   \
+        long k = k0;                                                                        \
+        for (; k + 4 <= k1; k += 4) axpy_block(x, ldx, RN, k, 4, w, ldw, bf16, c0, c1, y, ldy); \
+        if (k < k1) axpy_block(x, ldx, RN, k, (int)(k1 - k), w, ldw, bf16, c0, c1, y, ldy);   \
+    }
+AXPY_RN(1)
+AXPY_RN(2)
+AXPY_RN(3)
+AXPY_RN(4)
+
+#define BLOCK_BYTES (128 * 1024) /* a block of W's rows that stays in L2 for every row group */
+
+/* y[n, :O] = x[n, k0:k1] @ W[k0:k1, :O] (x rows K apart, y rows O apart); more than four
+ * rows go in groups of four over blocks of W's rows, so W is read from memory once */
+static void axpy_mm(const float *x, long n, long K, long k0, long k1, const void *w, long O,
+                    int bf16, float *y) {
+    memset(y, 0, sizeof(float) * n * O);
+    long kblk = n <= 4 ? k1 - k0 : BLOCK_BYTES / (O * (bf16 ? 2 : 4));
+    kblk = kblk < 4 ? 4 : kblk & ~3L;
+    for (long kb = k0; kb < k1; kb += kblk) {
+        long ke = kb + kblk < k1 ? kb + kblk : k1;
+        for (long r = 0; r < n; r += 4) {
+            long rn = n - r < 4 ? n - r : 4;
+            const float *xr = x + r * K;
+            float *yr = y + r * O;
+            if (rn == 1) axpy_rows1(xr, K, kb, ke, w, O, bf16, 0, O, yr, O);
+            else if (rn == 2) axpy_rows2(xr, K, kb, ke, w, O, bf16, 0, O, yr, O);
+            else if (rn == 3) axpy_rows3(xr, K, kb, ke, w, O, bf16, 0, O, yr, O);
+            else axpy_rows4(xr, K, kb, ke, w, O, bf16, 0, O, yr, O);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- two threads */
+
+typedef void (*task_fn)(void *arg, int tid, int nthreads);
+
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel job at a time */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cond = PTHREAD_COND_INITIALIZER;
+static atomic_long job_seq = 0;  /* bumped to post a job */
+static atomic_long job_done = 0; /* set to job_seq by the worker when it finishes */
+static atomic_int sleeping = 0;
+static task_fn job_fn;
+static void *job_arg;
+static int worker_started = 0;
+static atomic_int bar_count = 0, bar_sense = 0;
+
+#define SPIN_BEFORE_SLEEP 200000 /* polls (~tens of microseconds) before the worker sleeps */
+
+static void *worker_main(void *unused) {
+    (void)unused;
+    long seen = 0;
+    for (;;) {
+        long s;
+        int spins = 0;
+        while ((s = atomic_load_explicit(&job_seq, memory_order_acquire)) == seen) {
+            if (++spins < SPIN_BEFORE_SLEEP) {
+                _mm_pause();
+                continue;
+            }
+            pthread_mutex_lock(&wake_lock);
+            atomic_store(&sleeping, 1);
+            while (atomic_load(&job_seq) == seen) pthread_cond_wait(&wake_cond, &wake_lock);
+            atomic_store(&sleeping, 0);
+            pthread_mutex_unlock(&wake_lock);
+            spins = 0;
+        }
+        seen = s;
+        job_fn(job_arg, 1, 2);
+        atomic_store_explicit(&job_done, s, memory_order_release);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) {
+    /* the worker thread does not exist in a forked child: start a new one when needed */
+    pthread_mutex_init(&job_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    pthread_cond_init(&wake_cond, NULL);
+    worker_started = 0;
+    atomic_store(&job_seq, 0);
+    atomic_store(&job_done, 0);
+    atomic_store(&sleeping, 0);
+}
+
+static int start_worker(void) {
+    if (worker_started) return 1;
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int ok = pthread_create(&t, &attr, worker_main, NULL) == 0;
+    pthread_attr_destroy(&attr);
+    if (ok) {
+        static int registered = 0;
+        if (!registered) pthread_atfork(NULL, NULL, after_fork_child);
+        registered = 1;
+        worker_started = 1;
+    }
+    return ok;
+}
+
+/* both threads wait here until both have arrived */
+static void barrier2(int nthreads) {
+    if (nthreads < 2) return;
+    int sense = atomic_load(&bar_sense);
+    if (atomic_fetch_add(&bar_count, 1) == 1) {
+        atomic_store(&bar_count, 0);
+        atomic_store(&bar_sense, !sense);
+    } else {
+        while (atomic_load(&bar_sense) == sense) _mm_pause();
+    }
+}
+
+/* fn(arg, tid, n) on the calling thread and, when threads > 1 and the worker is free, on the
+ * worker too (n = 2); otherwise on the calling thread alone (n = 1) */
+static void run_parallel(task_fn fn, void *arg, int threads) {
+    if (threads < 2 || pthread_mutex_trylock(&job_lock) != 0) {
+        fn(arg, 0, 1);
+        return;
+    }
+    if (!start_worker()) {
+        pthread_mutex_unlock(&job_lock);
+        fn(arg, 0, 1);
+        return;
+    }
+    job_fn = fn;
+    job_arg = arg;
+    long s = atomic_load(&job_seq) + 1;
+    atomic_store_explicit(&job_seq, s, memory_order_release);
+    if (atomic_load(&sleeping)) {
+        pthread_mutex_lock(&wake_lock);
+        pthread_cond_signal(&wake_cond);
+        pthread_mutex_unlock(&wake_lock);
+    }
+    fn(arg, 0, 2);
+    while (atomic_load_explicit(&job_done, memory_order_acquire) != s) _mm_pause();
+    pthread_mutex_unlock(&job_lock);
+}
+
+/* columns [c0, c1) of n in thread tid's share, in multiples of 8 */
+static void share(long n, int tid, int nthreads, long *c0, long *c1) {
+    long half = nthreads < 2 ? n : ((n / 2 + 7) / 8) * 8;
+    if (half > n) half = n;
+    *c0 = tid == 0 ? 0 : half;
+    *c1 = tid == 0 ? half : n;
+    if (nthreads < 2) *c1 = n;
+}
+
+/* ---------------------------------------------------------------- exported */
+
+typedef struct {
+    const float *x;
+    long n, K, O;
+    const void *w;
+    int bf16;
+    float *y;
+} linear_job;
+
+static void linear_task(void *arg, int tid, int nthreads) {
+    linear_job *j = arg;
+    long o0, o1;
+    share(j->O, tid, nthreads, &o0, &o1);
+    dot_mm(j->x, j->n, j->K, j->w, j->bf16, o0, o1, j->y, j->O);
+}
+
+/* y (n, O) = x (n, K) @ W.T, W (O, K) fp32 or bf16 */
+void wb_linear(const float *x, long n, long K, const void *w, long O, int bf16, float *y,
+               int threads) {
+    linear_job j = {x, n, K, O, w, bf16, y};
+    run_parallel(linear_task, &j, O >= 64 ? threads : 1);
+}
+
+typedef struct {
+    const float *x;        /* (A, D) rows sorted by expert */
+    const int64_t *offs;   /* nexp + 1 row offsets */
+    const int64_t *ids;    /* nexp expert ids */
+    long nexp, D, I;
+    const void *gu, *dn;   /* (E, D, 2I), (E, I, D) */
+    int bf16;
+    float *out;            /* (A, D) */
+    float *part[2], *h;    /* two (max rows, 2I) partial sums, (max rows, I) */
+} experts_job;
+
+/* the first half of 0..K (a multiple of 4): each half of a product's sum is one thread's
+ * contiguous part of the weight, and the halves are added the same way on one thread */
+static long half_k(long K) { return ((K / 2 + 3) / 4) * 4 < K ? ((K / 2 + 3) / 4) * 4 : K; }
+
+static void experts_task(void *arg, int tid, int nthreads) {
+    experts_job *j = arg;
+    long D = j->D, I = j->I, kd = half_k(D), ki = half_k(I);
+    int es = j->bf16 ? 2 : 4;
+    long i0, i1, d0, d1;
+    share(I, tid, nthreads, &i0, &i1);
+    share(D, tid, nthreads, &d0, &d1);
+    for (long e = 0; e < j->nexp; e++) {
+        long r0 = j->offs[e], n = j->offs[e + 1] - r0;
+        if (n <= 0) continue;
+        const char *gu = (const char *)j->gu + j->ids[e] * D * 2 * I * es;
+        const char *dn = (const char *)j->dn + j->ids[e] * I * D * es;
+        const float *x = j->x + r0 * D;
+        for (int t = tid; t < 2; t += nthreads) /* [g | u] = x @ GU[e], half of D each */
+            axpy_mm(x, n, D, t ? kd : 0, t ? D : kd, gu, 2 * I, j->bf16, j->part[t]);
+        barrier2(nthreads);
+        for (long r = 0; r < n; r++) { /* h = silu(g) * u on this thread's columns */
+            const float *p0 = j->part[0] + r * 2 * I, *p1 = j->part[1] + r * 2 * I;
+            float *h = j->h + r * I;
+            for (long i = i0; i < i1; i++) {
+                float g = p0[i] + p1[i], u = p0[I + i] + p1[I + i];
+                if (j->bf16) /* as the model computes it in bf16: each result rounded */
+                    h[i] = round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(u));
+                else
+                    h[i] = silu(g) * u;
+            }
+        }
+        barrier2(nthreads);
+        for (int t = tid; t < 2; t += nthreads) /* h @ DN[e], half of I each */
+            axpy_mm(j->h, n, I, t ? ki : 0, t ? I : ki, dn, D, j->bf16, j->part[t]);
+        barrier2(nthreads);
+        for (long r = 0; r < n; r++) {
+            const float *p0 = j->part[0] + r * D, *p1 = j->part[1] + r * D;
+            float *o = j->out + (r0 + r) * D;
+            for (long d = d0; d < d1; d++) o[d] = p0[d] + p1[d];
+        }
+        barrier2(nthreads); /* the partial sums are reused by the next expert */
+    }
+}
+
+/* out (A, D) = the rows of x (A, D), grouped by expert (offs, ids), through their experts'
+ * SwiGLU; part0 and part1 (max rows, 2I) and h (max rows, I) are scratch */
+void wb_experts(const float *x, const int64_t *offs, const int64_t *ids, long nexp,
+                const void *gu, const void *dn, long D, long I, int bf16, float *out,
+                float *part0, float *part1, float *h, int threads) {
+    experts_job j = {x, offs, ids, nexp, D, I, gu, dn, bf16, out, {part0, part1}, h};
+    run_parallel(experts_task, &j, (D >= 64 && I >= 64) ? threads : 1);
+}
+
+/* 1 when this CPU runs these kernels (AVX2 and FMA) */
+int wb_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
