@@ -22,6 +22,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---------------------------------------------------------------- loads, rounding, silu */
@@ -71,6 +72,33 @@ static void dot_rows(const float *x, long K, int rn, const void *w, int bf16, lo
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         long k = 0;
+        if (rn == 1) { /* two sums per output: twice the FMAs in flight */
+            const char *next = (const char *)w + (o + 4) * K * (bf16 ? 2 : 4);
+            for (; k + 16 <= K; k += 16) {
+                /* the next four rows, as far along as these: 4 x 16 weights */
+                const char *p = next + k * (bf16 ? 8 : 16);
+                _mm_prefetch(p, _MM_HINT_T0);
+                _mm_prefetch(p + 64, _MM_HINT_T0);
+                if (!bf16) {
+                    _mm_prefetch(p + 128, _MM_HINT_T0);
+                    _mm_prefetch(p + 192, _MM_HINT_T0);
+                }
+                __m256 v = _mm256_loadu_ps(x0 + k), u = _mm256_loadu_ps(x0 + k + 8);
+                a0 = _mm256_fmadd_ps(v, load8(w, o * K + k, bf16), a0);
+                b0 = _mm256_fmadd_ps(u, load8(w, o * K + k + 8, bf16), b0);
+                a1 = _mm256_fmadd_ps(v, load8(w, (o + 1) * K + k, bf16), a1);
+                b1 = _mm256_fmadd_ps(u, load8(w, (o + 1) * K + k + 8, bf16), b1);
+                a2 = _mm256_fmadd_ps(v, load8(w, (o + 2) * K + k, bf16), a2);
+                b2 = _mm256_fmadd_ps(u, load8(w, (o + 2) * K + k + 8, bf16), b2);
+                a3 = _mm256_fmadd_ps(v, load8(w, (o + 3) * K + k, bf16), a3);
+                b3 = _mm256_fmadd_ps(u, load8(w, (o + 3) * K + k + 8, bf16), b3);
+            }
+            a0 = _mm256_add_ps(a0, b0);
+            a1 = _mm256_add_ps(a1, b1);
+            a2 = _mm256_add_ps(a2, b2);
+            a3 = _mm256_add_ps(a3, b3);
+            b0 = b1 = b2 = b3 = _mm256_setzero_ps();
+        }
         for (; k + 8 <= K; k += 8) {
             __m256 w0 = load8(w, o * K + k, bf16), w1 = load8(w, (o + 1) * K + k, bf16);
             __m256 w2 = load8(w, (o + 2) * K + k, bf16), w3 = load8(w, (o + 3) * K + k, bf16);
@@ -116,8 +144,47 @@ static void dot_rows(const float *x, long K, int rn, const void *w, int bf16, lo
     }
 }
 
-static void dot_mm(const float *x, long n, long K, const void *w, int bf16, long o0, long o1,
-                   float *y, long ldy) {
+/* one row, bf16 W: 16 weights load as eight 32-bit pairs; shifting and masking gives the
+ * even and the odd ones as fp32 without a shuffle, against x split the same way (xp) */
+static void dot_bf16_row(const float *xp, const float *x, long K, const uint16_t *w, long o0,
+                         long o1, float *y) {
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    long K16 = K & ~15L, o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        __m256 a[4], b[4];
+        for (int q = 0; q < 4; q++) a[q] = b[q] = _mm256_setzero_ps();
+        const char *next = (const char *)(w + (o + 4) * K); /* the next four rows */
+        for (long k = 0; k < K16; k += 16) {
+            _mm_prefetch(next + 8 * k, _MM_HINT_T0); /* 4 rows x 16 weights = 2 lines */
+            _mm_prefetch(next + 8 * k + 64, _MM_HINT_T0);
+            __m256 xe = _mm256_loadu_ps(xp + k), xo = _mm256_loadu_ps(xp + k + 8);
+            for (int q = 0; q < 4; q++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(w + (o + q) * K + k));
+                a[q] = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), a[q]);
+                b[q] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v, hi)), b[q]);
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            float s[8];
+            _mm256_storeu_ps(s, _mm256_add_ps(a[q], b[q]));
+            float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+            for (long k = K16; k < K; k++) t += x[k] * load1(w, (o + q) * K + k, 1);
+            y[o + q] = t;
+        }
+    }
+    for (; o < o1; o++) {
+        float t = 0.0f;
+        for (long k = 0; k < K; k++) t += x[k] * load1(w, o * K + k, 1);
+        y[o] = t;
+    }
+}
+
+static void dot_mm(const float *x, const float *xp, long n, long K, const void *w, int bf16,
+                   long o0, long o1, float *y, long ldy) {
+    if (bf16 && n == 1) {
+        dot_bf16_row(xp, x, K, w, o0, o1, y);
+        return;
+    }
     for (long r = 0; r < n; r += 2)
         dot_rows(x + r * K, K, n - r < 2 ? (int)(n - r) : 2, w, bf16, o0, o1, y + r * ldy, ldy);
 }
@@ -299,6 +366,9 @@ static void run_parallel(task_fn fn, void *arg, int threads) {
     pthread_mutex_unlock(&job_lock);
 }
 
+/* a weight smaller than this is read faster than the worker thread can join in */
+#define PARALLEL_BYTES (256 * 1024)
+
 /* columns [c0, c1) of n in thread tid's share, in multiples of 8 */
 static void share(long n, int tid, int nthreads, long *c0, long *c1) {
     long half = nthreads < 2 ? n : ((n / 2 + 7) / 8) * 8;
@@ -308,40 +378,93 @@ static void share(long n, int tid, int nthreads, long *c0, long *c1) {
     if (nthreads < 2) *c1 = n;
 }
 
+/* ---------------------------------------------------------------- scratch, conversion */
+
+/* the calling thread's scratch (grown on demand, kept for the next call): the worker thread
+ * uses the buffers of the job it helps with */
+static __thread float *scratch_buf = NULL;
+static __thread size_t scratch_len = 0;
+
+static float *scratch(size_t floats) {
+    if (floats > scratch_len) {
+        free(scratch_buf);
+        size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
+        scratch_buf = aligned_alloc(64, bytes);
+        scratch_len = scratch_buf ? floats : 0;
+    }
+    return scratch_buf;
+}
+
+/* n values of a (fp32, or bf16 when bf16) as fp32 */
+static void to_f32(const void *a, long n, int bf16, float *out) {
+    if (!bf16) {
+        memcpy(out, a, sizeof(float) * n);
+        return;
+    }
+    for (long i = 0; i < n; i++) out[i] = load1(a, i, 1);
+}
+
+/* fp32 v into element i of y (fp32, or bf16 rounded to nearest even) */
+static inline void store1(void *y, long i, float v, int bf16) {
+    if (bf16) {
+        uint32_t u;
+        v = round_bf16(v);
+        memcpy(&u, &v, 4);
+        ((uint16_t *)y)[i] = (uint16_t)(u >> 16);
+    } else {
+        ((float *)y)[i] = v;
+    }
+}
+
 /* ---------------------------------------------------------------- exported */
 
 typedef struct {
-    const float *x;
+    const float *x, *xp; /* x in fp32; xp: its first row, each 16 as 8 even then 8 odd values */
     long n, K, O;
     const void *w;
     int bf16;
-    float *y;
+    float *y;            /* (n, O) fp32 */
 } linear_job;
 
 static void linear_task(void *arg, int tid, int nthreads) {
     linear_job *j = arg;
     long o0, o1;
     share(j->O, tid, nthreads, &o0, &o1);
-    dot_mm(j->x, j->n, j->K, j->w, j->bf16, o0, o1, j->y, j->O);
+    dot_mm(j->x, j->xp, j->n, j->K, j->w, j->bf16, o0, o1, j->y, j->O);
 }
 
-/* y (n, O) = x (n, K) @ W.T, W (O, K) fp32 or bf16 */
-void wb_linear(const float *x, long n, long K, const void *w, long O, int bf16, float *y,
-               int threads) {
-    linear_job j = {x, n, K, O, w, bf16, y};
-    run_parallel(linear_task, &j, O >= 64 ? threads : 1);
+/* y (n, O) = x (n, K) @ W.T for W (O, K); x, W and y all fp32, or all bf16 (sums in fp32,
+ * rounded once). Returns 0, or -1 when scratch memory could not be had. */
+int wb_linear(const void *x, long n, long K, const void *w, long O, int bf16, void *y,
+              int threads) {
+    float *xf = scratch((size_t)(n * K + K + n * O));
+    if (!xf) return -1;
+    float *xp = xf + n * K, *yf = xp + K;
+    to_f32(x, n * K, bf16, xf);
+    for (long k = 0; k + 16 <= K; k += 16)
+        for (int i = 0; i < 8; i++) {
+            xp[k + i] = xf[k + 2 * i];
+            xp[k + 8 + i] = xf[k + 2 * i + 1];
+        }
+    linear_job j = {xf, xp, n, K, O, w, bf16, yf};
+    run_parallel(linear_task, &j, O * K * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1);
+    for (long i = 0; i < n * O; i++) store1(y, i, yf[i], bf16);
+    return 0;
 }
 
 typedef struct {
-    const float *x;        /* (A, D) rows sorted by expert */
-    const int64_t *offs;   /* nexp + 1 row offsets */
-    const int64_t *ids;    /* nexp expert ids */
+    const void *x;          /* (A, D) rows, each expert's rows contiguous */
+    const int64_t *start;   /* nexp: the first row of each expert */
+    const int64_t *count;   /* nexp: its number of rows */
+    const int64_t *ids;     /* nexp expert ids */
     long nexp, D, I;
-    const void *gu, *dn;   /* (E, D, 2I), (E, I, D) */
+    const void *gu, *dn;    /* (E, D, 2I), (E, I, D) */
     int bf16;
-    float *out;            /* (A, D) */
-    float *part[2], *h;    /* two (max rows, 2I) partial sums, (max rows, I) */
+    void *out;              /* (A, D), the dtype of x */
+    float *xf, *part[2], *h; /* (ROWS, D), two partial sums, (ROWS, I) */
 } experts_job;
+
+#define ROWS 32 /* rows per pass through an expert's weights (more: another pass) */
 
 /* the first half of 0..K (a multiple of 4): each half of a product's sum is one thread's
  * contiguous part of the weight, and the halves are added the same way on one thread */
@@ -355,45 +478,54 @@ static void experts_task(void *arg, int tid, int nthreads) {
     share(I, tid, nthreads, &i0, &i1);
     share(D, tid, nthreads, &d0, &d1);
     for (long e = 0; e < j->nexp; e++) {
-        long r0 = j->offs[e], n = j->offs[e + 1] - r0;
-        if (n <= 0) continue;
         const char *gu = (const char *)j->gu + j->ids[e] * D * 2 * I * es;
         const char *dn = (const char *)j->dn + j->ids[e] * I * D * es;
-        const float *x = j->x + r0 * D;
-        for (int t = tid; t < 2; t += nthreads) /* [g | u] = x @ GU[e], half of D each */
-            axpy_mm(x, n, D, t ? kd : 0, t ? D : kd, gu, 2 * I, j->bf16, j->part[t]);
-        barrier2(nthreads);
-        for (long r = 0; r < n; r++) { /* h = silu(g) * u on this thread's columns */
-            const float *p0 = j->part[0] + r * 2 * I, *p1 = j->part[1] + r * 2 * I;
-            float *h = j->h + r * I;
-            for (long i = i0; i < i1; i++) {
-                float g = p0[i] + p1[i], u = p0[I + i] + p1[I + i];
-                if (j->bf16) /* as the model computes it in bf16: each result rounded */
-                    h[i] = round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(u));
-                else
-                    h[i] = silu(g) * u;
+        for (long r0 = j->start[e], end = r0 + j->count[e]; r0 < end; r0 += ROWS) {
+            long n = end - r0 < ROWS ? end - r0 : ROWS;
+            if (tid == 0) to_f32((const char *)j->x + r0 * D * es, n * D, j->bf16, j->xf);
+            barrier2(nthreads);
+            for (int t = tid; t < 2; t += nthreads) /* [g | u] = x @ GU[e], half of D each */
+                axpy_mm(j->xf, n, D, t ? kd : 0, t ? D : kd, gu, 2 * I, j->bf16, j->part[t]);
+            barrier2(nthreads);
+            for (long r = 0; r < n; r++) { /* h = silu(g) * u on this thread's columns */
+                const float *p0 = j->part[0] + r * 2 * I, *p1 = j->part[1] + r * 2 * I;
+                float *h = j->h + r * I;
+                for (long i = i0; i < i1; i++) {
+                    float g = p0[i] + p1[i], u = p0[I + i] + p1[I + i];
+                    if (j->bf16) /* as the model computes it in bf16: each result rounded */
+                        h[i] = round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(u));
+                    else
+                        h[i] = silu(g) * u;
+                }
             }
+            barrier2(nthreads);
+            for (int t = tid; t < 2; t += nthreads) /* h @ DN[e], half of I each */
+                axpy_mm(j->h, n, I, t ? ki : 0, t ? I : ki, dn, D, j->bf16, j->part[t]);
+            barrier2(nthreads);
+            for (long r = 0; r < n; r++) {
+                const float *p0 = j->part[0] + r * D, *p1 = j->part[1] + r * D;
+                for (long d = d0; d < d1; d++)
+                    store1(j->out, (r0 + r) * D + d, p0[d] + p1[d], j->bf16);
+            }
+            barrier2(nthreads); /* the buffers are reused by the next pass */
         }
-        barrier2(nthreads);
-        for (int t = tid; t < 2; t += nthreads) /* h @ DN[e], half of I each */
-            axpy_mm(j->h, n, I, t ? ki : 0, t ? I : ki, dn, D, j->bf16, j->part[t]);
-        barrier2(nthreads);
-        for (long r = 0; r < n; r++) {
-            const float *p0 = j->part[0] + r * D, *p1 = j->part[1] + r * D;
-            float *o = j->out + (r0 + r) * D;
-            for (long d = d0; d < d1; d++) o[d] = p0[d] + p1[d];
-        }
-        barrier2(nthreads); /* the partial sums are reused by the next expert */
     }
 }
 
-/* out (A, D) = the rows of x (A, D), grouped by expert (offs, ids), through their experts'
- * SwiGLU; part0 and part1 (max rows, 2I) and h (max rows, I) are scratch */
-void wb_experts(const float *x, const int64_t *offs, const int64_t *ids, long nexp,
-                const void *gu, const void *dn, long D, long I, int bf16, float *out,
-                float *part0, float *part1, float *h, int threads) {
-    experts_job j = {x, offs, ids, nexp, D, I, gu, dn, bf16, out, {part0, part1}, h};
-    run_parallel(experts_task, &j, (D >= 64 && I >= 64) ? threads : 1);
+/* Rows of x (A, D) through their experts' SwiGLU into the same rows of out: expert ids[e]
+ * takes rows start[e] .. start[e] + count[e]. x, the weights and out are all fp32, or all
+ * bf16 (products summed in fp32, each intermediate rounded to bf16 as the model computes it).
+ * Returns 0, or -1 when scratch memory could not be had. */
+int wb_experts(const void *x, const int64_t *start, const int64_t *count, const int64_t *ids,
+               long nexp, const void *gu, const void *dn, long D, long I, int bf16, void *out,
+               int threads) {
+    long p = 2 * I > D ? 2 * I : D; /* a partial sum: (rows, 2I), then (rows, D) */
+    float *buf = scratch((size_t)ROWS * (D + 2 * p + I));
+    if (!buf) return -1;
+    experts_job j = {x, start, count, ids, nexp, D, I, gu, dn, bf16, out,
+                     buf, {buf + ROWS * D, buf + ROWS * (D + p)}, buf + ROWS * (D + 2 * p)};
+    run_parallel(experts_task, &j, 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1);
+    return 0;
 }
 
 /* 1 when this CPU runs these kernels (AVX2 and FMA) */

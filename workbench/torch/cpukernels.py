@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpukernels.c")
-MAX_LINEAR_ROWS = 4  # wb_linear serves products with at most this many rows
+MAX_LINEAR_ROWS = 4  # linear() serves products with at most this many rows
+MIN_LINEAR_BYTES = 64 * 1024  # and weights at least this large (smaller: torch is as fast)
+MAX_EXPERT_ROWS = 64  # experts with more rows than this reuse the weight enough for torch's GEMM
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -66,9 +68,9 @@ def _compile() -> ctypes.CDLL:
     vp, lg, it = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.wb_supported.restype = it
     lib.wb_linear.argtypes = [vp, lg, lg, vp, lg, it, vp, it]
-    lib.wb_linear.restype = None
-    lib.wb_experts.argtypes = [vp, vp, vp, lg, vp, vp, lg, lg, it, vp, vp, vp, vp, it]
-    lib.wb_experts.restype = None
+    lib.wb_linear.restype = it
+    lib.wb_experts.argtypes = [vp, vp, vp, vp, lg, vp, vp, lg, lg, it, vp, it]
+    lib.wb_experts.restype = it
     return lib
 
 
@@ -107,17 +109,21 @@ def why_unavailable() -> str:
     return _error
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+_DEFAULT_THREADS = min(2, _cpus())
+
+
 def threads() -> int:
-    """Threads the kernels split their columns over (the calling thread and at most one
+    """Threads the kernels split their work over (the calling thread and at most one
     worker): ``using(n)``'s setting on this thread, else 2 where two CPUs are free."""
     n = getattr(_threads, "n", None)
-    if n is not None:
-        return n
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return min(2, cpus)
+    return _DEFAULT_THREADS if n is None else n
 
 
 @contextlib.contextmanager
@@ -131,42 +137,36 @@ def using(n: int | None) -> Iterator[None]:
         _threads.n = before
 
 
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``x @ w...`` goes through the kernels: CPU inference (no autograd, not inside
-    torch.compile), fp32 or bf16 weights and activations, contiguous weights."""
-    return (x.device.type == "cpu" and x.dtype == w.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
-            and w.is_contiguous() and not torch.compiler.is_compiling()
-            and library() is not None)
+    """Whether ``x`` times ``w`` can go through the kernels: CPU inference (no autograd, not
+    inside torch.compile), fp32 or bf16 throughout, contiguous x and w."""
+    return (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _DTYPES
+            and not torch.is_grad_enabled() and x.is_contiguous() and w.is_contiguous()
+            and not torch.compiler.is_compiling() and library() is not None)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ w.T for w (O, K), in x's dtype (bf16: sums in fp32, rounded once)."""
-    lib = library()
+    """x (..., K) @ w.T for w (O, K) (x contiguous, its dtype w's); bf16: sums in fp32,
+    rounded once."""
     O, K = w.shape
-    xf = x.reshape(-1, K).float().contiguous()
-    y = torch.empty((xf.shape[0], O), dtype=torch.float32)
-    lib.wb_linear(xf.data_ptr(), xf.shape[0], K, w.data_ptr(), O,
-                  int(w.dtype == torch.bfloat16), y.data_ptr(), threads())
-    return y.to(x.dtype).reshape(*x.shape[:-1], O)
+    y = torch.empty((*x.shape[:-1], O), dtype=x.dtype)
+    if library().wb_linear(x.data_ptr(), x.numel() // K, K, w.data_ptr(), O,
+                           x.dtype == torch.bfloat16, y.data_ptr(), threads()):
+        raise MemoryError(f"no memory for the scratch of a ({x.numel() // K}, {K}) product")
+    return y
 
 
-def experts(xin: torch.Tensor, used: list[int], counts: list[int], gate_up: torch.Tensor,
-            down: torch.Tensor) -> torch.Tensor:
-    """Expert-sorted rows xin (A, D) through their experts' SwiGLU (``used[j]`` takes the next
-    ``counts[j]`` rows), gate_up (E, D, 2I) and down (E, I, D); in xin's dtype, bf16 with each
-    intermediate rounded to bf16 as the model computes it."""
-    lib = library()
+def experts(xin: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, start: torch.Tensor,
+            count: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """Rows ``start[j] .. start[j] + count[j]`` of xin (A, D) through expert ``ids[j]``'s
+    SwiGLU into the same rows of ``out`` (int64 index tensors; gate_up (E, D, 2I), down
+    (E, I, D) contiguous, every tensor in xin's dtype); bf16 rounds each intermediate to bf16
+    as the model computes it."""
     D, I = down.shape[2], down.shape[1]
-    xf = xin.float().contiguous()
-    offs = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0, out=offs[1:])
-    ids = torch.tensor(used, dtype=torch.int64)
-    rows = max(counts, default=0)
-    out = torch.empty((xin.shape[0], D), dtype=torch.float32)
-    part = torch.empty((2, rows, 2 * I), dtype=torch.float32)
-    h = torch.empty((rows, I), dtype=torch.float32)
-    lib.wb_experts(xf.data_ptr(), offs.data_ptr(), ids.data_ptr(), len(used), gate_up.data_ptr(),
-                   down.data_ptr(), D, I, int(gate_up.dtype == torch.bfloat16), out.data_ptr(),
-                   part[0].data_ptr(), part[1].data_ptr(), h.data_ptr(), threads())
-    return out.to(xin.dtype)
+    if library().wb_experts(xin.data_ptr(), start.data_ptr(), count.data_ptr(), ids.data_ptr(),
+                            len(ids), gate_up.data_ptr(), down.data_ptr(), D, I,
+                            xin.dtype == torch.bfloat16, out.data_ptr(), threads()):
+        raise MemoryError(f"no memory for the scratch of experts with D={D}, I={I}")

@@ -36,6 +36,7 @@ from ..vision.forward import (
     vision_status,
 )
 from ..vision.torch_ops import TorchVisionOps
+from . import cpukernels
 from .attention import EMPTY
 from .ops import TORCH_DTYPES, from_numpy, resolve_device
 from .parallel import (
@@ -212,13 +213,14 @@ class TorchModel(Model):
             tokens += int(images[0].shape[0]) * (self.config.vision.grid ** 2 + 1)
         n = self.threads_for(tokens)
         before = torch.get_num_threads()
-        if n is None or n == before:
-            return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad, images)
-        torch.set_num_threads(n)
-        try:
-            return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad, images)
-        finally:
-            torch.set_num_threads(before)
+        with cpukernels.using(self.threads):  # the streaming kernels' own two threads
+            if n is None or n == before:
+                return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad, images)
+            torch.set_num_threads(n)
+            try:
+                return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad, images)
+            finally:
+                torch.set_num_threads(before)
 
     @torch.inference_mode()
     def _forward_inner(self, ids, plan, spec: CaptureSpec, cache=None, stop_at_layer=None,

@@ -2,9 +2,9 @@
 
 Dispatch sorts the (token, choice) assignments by expert and runs each expert's rows through
 its weights, so cost follows the tokens routed, not the number of experts: on accelerators
-with ``torch._grouped_mm``; on the CPU (inference) one fused SwiGLU per expert used, the
-experts split between two threads (see ``cpu_expert_rows``); under autograd a loop of
-per-expert matmuls.
+with ``torch._grouped_mm``; on the CPU (inference) the streaming kernel of ``cpukernels``
+(or, where it cannot run, one fused SwiGLU per expert used, the experts split between two
+threads: ``cpu_expert_rows``); under autograd a loop of per-expert matmuls.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import cpukernels
 from .quant import expert_weights
 
 _GROUPED = hasattr(torch, "_grouped_mm")
@@ -24,10 +25,20 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for an nn.Linear-layout w (out, in); a few rows (a decode step) on the CPU go
+    through the streaming kernel (``cpukernels``), which reads w at the memory's rate."""
+    if (x.numel() <= cpukernels.MAX_LINEAR_ROWS * x.shape[-1]
+            and w.numel() * w.element_size() >= cpukernels.MIN_LINEAR_BYTES
+            and cpukernels.serves(x, w)):
+        return cpukernels.linear(x, w)
+    return x @ w.T
+
+
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
            down: torch.Tensor) -> torch.Tensor:
     """nn.Linear-layout SwiGLU: down(silu(gate x) * up x)."""
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def select_experts(logits: torch.Tensor, k: int, ban: tuple[int, ...],
@@ -101,6 +112,8 @@ def expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torc
     if not isinstance(experts, tuple):
         return _streamed(xin, sorted_e, experts)
     gate_up, down = experts
+    if cpukernels.serves(xin, gate_up) and down.is_contiguous():
+        return kernel_expert_rows(xin, sorted_e, gate_up, down)
     if xin.device.type == "cpu" and not torch.is_grad_enabled():
         return cpu_expert_rows(xin, sorted_e, gate_up, down)
     counts = torch.bincount(sorted_e, minlength=gate_up.shape[0])
@@ -159,6 +172,26 @@ def cpu_expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, gate_up: torch.Te
     second = _pool().submit(run, half, n)
     first = run(0, half)
     return _cat(first + second.result(), xin)
+
+
+def kernel_expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, gate_up: torch.Tensor,
+                       down: torch.Tensor) -> torch.Tensor:
+    """Expert-sorted rows through resident experts on the CPU with the streaming kernel
+    (``cpukernels.experts``: each used expert's weights read once, at the memory's rate);
+    an expert with more than ``cpukernels.MAX_EXPERT_ROWS`` rows reuses its weights enough
+    for torch's GEMM, which then computes it."""
+    used, count = torch.unique_consecutive(sorted_e, return_counts=True)
+    start = count.cumsum(0) - count
+    out = torch.empty_like(xin)
+    big = count > cpukernels.MAX_EXPERT_ROWS
+    if bool(big.any()):
+        for e, s, c in zip(used[big].tolist(), start[big].tolist(), count[big].tolist()):
+            out[s:s + c] = expert_swiglu(xin[s:s + c], gate_up[e], down[e])
+        keep = ~big
+        used, start, count = used[keep], start[keep], count[keep]
+    if len(used):
+        cpukernels.experts(xin, out, used, start, count, gate_up, down)
+    return out
 
 
 def _by_expert(xin: torch.Tensor, sorted_e: torch.Tensor

@@ -78,9 +78,7 @@ class TorchOps:
     def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return table[ids]
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x @ w.T
-
+    linear = staticmethod(moe.linear)
     rms_norm = staticmethod(att.rms_norm)
     swiglu = staticmethod(moe.swiglu)
 
