@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ..forward import PadMask
 from ..numerics import DISTANCE_BUCKETS, chunk_keep
+from . import cpukernels
 
 PRECISION = jax.lax.Precision.HIGHEST
 Pos = int | jax.Array  # an absolute position: a Python int when static, a traced scalar otherwise
@@ -27,7 +28,12 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 
     A single row (a decode step) is padded to two: for one row of a bf16 x, XLA:CPU converts
     the whole weight to fp32 first, a temporary twice the weight's size (4 GB for Scout's
-    lm_head) and about ten times slower than the two-row product."""
+    lm_head) and about ten times slower than the two-row product.
+
+    A few rows (a decode step) on the CPU go through the streaming kernel of
+    ``workbench.cpukernels`` instead, which reads the weight at the memory's rate."""
+    if cpukernels.serves(x, w):
+        return cpukernels.linear(x, w)
     if x.dtype != jnp.float32 and math.prod(x.shape[:-1]) == 1:
         x2 = jnp.pad(x.reshape(1, x.shape[-1]), ((0, 1), (0, 0)))
         return linear(x2, w)[0].reshape(*x.shape[:-1], w.shape[0])

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpukernels
 from .attention import PRECISION, linear
 from .quant import expert_weights, fp8_tokens
 
@@ -105,7 +106,8 @@ def expert_branches(experts: list[Any], tile: int) -> list[Callable[[jax.Array],
     def ffn(w: Any) -> Callable[[jax.Array], jax.Array]:
         def run(xt: jax.Array) -> jax.Array:
             gate_up, down, act = expert_weights(w, xt.dtype)  # FP8: dequantised per tile
-            if not act and xt.dtype == jnp.float32 and tile <= SKINNY_ROWS:
+            if not act and xt.dtype == jnp.float32 and tile <= SKINNY_ROWS and \
+                    not cpukernels.serves(xt, gate_up):  # else linear runs the CPU kernel
                 return skinny_swiglu(xt, gate_up, down)
             gu = linear(fp8_tokens(xt) if act else xt, gate_up)
             inter = gu.shape[-1] // 2
@@ -162,6 +164,9 @@ def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
     k = idx.shape[1]
     E = len(experts)
     flat = idx.reshape(-1)
+    if flat.shape[0] == 1 and cpukernels.serves_experts(xf, experts):
+        x1 = xf[:1] * gates.reshape(-1)[:, None]  # one assignment: the CPU kernel, no sort
+        return cpukernels.experts(x1, (jnp.arange(E) == flat[0]).astype(jnp.int32), experts)
     if flat.shape[0] == 1:  # one assignment (a decode step): its expert, no sort or loop
         ok = (flat[0] >= 0) & (flat[0] < E)
         x1 = xf[:1] * gates.reshape(-1)[:, None]
@@ -172,7 +177,10 @@ def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
     counts = jnp.bincount(key, length=E + 1)[:E]
     offsets = jnp.cumsum(counts) - counts
     xs = xf[order // k] * gates.reshape(-1)[order][:, None]
-    y = expert_tiles(xs, counts, offsets, experts, tile)
+    if cpukernels.serves_experts(xs, experts):  # the CPU kernel: each expert's rows at once
+        y = cpukernels.experts(xs, counts, experts)
+    else:
+        y = expert_tiles(xs, counts, offsets, experts, tile)
     return jnp.zeros_like(y).at[order].set(y)
 
 

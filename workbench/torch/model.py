@@ -12,6 +12,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, ExpertWeights
 from ..config import ModelConfig
+from ..cpukernels import using as kernel_threads
 from ..forward import (
     Context,
     Executor,
@@ -36,7 +37,6 @@ from ..vision.forward import (
     vision_status,
 )
 from ..vision.torch_ops import TorchVisionOps
-from . import cpukernels
 from .attention import EMPTY
 from .ops import TORCH_DTYPES, from_numpy, resolve_device
 from .parallel import (
@@ -213,7 +213,7 @@ class TorchModel(Model):
             tokens += int(images[0].shape[0]) * (self.config.vision.grid ** 2 + 1)
         n = self.threads_for(tokens)
         before = torch.get_num_threads()
-        with cpukernels.using(self.threads):  # the streaming kernels' own two threads
+        with kernel_threads(self.threads):  # the streaming CPU kernels' own two threads
             if n is None or n == before:
                 return self._forward_inner(ids, plan, spec, cache, stop_at_layer, pad, images)
             torch.set_num_threads(n)

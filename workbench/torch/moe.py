@@ -222,7 +222,11 @@ def _streamed(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torch.
     out = []
     for e, xe in zip(*_by_expert(xin, sorted_e)):
         gate_up, down = expert_weights(experts.fetch([e])[e], xin.dtype)  # FP8: dequantised
-        out.append(expert_swiglu(xe, gate_up, down, act))
+        if act is None and cpukernels.serves(xe, gate_up) and down.is_contiguous():
+            one = torch.zeros(xe.shape[0], dtype=torch.long)  # the stack of one expert
+            out.append(kernel_expert_rows(xe, one, gate_up[None], down[None]))
+        else:
+            out.append(expert_swiglu(xe, gate_up, down, act))
         del gate_up, down
     return _cat(out, xin)
 

@@ -179,14 +179,67 @@ static void dot_bf16_row(const float *xp, const float *x, long K, const uint16_t
     }
 }
 
+static inline float hsum(__m256 v) {
+    float s[8];
+    _mm256_storeu_ps(s, v);
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* outputs o, o + 1 (no of them) of rows r0 .. r0 + rn (rn <= 4, x rows K apart) */
+static inline __attribute__((always_inline)) void dot_group(
+    const float *x, long K, int rn, const void *w, int bf16, long o, int no, float *y,
+    long ldy) {
+    __m256 a[4][2];
+    for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 w0 = load8(w, o * K + k, bf16);
+        __m256 w1 = no > 1 ? load8(w, (o + 1) * K + k, bf16) : _mm256_setzero_ps();
+        for (int r = 0; r < rn; r++) {
+            __m256 v = _mm256_loadu_ps(x + r * K + k);
+            a[r][0] = _mm256_fmadd_ps(v, w0, a[r][0]);
+            if (no > 1) a[r][1] = _mm256_fmadd_ps(v, w1, a[r][1]);
+        }
+    }
+    for (int r = 0; r < rn; r++)
+        for (int q = 0; q < no; q++) {
+            float t = hsum(a[r][q]);
+            for (long kk = k; kk < K; kk++) t += x[r * K + kk] * load1(w, (o + q) * K + kk, bf16);
+            y[r * ldy + o + q] = t;
+        }
+}
+
+/* y[:, o0:o1] for any number of rows: two of W's rows at a time (read from memory once),
+ * against every row of x in groups of four (the two rows stay in L1 meanwhile) */
+static void dot_many(const float *x, long n, long K, const void *w, int bf16, long o0, long o1,
+                     float *y, long ldy) {
+    for (long o = o0; o < o1; o += 2) {
+        int no = o + 1 < o1 ? 2 : 1;
+        for (long r = 0; r < n; r += 4) {
+            long rn = n - r < 4 ? n - r : 4;
+            const float *xr = x + r * K;
+            float *yr = y + r * ldy;
+            if (rn == 1) dot_group(xr, K, 1, w, bf16, o, no, yr, ldy);
+            else if (rn == 2) dot_group(xr, K, 2, w, bf16, o, no, yr, ldy);
+            else if (rn == 3) dot_group(xr, K, 3, w, bf16, o, no, yr, ldy);
+            else dot_group(xr, K, 4, w, bf16, o, no, yr, ldy);
+        }
+    }
+}
+
+/* y[:, o0:o1] = x @ W[o0:o1].T: one or two rows four outputs at a time, more rows by
+ * dot_many; xp is x's first row split for dot_bf16_row */
 static void dot_mm(const float *x, const float *xp, long n, long K, const void *w, int bf16,
                    long o0, long o1, float *y, long ldy) {
-    if (bf16 && n == 1) {
+    if (bf16 && n == 1 && xp) {
         dot_bf16_row(xp, x, K, w, o0, o1, y);
         return;
     }
-    for (long r = 0; r < n; r += 2)
-        dot_rows(x + r * K, K, n - r < 2 ? (int)(n - r) : 2, w, bf16, o0, o1, y + r * ldy, ldy);
+    if (n > 2) {
+        dot_many(x, n, K, w, bf16, o0, o1, y, ldy);
+        return;
+    }
+    dot_rows(x, K, (int)n, w, bf16, o0, o1, y, ldy);
 }
 
 /* ---------------------------------------------------------------- y = x @ W, W (K, ldw) */
@@ -525,6 +578,80 @@ int wb_experts(const void *x, const int64_t *start, const int64_t *count, const 
     experts_job j = {x, start, count, ids, nexp, D, I, gu, dn, bf16, out,
                      buf, {buf + ROWS * D, buf + ROWS * (D + p)}, buf + ROWS * (D + 2 * p)};
     run_parallel(experts_task, &j, 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1);
+    return 0;
+}
+
+typedef struct {
+    const void *x;            /* (A, D) rows sorted by expert */
+    const int32_t *count;     /* nexp: rows of each expert, in order */
+    long nexp, A, D, I;
+    const void *const *gu;    /* nexp pointers to (2I, D): [gate; up], nn.Linear layout */
+    const void *const *dn;    /* nexp pointers to (D, I) */
+    int bf16;
+    void *out;                /* (A, D) */
+    float *xf, *g, *h;        /* (ROWS, D), (ROWS, 2I), (ROWS, I) */
+} experts_oi_job;
+
+static void experts_oi_task(void *arg, int tid, int nthreads) {
+    experts_oi_job *j = arg;
+    long D = j->D, I = j->I, done = 0;
+    int es = j->bf16 ? 2 : 4;
+    long i0, i1, d0, d1;
+    share(I, tid, nthreads, &i0, &i1);
+    share(D, tid, nthreads, &d0, &d1);
+    for (long e = 0; e < j->nexp; e++) {
+        long end = done + j->count[e];
+        if (end > j->A) end = j->A;
+        for (long r0 = done; r0 < end; r0 += ROWS) {
+            long n = end - r0 < ROWS ? end - r0 : ROWS;
+            const float *x;
+            if (j->bf16) {
+                if (tid == 0) to_f32((const char *)j->x + r0 * D * es, n * D, 1, j->xf);
+                barrier2(nthreads);
+                x = j->xf;
+            } else {
+                x = (const float *)j->x + r0 * D;
+            }
+            /* this thread's gate and up outputs, then their h columns */
+            dot_mm(x, NULL, n, D, j->gu[e], j->bf16, i0, i1, j->g, 2 * I);
+            dot_mm(x, NULL, n, D, j->gu[e], j->bf16, I + i0, I + i1, j->g, 2 * I);
+            for (long r = 0; r < n; r++) {
+                const float *g = j->g + r * 2 * I, *u = g + I;
+                float *h = j->h + r * I;
+                for (long i = i0; i < i1; i++) {
+                    if (j->bf16)
+                        h[i] = round_bf16(round_bf16(silu(round_bf16(g[i]))) * round_bf16(u[i]));
+                    else
+                        h[i] = silu(g[i]) * u[i];
+                }
+            }
+            barrier2(nthreads); /* the down product needs every h column */
+            float *o = j->g; /* (n, D) results, in the gate/up buffer no longer needed */
+            dot_mm(j->h, NULL, n, I, j->dn[e], j->bf16, d0, d1, o, D);
+            for (long r = 0; r < n; r++)
+                for (long d = d0; d < d1; d++) store1(j->out, (r0 + r) * D + d, o[r * D + d], j->bf16);
+            barrier2(nthreads); /* the buffers are reused by the next pass */
+        }
+        done = end;
+    }
+    /* rows past the experts' counts (assignments outside this group of experts) are zero */
+    for (long r = done; r < j->A; r++)
+        for (long d = d0; d < d1; d++) store1(j->out, r * D + d, 0.0f, j->bf16);
+}
+
+/* out (A, D): rows of x (A, D), sorted by expert, through their experts' SwiGLU, expert e
+ * (weights gu[e] (2I, D), dn[e] (D, I), nn.Linear layout) taking the next count[e] rows; rows
+ * past them are zero. fp32 or bf16 throughout as wb_experts. Returns 0, or -1 when scratch
+ * memory could not be had. */
+int wb_experts_oi(const void *x, long A, const int32_t *count, long nexp,
+                  const void *const *gu, const void *const *dn, long D, long I, int bf16,
+                  void *out, int threads) {
+    long g = 2 * I > D ? 2 * I : D;
+    float *buf = scratch((size_t)ROWS * (D + g + I));
+    if (!buf) return -1;
+    experts_oi_job j = {x, count, nexp, A, D, I, gu, dn, bf16, out,
+                        buf, buf + ROWS * D, buf + ROWS * (D + g)};
+    run_parallel(experts_oi_task, &j, 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1);
     return 0;
 }
 

@@ -1,0 +1,174 @@
+"""The streaming CPU kernels (workbench.torch.cpukernels): values against torch, any shape,
+one or two threads, bf16 rounding, the forward's use of them, and how they step aside."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import cpukernels as kernels
+from workbench.config import ModelConfig
+from workbench.random_weights import random_tensors
+from workbench.torch import cpukernels as ck
+from workbench.torch import moe
+from workbench.torch.model import TorchModel
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: "
+                                f"{kernels.why_unavailable()}")
+
+SHAPES = [(1, 1024, 1024), (1, 1000, 520), (2, 7, 100), (3, 40, 72), (4, 1000, 13),
+          (1, 17, 3), (2, 2048, 256), (4, 96, 384)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,K,O", SHAPES)
+def test_linear_matches_torch(n, K, O, threads):
+    g = torch.Generator().manual_seed(n * K + O)
+    x = torch.randn(n, K, generator=g)
+    w = torch.randn(O, K, generator=g)
+    with kernels.using(threads), torch.inference_mode():
+        y = ck.linear(x, w)
+        yb = ck.linear(x.bfloat16(), w.bfloat16())
+    assert y.shape == (n, O) and y.dtype == torch.float32 and yb.dtype == torch.bfloat16
+    assert _rel(y, x @ w.T) < 1e-6
+    # bf16: fp32 sums rounded once, as torch's bf16 product; the order of the sums differs,
+    # which can move a result across a rounding boundary (one bf16 ulp)
+    exact = (x.bfloat16().float() @ w.bfloat16().float().T).bfloat16()
+    assert _rel(yb, exact) <= 2 ** -8
+
+
+def test_linear_keeps_leading_dims_and_is_thread_independent():
+    x = torch.randn(1, 1, 1536)
+    w = torch.randn(4096, 1536)
+    with torch.inference_mode():
+        with kernels.using(1):
+            one = ck.linear(x, w)
+        with kernels.using(2):
+            two = ck.linear(x, w)
+    assert one.shape == (1, 1, 4096)
+    assert torch.equal(one, two)
+
+
+def _experts_case(E, D, inter, counts, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    used = sorted((7 * j + 3) % E for j in range(len(counts)))  # distinct: len(counts) <= E
+    sorted_e = torch.tensor(used).repeat_interleave(torch.tensor(counts))
+    xin = torch.randn(sum(counts), D, generator=g).to(dtype)
+    gate_up = (torch.randn(E, D, 2 * inter, generator=g) / D ** 0.5).to(dtype)
+    down = (torch.randn(E, inter, D, generator=g) / inter ** 0.5).to(dtype)
+    return xin, sorted_e, gate_up, down, used
+
+
+CASES = [(8, 64, 16, [1, 3, 5, 9]),  # D > 2I: the partial sums hold D columns
+         (16, 256, 192, [1, 2, 4, 33, 40, 70]),  # passes of 32 rows; 70 rows: torch's GEMM
+         (4, 40, 24, [2, 2]),  # tails: D, I not multiples of 8
+         (6, 512, 512, [1])]  # a decode step, large enough for the worker thread
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,D,inter,counts", CASES)
+def test_experts_match_torch_and_threads(E, D, inter, counts, dtype):
+    xin, sorted_e, gate_up, down, used = _experts_case(E, D, inter, counts, dtype)
+    with torch.inference_mode():
+        with kernels.using(2):
+            two = moe.kernel_expert_rows(xin, sorted_e, gate_up, down)
+        with kernels.using(1):
+            one = moe.kernel_expert_rows(xin, sorted_e, gate_up, down)
+        ref = torch.cat([moe.expert_swiglu(p, gate_up[e], down[e])
+                         for e, p in zip(used, xin.split(counts))])
+    assert two.dtype == dtype and two.shape == xin.shape
+    assert torch.equal(one, two)
+    # bf16: each intermediate is rounded to bf16 as in torch, so a result differs from
+    # torch's by the effect of a one-ulp difference in the gate or up value at most
+    assert _rel(two, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+
+def test_expert_rows_uses_the_kernel_on_cpu_inference(monkeypatch):
+    xin, sorted_e, gate_up, down, _ = _experts_case(8, 64, 32, [3, 4], torch.float32)
+    calls = []
+    real = ck.experts
+    monkeypatch.setattr(ck, "experts", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        a = moe.expert_rows(xin, sorted_e, (gate_up, down))
+    assert calls == [1]
+    b = moe.expert_rows(xin, sorted_e, (gate_up, down))  # autograd on: torch's products
+    assert calls == [1]
+    torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_forward_and_decode_same_with_and_without_kernels(monkeypatch, dtype):
+    cfg = ModelConfig.mini(num_local_experts=8).replace(
+        hidden_size=128, intermediate_size=96, intermediate_size_mlp=192, head_dim=32,
+        vocab_size=512, num_hidden_layers=4)
+    tensors = random_tensors(cfg, seed=0, router_std=0.5)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    used = {"linear": 0, "experts": 0}
+    real_lin, real_exp = ck.linear, ck.experts
+
+    def lin(*a):
+        used["linear"] += 1
+        return real_lin(*a)
+
+    def exp(*a):
+        used["experts"] += 1
+        return real_exp(*a)
+
+    monkeypatch.setattr(ck, "linear", lin)
+    monkeypatch.setattr(ck, "experts", exp)
+    monkeypatch.setattr(ck, "MIN_LINEAR_BYTES", 0)  # the test model's weights are small
+    m = TorchModel(cfg, tensors, dtype)
+    fast = m.run(ids, capture=["*.moe.routed_out", "logits"]).trace
+    gen = m.generate(ids[:1, :5], 6, temperature=0).sequences
+    assert used["experts"] > 0 and used["linear"] > 0  # decode steps: few-row linears
+    monkeypatch.setattr(ck, "serves", lambda x, w: False)
+    slow = m.run(ids, capture=["*.moe.routed_out", "logits"]).trace
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    for name, v in slow.items():
+        np.testing.assert_allclose(fast[name], v, rtol=tol, atol=tol, err_msg=name)
+    if dtype == "float32":
+        np.testing.assert_array_equal(gen, m.generate(ids[:1, :5], 6, temperature=0).sequences)
+
+
+def test_disabled_by_environment_and_missing_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_error", "")
+    monkeypatch.setenv("WORKBENCH_CPU_KERNELS", "0")
+    assert not kernels.available()
+    assert "WORKBENCH_CPU_KERNELS=0" in kernels.why_unavailable()
+    monkeypatch.delenv("WORKBENCH_CPU_KERNELS")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", "/bin/false")
+    assert not kernels.available()
+    assert "could not build" in kernels.why_unavailable()
+    x, w = torch.randn(1, 256), torch.randn(256, 256)
+    with torch.inference_mode():  # the forward's products fall back to torch
+        assert not ck.serves(x, w)
+        torch.testing.assert_close(moe.linear(x, w), x @ w.T)
+
+
+def _child(q):
+    x, w = torch.randn(1, 1024), torch.randn(1024, 1024)
+    with kernels.using(2), torch.inference_mode():
+        q.put(float((ck.linear(x, w) - x @ w.T).abs().max()))
+
+
+def test_works_in_a_forked_child():
+    with kernels.using(2), torch.inference_mode():  # the worker thread exists in the parent
+        ck.linear(torch.randn(1, 1024), torch.randn(1024, 1024))
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    assert q.get(timeout=5) < 1e-3

@@ -1,0 +1,85 @@
+// The streaming CPU kernels of cpukernels.c as XLA FFI handlers, for the jax backend.
+//
+//   wb_linear(x (..., K), w (O, K)) -> y (..., O): x @ w.T, fp32 or bf16 throughout,
+//   wb_experts(x (A, D), counts (E,) int32, gate_up_0 .. gate_up_{E-1} (2I, D),
+//              down_0 .. down_{E-1} (D, I)) -> out (A, D): rows of x sorted by expert, expert e
+//              taking the next counts[e] rows through its SwiGLU; the rows past them are zero.
+//   Both take the attribute threads (int32): 1, or 2 to let the kernels' worker thread help.
+#include <cstdint>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+extern "C" int wb_linear(const void *x, long n, long K, const void *w, long O, int bf16,
+                         void *y, int threads);
+extern "C" int wb_experts_oi(const void *x, long A, const int32_t *count, long nexp,
+                             const void *const *gu, const void *const *dn, long D, long I,
+                             int bf16, void *out, int threads);
+
+static ffi::Error Linear(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                         int32_t threads) {
+    auto wd = w.dimensions();
+    if (wd.size() != 2) return ffi::Error::InvalidArgument("wb_linear: the weight must be 2-D");
+    long O = wd[0], K = wd[1];
+    auto xt = x.element_type();
+    if (xt != w.element_type() || xt != y->element_type() ||
+        (xt != ffi::DataType::F32 && xt != ffi::DataType::BF16))
+        return ffi::Error::InvalidArgument("wb_linear: x, w and y must all be f32 or all bf16");
+    auto xd = x.dimensions();
+    if (xd.size() < 1 || xd[xd.size() - 1] != K)
+        return ffi::Error::InvalidArgument("wb_linear: x's last axis must match w's");
+    long n = K ? (long)(x.element_count() / K) : 0;
+    if ((long)y->element_count() != n * O)
+        return ffi::Error::InvalidArgument("wb_linear: y must hold (..., O) values");
+    if (wb_linear(x.untyped_data(), n, K, w.untyped_data(), O, xt == ffi::DataType::BF16,
+                  y->untyped_data(), threads))
+        return ffi::Error::Internal("wb_linear: no memory for the kernel's scratch");
+    return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WbLinear, Linear,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("threads"));
+
+static ffi::Error Experts(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> counts, ffi::RemainingArgs ws,
+                          ffi::Result<ffi::AnyBuffer> out, int32_t threads) {
+    auto xd = x.dimensions();
+    auto xt = x.element_type();
+    if (xd.size() != 2 || (xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) ||
+        out->element_type() != xt || out->element_count() != x.element_count())
+        return ffi::Error::InvalidArgument("wb_experts: x and out must be (A, D), f32 or bf16");
+    long A = xd[0], D = xd[1];
+    long E = (long)counts.element_count();
+    if ((long)ws.size() != 2 * E)
+        return ffi::Error::InvalidArgument("wb_experts: need a gate_up and a down per expert");
+    std::vector<const void *> gu(E), dn(E);
+    long I = 0;
+    for (long e = 0; e < 2 * E; e++) {
+        auto w = ws.get<ffi::AnyBuffer>(e);
+        if (!w.has_value()) return ffi::Error::InvalidArgument("wb_experts: a weight is not a buffer");
+        auto wd = w->dimensions();
+        if (wd.size() != 2 || w->element_type() != xt)
+            return ffi::Error::InvalidArgument("wb_experts: weights must be 2-D, x's dtype");
+        if (e == 0) I = wd[0] / 2;
+        bool ok = e < E ? (wd[0] == 2 * I && wd[1] == D) : (wd[0] == D && wd[1] == I);
+        if (!ok) return ffi::Error::InvalidArgument("wb_experts: weights must be (2I, D), (D, I)");
+        (e < E ? gu[e] : dn[e - E]) = w->untyped_data();
+    }
+    if (wb_experts_oi(x.untyped_data(), A, counts.typed_data(), E, gu.data(), dn.data(), D, I,
+                      xt == ffi::DataType::BF16, out->untyped_data(), threads))
+        return ffi::Error::Internal("wb_experts: no memory for the kernel's scratch");
+    return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WbExperts, Experts,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("threads"));

@@ -1,0 +1,83 @@
+"""The streaming CPU kernels (``workbench.cpukernels``) in jax: an XLA FFI custom call that
+jitted code runs like any other op, used for few-row products on the CPU."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import cpukernels as shared
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool, "error": str
+
+
+def ready() -> bool:
+    """True when the custom call is built and registered with XLA (built on first use)."""
+    if "ok" not in _state:
+        with _lock:
+            if "ok" not in _state:
+                _state["ok"], _state["error"] = _register()
+    return bool(_state["ok"])
+
+
+def why_not_ready() -> str:
+    """Why ``ready()`` is False ("" when it is True)."""
+    ready()
+    return str(_state["error"])
+
+
+def _register() -> tuple[bool, str]:
+    if not shared.available():
+        return False, shared.why_unavailable()
+    try:
+        lib = shared.ffi_library(jax.ffi.include_dir())
+    except OSError as e:
+        return False, f"could not build the XLA custom call: {e}"
+    jax.ffi.register_ffi_target("workbench_linear", jax.ffi.pycapsule(lib.WbLinear),
+                                platform="cpu")
+    jax.ffi.register_ffi_target("workbench_experts", jax.ffi.pycapsule(lib.WbExperts),
+                                platform="cpu")
+    return True, ""
+
+
+def serves(x: jax.Array, w: jax.Array) -> bool:
+    """Whether ``x @ w.T`` goes through the kernel: at most ``MAX_LINEAR_ROWS`` rows of fp32
+    or bf16 on the CPU, a weight of at least ``MIN_LINEAR_BYTES``."""
+    return (x.dtype == w.dtype and x.dtype in (jnp.float32, jnp.bfloat16) and w.ndim == 2
+            and math.prod(x.shape[:-1]) <= shared.MAX_LINEAR_ROWS
+            and w.size * w.dtype.itemsize >= shared.MIN_LINEAR_BYTES
+            and jax.default_backend() == "cpu" and ready())
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) @ w.T for w (O, K), in x's dtype (bf16: sums in fp32, rounded once)."""
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), x.dtype)
+    return jax.ffi.ffi_call("workbench_linear", out, vmap_method="sequential")(
+        x, w, threads=np.int32(shared.threads()))
+
+
+def serves_experts(xs: jax.Array, experts: list) -> bool:
+    """Whether the expert phase on rows xs goes through the kernel: every expert a pair of
+    plain (not FP8) 2-D weights in xs's dtype, fp32 or bf16, on the CPU."""
+    if xs.dtype not in (jnp.float32, jnp.bfloat16) or not experts:
+        return False
+    for pair in experts:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(
+                isinstance(w, jax.Array) and w.dtype == xs.dtype and w.ndim == 2 for w in pair)):
+            return False
+    return jax.default_backend() == "cpu" and ready()
+
+
+def experts(xs: jax.Array, counts: jax.Array, experts: list) -> jax.Array:
+    """Expert outputs (A, D) for expert-sorted rows xs (A, D): expert e (gate_up (2I, D),
+    down (D, I)) takes the next ``counts[e]`` rows; rows past them are zero."""
+    out = jax.ShapeDtypeStruct(xs.shape, xs.dtype)
+    gus = [gu for gu, _ in experts]
+    dns = [dn for _, dn in experts]
+    return jax.ffi.ffi_call("workbench_experts", out, vmap_method="sequential")(
+        xs, counts.astype(jnp.int32), *gus, *dns, threads=np.int32(shared.threads()))
