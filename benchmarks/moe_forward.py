@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -141,10 +142,12 @@ def bench_expert_phase(cfg: ModelConfig, tensors: dict, dtype: str, ids: np.ndar
                        repeats: int = 6) -> dict:
     """The expert phase alone, in torch and jax: every MoE layer's routed experts on the
     routing the model chose for ``ids`` (inputs random, which does not change the cost),
-    timed round-robin. Returns its seconds per forward and the bytes it must read (each
+    timed round-robin, with the streaming CPU kernels and without them (``*_library``: the
+    backends' own products). Returns its seconds per forward and the bytes it must read (each
     expert used, once), whose ratio is the phase's achieved read rate."""
     import torch
 
+    from workbench.torch import cpukernels as tcpk
     from workbench.torch import moe as tmoe
     from workbench.torch.model import TorchModel
     tm = TorchModel(cfg, tensors, dtype)
@@ -168,10 +171,16 @@ def bench_expert_phase(cfg: ModelConfig, tensors: dict, dtype: str, ids: np.ndar
             for a in targs:
                 tmoe.dispatch(*a)
 
-    fns = {"torch": torch_phase}
+    def torch_library():  # without the streaming kernels: torch's own products
+        with torch.inference_mode(), mock.patch.object(tcpk, "serves", lambda x, w: False):
+            for a in targs:
+                tmoe.dispatch(*a)
+
+    fns = {"torch": torch_phase, "torch_library": torch_library}
     try:
         import jax
 
+        from workbench.jax import cpukernels as jcpk
         from workbench.jax import moe as jmoe
         from workbench.jax.model import JaxModel
     except ImportError:
@@ -188,6 +197,16 @@ def bench_expert_phase(cfg: ModelConfig, tensors: dict, dtype: str, ids: np.ndar
 
         jax_phase()  # compiles
         fns["jax"] = jax_phase
+        lib_step = jax.jit(lambda *a: jmoe.dispatch(*a))  # a second trace: the tile loop
+
+        def jax_library():
+            for a in jargs:
+                lib_step(*a).block_until_ready()
+
+        with mock.patch.object(jcpk, "serves_experts", lambda xs, ex: False), \
+                mock.patch.object(jcpk, "serves", lambda x, w: False):
+            jax_library()  # traced and compiled without the kernels
+        fns["jax_library"] = jax_library
     best = timed_interleaved(fns, repeats)
     out = {"expert_phase_bytes": nbytes}
     out.update({f"{k}_expert_phase_s": v for k, v in best.items()})
@@ -409,9 +428,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{floor:11.0f} {tt:11.0f} {floor / tt:10.2f}x "
                   f"{d['torch_2threads_decode_tok_s']:11.0f} {jt:9.0f} {floor / jt:8.2f}x")
     print()
-    print("expert phase alone (the experts used, read once; seconds per forward):")
+    print("expert phase alone (the experts used, read once; seconds per forward; "
+          "_library: without the streaming CPU kernels, as before them):")
     for r in rows:
-        for b in ("torch", "jax"):
+        for b in ("torch", "jax", "torch_library", "jax_library"):
             t = r.get(f"{b}_expert_phase_s")
             if t:
                 g = r["expert_phase_bytes"] / t / 1e9

@@ -172,3 +172,100 @@ def test_works_in_a_forked_child():
     p.join(60)
     assert p.exitcode == 0
     assert q.get(timeout=5) < 1e-3
+
+
+# ---------------------------------------------------------------- jax: the XLA custom calls
+
+
+def _jax():
+    jax = pytest.importorskip("jax")
+    from workbench.jax import cpukernels as jk
+    if not jk.ready():
+        pytest.skip(f"no XLA custom call: {jk.why_not_ready()}")
+    return jax, jk
+
+
+@pytest.mark.parametrize("n,K,O", SHAPES)
+def test_jax_linear_matches_xla(n, K, O):
+    jax, jk = _jax()
+    import jax.numpy as jnp
+    rng = np.random.default_rng(n * K + O)
+    x = rng.standard_normal((n, K)).astype(np.float32)
+    w = rng.standard_normal((O, K)).astype(np.float32)
+    y = np.asarray(jax.jit(jk.linear)(jnp.asarray(x), jnp.asarray(w)))
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-4 * np.abs(x @ w.T).max())
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    yb = jax.jit(jk.linear)(xb, wb)
+    exact = np.asarray((xb.astype(np.float32) @ wb.astype(np.float32).T).astype(jnp.bfloat16))
+    assert yb.dtype == jnp.bfloat16
+    assert _rel(torch.from_numpy(np.asarray(yb, np.float32)),
+                torch.from_numpy(exact.astype(np.float32))) <= 2 ** -8
+
+
+def test_jax_linear_in_the_model_path_and_its_bounds():
+    jax, jk = _jax()
+    import jax.numpy as jnp
+
+    from workbench.jax.attention import linear
+    big = jnp.ones((512, 256), jnp.float32)  # 512 KB: served
+    assert jk.serves(jnp.ones((1, 1, 256)), big)
+    assert not jk.serves(jnp.ones((5, 256)), big)  # too many rows: XLA's dot
+    assert not jk.serves(jnp.ones((1, 16)), jnp.ones((16, 16)))  # too small to matter
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 256)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, big)),
+                               np.asarray(x) @ np.ones((256, 512)), rtol=1e-5)
+
+
+JAX_CASES = [(8, 64, 16, 20, 1), (16, 256, 192, 300, 2), (4, 40, 24, 7, 1), (6, 512, 512, 1, 1),
+             (5, 128, 64, 9, 2)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("E,D,inter,N,k", JAX_CASES)
+def test_jax_expert_phase_matches_the_tile_loop(monkeypatch, E, D, inter, N, k, dtype):
+    jax, jk = _jax()
+    import jax.numpy as jnp
+
+    from workbench.jax import moe as jmoe
+    dt = jnp.dtype(dtype)
+    rng = np.random.default_rng(E * D + N)
+    experts = [(jnp.asarray(rng.standard_normal((2 * inter, D)) / D ** 0.5, dt),
+                jnp.asarray(rng.standard_normal((D, inter)) / inter ** 0.5, dt))
+               for _ in range(E)]
+    xf = jnp.asarray(rng.standard_normal((N, D)), dt)
+    idx = rng.integers(0, E, (N, k)).astype(np.int32)
+    if N > 1:
+        idx[0, 0] = E + 3  # outside this group of experts (a streamed layer): a zero row
+    gates = jnp.asarray(rng.random((N, k)), dt)
+    calls = []
+    real = jk.experts
+    monkeypatch.setattr(jk, "experts", lambda *a: calls.append(1) or real(*a))
+    fast = jmoe.dispatch_rows(xf, jnp.asarray(idx), gates, experts, 8)
+    assert calls  # traced through the custom call
+    monkeypatch.setattr(jk, "serves_experts", lambda xs, ex: False)
+    monkeypatch.setattr(jk, "serves", lambda x, w: False)
+    slow = jmoe.dispatch_rows(xf, jnp.asarray(idx), gates, experts, 8)
+    f, s = np.asarray(fast, np.float32), np.asarray(slow, np.float32)
+    if N > 1:
+        assert not f[0].any()
+    np.testing.assert_allclose(f, s, rtol=0, atol=(1e-6 if dtype == "float32" else 2e-2)
+                               * max(np.abs(s).max(), 1e-30))
+
+
+def test_jax_and_torch_models_agree_with_kernels(monkeypatch):
+    _jax()
+    from workbench.jax.model import JaxModel
+    cfg = ModelConfig.mini(num_local_experts=8).replace(
+        hidden_size=128, intermediate_size=96, intermediate_size_mlp=192, head_dim=32,
+        vocab_size=512, num_hidden_layers=4)
+    tensors = random_tensors(cfg, seed=1, router_std=0.5)
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 9))
+    monkeypatch.setattr(ck, "MIN_LINEAR_BYTES", 0)
+    monkeypatch.setattr(kernels, "MIN_LINEAR_BYTES", 0)
+    t = TorchModel(cfg, tensors).generate(ids, 5, temperature=0)
+    j = JaxModel(cfg, tensors).generate(ids, 5, temperature=0)
+    np.testing.assert_array_equal(t.sequences, j.sequences)
+    tt = TorchModel(cfg, tensors).run(ids, capture="*.moe.routed_out").trace
+    jt = JaxModel(cfg, tensors).run(ids, capture="*.moe.routed_out").trace
+    for name in tt:
+        np.testing.assert_allclose(jt[name], tt[name], rtol=2e-5, atol=2e-5, err_msg=name)

@@ -56,7 +56,10 @@ def load(path: str | Path, backend: str = "torch", dtype: str = "float32",
 
     ``threads`` (torch) fixes the intra-op threads of every forward; by default a CPU forward
     over fewer than 64 positions (a decode step) runs on one thread and larger ones use
-    torch's setting (``model.threads`` can be changed later). jax's CPU thread pool is fixed
+    torch's setting (``model.threads`` can be changed later). On the CPU the few-row products
+    (decode steps, the expert phase) go through ``workbench.cpukernels``, streaming kernels
+    that split each product between the calling thread and one worker thread of their own;
+    ``threads=1`` keeps them on the calling thread too. jax's CPU thread pool is fixed
     when jax starts (``XLA_FLAGS``), so the jax backend refuses ``threads``.
 
     ``compile=True`` (torch) runs each decoder layer as a ``torch.compile``d step (CUDA
