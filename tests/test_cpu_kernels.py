@@ -207,13 +207,21 @@ def test_jax_linear_in_the_model_path_and_its_bounds():
     import jax.numpy as jnp
 
     from workbench.jax.attention import linear
-    big = jnp.ones((512, 256), jnp.float32)  # 512 KB: served
-    assert jk.serves(jnp.ones((1, 1, 256)), big)
-    assert not jk.serves(jnp.ones((5, 256)), big)  # too many rows: XLA's dot
-    assert not jk.serves(jnp.ones((1, 16)), jnp.ones((16, 16)))  # too small to matter
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 256)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, big)),
-                               np.asarray(x) @ np.ones((256, 512)), rtol=1e-5)
+    bf = jnp.bfloat16
+    big = jnp.ones((512, 256), bf)  # 256 KB: served
+    assert jk.serves(jnp.ones((1, 1, 256), bf), big)
+    assert not jk.serves(jnp.ones((1, 1, 256)), big.astype(jnp.float32))  # fp32: XLA's dot
+    assert not jk.serves(jnp.ones((5, 256), bf), big)  # too many rows: XLA's dot
+    assert not jk.serves(jnp.ones((1, 16), bf), jnp.ones((16, 16), bf))  # too small
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 256)), bf)
+    want = np.asarray(x, np.float32) @ np.ones((256, 512), np.float32)
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, big), np.float32), want,
+                               rtol=2 ** -8)
+    # the expert phase: bf16 always, fp32 for a few rows per expert (not one row)
+    assert jk.faster_than_xla(bf, 1, 8) and jk.faster_than_xla(bf, 4096, 8)
+    assert jk.faster_than_xla(jnp.float32, 512, 128)
+    assert not jk.faster_than_xla(jnp.float32, 512, 16)
+    assert not jk.faster_than_xla(jnp.float32, 1, 128)
 
 
 JAX_CASES = [(8, 64, 16, 20, 1), (16, 256, 192, 300, 2), (4, 40, 24, 7, 1), (6, 512, 512, 1, 1),
@@ -240,6 +248,7 @@ def test_jax_expert_phase_matches_the_tile_loop(monkeypatch, E, D, inter, N, k, 
     calls = []
     real = jk.experts
     monkeypatch.setattr(jk, "experts", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(jk, "faster_than_xla", lambda *a: True)
     fast = jmoe.dispatch_rows(xf, jnp.asarray(idx), gates, experts, 8)
     assert calls  # traced through the custom call
     monkeypatch.setattr(jk, "serves_experts", lambda xs, ex: False)

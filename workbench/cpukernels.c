@@ -326,16 +326,19 @@ static void *job_arg;
 static int worker_started = 0;
 static atomic_int bar_count = 0, bar_sense = 0;
 
-#define SPIN_BEFORE_SLEEP 200000 /* polls (~tens of microseconds) before the worker sleeps */
+/* cycles the idle worker polls for the next job before it sleeps (tens of microseconds: the
+ * products of one decode step follow each other closer than that; longer would take a core
+ * from the library's own threads between expert phases) */
+#define SPIN_CYCLES 100000ULL
 
 static void *worker_main(void *unused) {
     (void)unused;
     long seen = 0;
     for (;;) {
         long s;
-        int spins = 0;
+        unsigned long long t0 = __rdtsc();
         while ((s = atomic_load_explicit(&job_seq, memory_order_acquire)) == seen) {
-            if (++spins < SPIN_BEFORE_SLEEP) {
+            if (__rdtsc() - t0 < SPIN_CYCLES) {
                 _mm_pause();
                 continue;
             }
@@ -344,7 +347,7 @@ static void *worker_main(void *unused) {
             while (atomic_load(&job_seq) == seen) pthread_cond_wait(&wake_cond, &wake_lock);
             atomic_store(&sleeping, 0);
             pthread_mutex_unlock(&wake_lock);
-            spins = 0;
+            t0 = __rdtsc();
         }
         seen = s;
         job_fn(job_arg, 1, 2);
@@ -408,7 +411,7 @@ static void run_parallel(task_fn fn, void *arg, int threads) {
     job_fn = fn;
     job_arg = arg;
     long s = atomic_load(&job_seq) + 1;
-    atomic_store_explicit(&job_seq, s, memory_order_release);
+    atomic_store(&job_seq, s); /* seq_cst: ordered before the load of sleeping */
     if (atomic_load(&sleeping)) {
         pthread_mutex_lock(&wake_lock);
         pthread_cond_signal(&wake_cond);
@@ -437,13 +440,19 @@ static void share(long n, int tid, int nthreads, long *c0, long *c1) {
  * uses the buffers of the job it helps with */
 static __thread float *scratch_buf = NULL;
 static __thread size_t scratch_len = 0;
+static pthread_key_t scratch_key; /* frees a thread's scratch when the thread ends */
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void make_scratch_key(void) { pthread_key_create(&scratch_key, free); }
 
 static float *scratch(size_t floats) {
     if (floats > scratch_len) {
+        pthread_once(&scratch_once, make_scratch_key);
         free(scratch_buf);
         size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
         scratch_buf = aligned_alloc(64, bytes);
         scratch_len = scratch_buf ? floats : 0;
+        pthread_setspecific(scratch_key, scratch_buf);
     }
     return scratch_buf;
 }

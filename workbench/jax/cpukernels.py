@@ -46,9 +46,10 @@ def _register() -> tuple[bool, str]:
 
 
 def serves(x: jax.Array, w: jax.Array) -> bool:
-    """Whether ``x @ w.T`` goes through the kernel: at most ``MAX_LINEAR_ROWS`` rows of fp32
-    or bf16 on the CPU, a weight of at least ``MIN_LINEAR_BYTES``."""
-    return (x.dtype == w.dtype and x.dtype in (jnp.float32, jnp.bfloat16) and w.ndim == 2
+    """Whether ``x @ w.T`` goes through the kernel: at most ``MAX_LINEAR_ROWS`` rows of bf16
+    on the CPU, a weight of at least ``MIN_LINEAR_BYTES``. (XLA:CPU's own fp32 product on a
+    row or two reads as fast as the kernel; its bf16 one reads at a fraction of the rate.)"""
+    return (x.dtype == w.dtype == jnp.bfloat16 and w.ndim == 2
             and math.prod(x.shape[:-1]) <= shared.MAX_LINEAR_ROWS
             and w.size * w.dtype.itemsize >= shared.MIN_LINEAR_BYTES
             and jax.default_backend() == "cpu" and ready())
@@ -61,10 +62,25 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
         x, w, threads=np.int32(shared.threads()))
 
 
+MAX_ROWS_PER_EXPERT = 8  # fp32: more rows per expert on average run XLA's tile loop
+
+
+def faster_than_xla(dtype: jnp.dtype, rows: int, experts: int) -> bool:
+    """Whether the kernel beats XLA:CPU on an expert phase of ``rows`` rows over ``experts``
+    experts (the choice measured on AVX2 CPUs)."""
+    if dtype == jnp.bfloat16:
+        return True
+    return 1 < rows <= MAX_ROWS_PER_EXPERT * experts
+
+
 def serves_experts(xs: jax.Array, experts: list) -> bool:
-    """Whether the expert phase on rows xs goes through the kernel: every expert a pair of
-    plain (not FP8) 2-D weights in xs's dtype, fp32 or bf16, on the CPU."""
-    if xs.dtype not in (jnp.float32, jnp.bfloat16) or not experts:
+    """Whether the expert phase on rows xs goes through the kernel, on the CPU, with every
+    expert a pair of plain (not FP8) 2-D weights in xs's dtype: in bf16 always (XLA:CPU's
+    bf16 products on few rows are slow); in fp32 when the experts get few rows each on
+    average (a prefill over many experts: the phase is weight-read-bound), but not for a
+    single row (XLA's transposed one-row product reads as fast)."""
+    if xs.dtype not in (jnp.float32, jnp.bfloat16) or not experts or \
+            not faster_than_xla(xs.dtype, xs.shape[0], len(experts)):
         return False
     for pair in experts:
         if not (isinstance(pair, tuple) and len(pair) == 2 and all(
