@@ -156,6 +156,18 @@ def test_disabled_by_environment_and_missing_compiler(monkeypatch, tmp_path):
         torch.testing.assert_close(moe.linear(x, w), x @ w.T)
 
 
+def test_builds_from_source_into_an_empty_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_error", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels.available(), kernels.why_unavailable()
+    assert len(list((tmp_path / "workbench").glob("cpukernels-*.so"))) == 1
+    x, w = torch.randn(2, 320), torch.randn(200, 320)
+    with torch.inference_mode():
+        torch.testing.assert_close(ck.linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+
+
 def _child(q):
     x, w = torch.randn(1, 1024), torch.randn(1024, 1024)
     with kernels.using(2), torch.inference_mode():
