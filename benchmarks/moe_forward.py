@@ -204,7 +204,7 @@ def bench_expert_phase(cfg: ModelConfig, tensors: dict, dtype: str, ids: np.ndar
                 lib_step(*a).block_until_ready()
 
         with mock.patch.object(jcpk, "serves_experts", lambda xs, ex: False), \
-                mock.patch.object(jcpk, "serves", lambda x, w: False):
+                mock.patch.object(jcpk, "serves_linear", lambda x, w: False):
             jax_library()  # traced and compiled without the kernels
         fns["jax_library"] = jax_library
     best = timed_interleaved(fns, repeats)

@@ -221,10 +221,10 @@ def test_jax_linear_in_the_model_path_and_its_bounds():
     from workbench.jax.attention import linear
     bf = jnp.bfloat16
     big = jnp.ones((512, 256), bf)  # 256 KB: served
-    assert jk.serves(jnp.ones((1, 1, 256), bf), big)
-    assert not jk.serves(jnp.ones((1, 1, 256)), big.astype(jnp.float32))  # fp32: XLA's dot
-    assert not jk.serves(jnp.ones((5, 256), bf), big)  # too many rows: XLA's dot
-    assert not jk.serves(jnp.ones((1, 16), bf), jnp.ones((16, 16), bf))  # too small
+    assert jk.serves_linear(jnp.ones((1, 1, 256), bf), big)
+    assert not jk.serves_linear(jnp.ones((1, 1, 256)), big.astype(jnp.float32))  # fp32: XLA's dot
+    assert not jk.serves_linear(jnp.ones((5, 256), bf), big)  # too many rows: XLA's dot
+    assert not jk.serves_linear(jnp.ones((1, 16), bf), jnp.ones((16, 16), bf))  # too small
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 256)), bf)
     want = np.asarray(x, np.float32) @ np.ones((256, 512), np.float32)
     np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, big), np.float32), want,
@@ -264,7 +264,7 @@ def test_jax_expert_phase_matches_the_tile_loop(monkeypatch, E, D, inter, N, k, 
     fast = jmoe.dispatch_rows(xf, jnp.asarray(idx), gates, experts, 8)
     assert calls  # traced through the custom call
     monkeypatch.setattr(jk, "serves_experts", lambda xs, ex: False)
-    monkeypatch.setattr(jk, "serves", lambda x, w: False)
+    monkeypatch.setattr(jk, "serves_linear", lambda x, w: False)
     slow = jmoe.dispatch_rows(xf, jnp.asarray(idx), gates, experts, 8)
     f, s = np.asarray(fast, np.float32), np.asarray(slow, np.float32)
     if N > 1:

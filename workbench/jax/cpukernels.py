@@ -45,7 +45,7 @@ def _register() -> tuple[bool, str]:
     return True, ""
 
 
-def serves(x: jax.Array, w: jax.Array) -> bool:
+def serves_linear(x: jax.Array, w: jax.Array) -> bool:
     """Whether ``x @ w.T`` goes through the kernel: at most ``MAX_LINEAR_ROWS`` rows of bf16
     on the CPU, a weight of at least ``MIN_LINEAR_BYTES``. (XLA:CPU's own fp32 product on a
     row or two reads as fast as the kernel; its bf16 one reads at a fraction of the rate.)"""

@@ -106,8 +106,7 @@ def expert_branches(experts: list[Any], tile: int) -> list[Callable[[jax.Array],
     def ffn(w: Any) -> Callable[[jax.Array], jax.Array]:
         def run(xt: jax.Array) -> jax.Array:
             gate_up, down, act = expert_weights(w, xt.dtype)  # FP8: dequantised per tile
-            if not act and xt.dtype == jnp.float32 and tile <= SKINNY_ROWS and \
-                    not cpukernels.serves(xt, gate_up):  # else linear runs the CPU kernel
+            if not act and xt.dtype == jnp.float32 and tile <= SKINNY_ROWS:
                 return skinny_swiglu(xt, gate_up, down)
             gu = linear(fp8_tokens(xt) if act else xt, gate_up)
             inter = gu.shape[-1] // 2

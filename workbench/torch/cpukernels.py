@@ -7,7 +7,7 @@ import torch
 from ..cpukernels import MAX_EXPERT_ROWS, MAX_LINEAR_ROWS, MIN_LINEAR_BYTES, library, threads
 
 __all__ = ["MAX_EXPERT_ROWS", "MAX_LINEAR_ROWS", "MIN_LINEAR_BYTES", "experts", "linear",
-           "serves"]
+           "serves", "serves_experts", "serves_linear"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -18,6 +18,19 @@ def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _DTYPES
             and not torch.is_grad_enabled() and x.is_contiguous() and w.is_contiguous()
             and not torch.compiler.is_compiling() and library() is not None)
+
+
+def serves_linear(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``x @ w.T`` goes through ``linear``: at most ``MAX_LINEAR_ROWS`` rows and a
+    weight of at least ``MIN_LINEAR_BYTES`` (smaller ones torch multiplies as fast)."""
+    return (x.numel() <= MAX_LINEAR_ROWS * x.shape[-1]
+            and w.numel() * w.element_size() >= MIN_LINEAR_BYTES and serves(x, w))
+
+
+def serves_experts(xin: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether an expert phase on rows xin with stacked experts (gate_up, down) goes through
+    ``experts``."""
+    return serves(xin, gate_up) and down.is_contiguous()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,7 @@ _POOL_LOCK = threading.Lock()
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T for an nn.Linear-layout w (out, in); a few rows (a decode step) on the CPU go
     through the streaming kernel (``cpukernels``), which reads w at the memory's rate."""
-    if (x.numel() <= cpukernels.MAX_LINEAR_ROWS * x.shape[-1]
-            and w.numel() * w.element_size() >= cpukernels.MIN_LINEAR_BYTES
-            and cpukernels.serves(x, w)):
+    if cpukernels.serves_linear(x, w):
         return cpukernels.linear(x, w)
     return x @ w.T
 
@@ -112,7 +110,7 @@ def expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torc
     if not isinstance(experts, tuple):
         return _streamed(xin, sorted_e, experts)
     gate_up, down = experts
-    if cpukernels.serves(xin, gate_up) and down.is_contiguous():
+    if cpukernels.serves_experts(xin, gate_up, down):
         return kernel_expert_rows(xin, sorted_e, gate_up, down)
     if xin.device.type == "cpu" and not torch.is_grad_enabled():
         return cpu_expert_rows(xin, sorted_e, gate_up, down)
@@ -222,7 +220,7 @@ def _streamed(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torch.
     out = []
     for e, xe in zip(*_by_expert(xin, sorted_e)):
         gate_up, down = expert_weights(experts.fetch([e])[e], xin.dtype)  # FP8: dequantised
-        if act is None and cpukernels.serves(xe, gate_up) and down.is_contiguous():
+        if act is None and cpukernels.serves_experts(xe, gate_up, down):
             one = torch.zeros(xe.shape[0], dtype=torch.long)  # the stack of one expert
             out.append(kernel_expert_rows(xe, one, gate_up[None], down[None]))
         else:
