@@ -365,6 +365,8 @@ static void after_fork_child(void) {
     atomic_store(&job_seq, 0);
     atomic_store(&job_done, 0);
     atomic_store(&sleeping, 0);
+    atomic_store(&bar_count, 0);
+    atomic_store(&bar_sense, 0);
 }
 
 static int start_worker(void) {
