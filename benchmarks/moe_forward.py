@@ -203,7 +203,7 @@ def bench_expert_phase(cfg: ModelConfig, tensors: dict, dtype: str, ids: np.ndar
             for a in jargs:
                 lib_step(*a).block_until_ready()
 
-        with mock.patch.object(jcpk, "serves_experts", lambda xs, ex: False), \
+        with mock.patch.object(jcpk, "serves_experts", lambda xs, ex, tile: False), \
                 mock.patch.object(jcpk, "serves_linear", lambda x, w: False):
             jax_library()  # traced and compiled without the kernels
         fns["jax_library"] = jax_library

@@ -230,10 +230,10 @@ def test_jax_linear_in_the_model_path_and_its_bounds():
     np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, big), np.float32), want,
                                rtol=2 ** -8)
     # the expert phase: bf16 always, fp32 for a few rows per expert (not one row)
-    assert jk.faster_than_xla(bf, 1, 8) and jk.faster_than_xla(bf, 4096, 8)
-    assert jk.faster_than_xla(jnp.float32, 512, 128)
-    assert not jk.faster_than_xla(jnp.float32, 512, 16)
-    assert not jk.faster_than_xla(jnp.float32, 1, 128)
+    assert jk.faster_than_xla(bf, 1, 1) and jk.faster_than_xla(bf, 4096, 128)
+    assert jk.faster_than_xla(jnp.float32, 512, 8)  # tile 8: E=128, 512 tokens
+    assert not jk.faster_than_xla(jnp.float32, 512, 16)  # tile 16: E=16, 512 tokens
+    assert not jk.faster_than_xla(jnp.float32, 1, 1)
 
 
 JAX_CASES = [(8, 64, 16, 20, 1), (16, 256, 192, 300, 2), (4, 40, 24, 7, 1), (6, 512, 512, 1, 1),
@@ -263,7 +263,7 @@ def test_jax_expert_phase_matches_the_tile_loop(monkeypatch, E, D, inter, N, k, 
     monkeypatch.setattr(jk, "faster_than_xla", lambda *a: True)
     fast = jmoe.dispatch_rows(xf, jnp.asarray(idx), gates, experts, 8)
     assert calls  # traced through the custom call
-    monkeypatch.setattr(jk, "serves_experts", lambda xs, ex: False)
+    monkeypatch.setattr(jk, "serves_experts", lambda xs, ex, tile: False)
     monkeypatch.setattr(jk, "serves_linear", lambda x, w: False)
     slow = jmoe.dispatch_rows(xf, jnp.asarray(idx), gates, experts, 8)
     f, s = np.asarray(fast, np.float32), np.asarray(slow, np.float32)

@@ -62,25 +62,25 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
         x, w, threads=np.int32(shared.threads()))
 
 
-MAX_ROWS_PER_EXPERT = 8  # fp32: more rows per expert on average run XLA's tile loop
-
-
-def faster_than_xla(dtype: jnp.dtype, rows: int, experts: int) -> bool:
-    """Whether the kernel beats XLA:CPU on an expert phase of ``rows`` rows over ``experts``
-    experts (the choice measured on AVX2 CPUs)."""
+def faster_than_xla(dtype: jnp.dtype, rows: int, tile: int) -> bool:
+    """Whether the kernel beats XLA:CPU on an expert phase of ``rows`` rows whose tile loop
+    would use ``tile``-row tiles (the choice measured on AVX2 CPUs): in bf16 always (XLA's
+    bf16 products on few rows are slow); in fp32 when the tiles are the smallest, 8 rows (the
+    experts get fewer than 32 rows each on average: a prefill over many experts, weight-read-
+    bound), but not for a single row (XLA's transposed one-row product reads as fast). The
+    choice depends on the tile, not on the experts passed, so a streamed layer's groups of
+    experts compute exactly what the resident layer computes."""
     if dtype == jnp.bfloat16:
         return True
-    return 1 < rows <= MAX_ROWS_PER_EXPERT * experts
+    return rows > 1 and tile <= 8
 
 
-def serves_experts(xs: jax.Array, experts: list) -> bool:
-    """Whether the expert phase on rows xs goes through the kernel, on the CPU, with every
-    expert a pair of plain (not FP8) 2-D weights in xs's dtype: in bf16 always (XLA:CPU's
-    bf16 products on few rows are slow); in fp32 when the experts get few rows each on
-    average (a prefill over many experts: the phase is weight-read-bound), but not for a
-    single row (XLA's transposed one-row product reads as fast)."""
+def serves_experts(xs: jax.Array, experts: list, tile: int) -> bool:
+    """Whether the expert phase on rows xs (tile loop tiles of ``tile`` rows) goes through
+    the kernel: on the CPU, every expert a pair of plain (not FP8) 2-D weights in xs's dtype,
+    fp32 or bf16, where ``faster_than_xla``."""
     if xs.dtype not in (jnp.float32, jnp.bfloat16) or not experts or \
-            not faster_than_xla(xs.dtype, xs.shape[0], len(experts)):
+            not faster_than_xla(xs.dtype, xs.shape[0], tile):
         return False
     for pair in experts:
         if not (isinstance(pair, tuple) and len(pair) == 2 and all(

@@ -163,7 +163,7 @@ def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
     k = idx.shape[1]
     E = len(experts)
     flat = idx.reshape(-1)
-    if flat.shape[0] == 1 and cpukernels.serves_experts(xf, experts):
+    if flat.shape[0] == 1 and cpukernels.serves_experts(xf, experts, tile):
         x1 = xf[:1] * gates.reshape(-1)[:, None]  # one assignment: the CPU kernel, no sort
         return cpukernels.experts(x1, (jnp.arange(E) == flat[0]).astype(jnp.int32), experts)
     if flat.shape[0] == 1:  # one assignment (a decode step): its expert, no sort or loop
@@ -176,7 +176,7 @@ def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
     counts = jnp.bincount(key, length=E + 1)[:E]
     offsets = jnp.cumsum(counts) - counts
     xs = xf[order // k] * gates.reshape(-1)[order][:, None]
-    if cpukernels.serves_experts(xs, experts):  # the CPU kernel: each expert's rows at once
+    if cpukernels.serves_experts(xs, experts, tile):  # the CPU kernel: each expert's rows
         y = cpukernels.experts(xs, counts, experts)
     else:
         y = expert_tiles(xs, counts, offsets, experts, tile)
