@@ -7,15 +7,18 @@
  * and apply it to every row while it is in a register.
  *
  * Weights are fp32 or bf16 (converted to fp32 in registers: exact); activations and sums are
- * fp32. Every output element's sum runs over k in the same order whatever the thread count or
- * the column split, so results do not depend on threads.
+ * fp32. Every output element's sum runs in the same order whatever the thread count, so
+ * results do not depend on threads.
  *
- * Two layouts:
- *   wb_linear:  y = x @ W.T with W (O, K) (nn.Linear layout): dot products along W's rows.
- *   wb_experts: per expert e, out = (silu(x @ Wg) * (x @ Wu)) @ Wd, with [Wg | Wu] = GU[e]
- *               (D, 2I) and Wd = DN[e] (I, D) (the checkpoint's (in, out) layout): rows of W
- *               are added into the outputs four at a time.
- * Both split their columns between the calling thread and one worker thread.
+ *   wb_linear:     y = x @ W.T with W (O, K) (nn.Linear layout): dot products along W's rows,
+ *                  the output rows split between the calling thread and one worker thread.
+ *   wb_experts:    per expert e, out = (silu(x @ Wg) * (x @ Wu)) @ Wd, with [Wg | Wu] = GU[e]
+ *                  (D, 2I) and Wd = DN[e] (I, D) (the checkpoint's (in, out) layout): rows of
+ *                  W are added into the outputs four at a time; each thread reads one
+ *                  contiguous half of the rows, and the two partial sums are added in a fixed
+ *                  order (the torch backend).
+ *   wb_experts_oi: the same SwiGLU with per-expert nn.Linear-layout weights, dot products,
+ *                  outputs split between the threads (the jax backend's custom call).
  */
 #include <immintrin.h>
 #include <math.h>
