@@ -129,12 +129,93 @@ def test_model_forward_and_decode_same_with_and_without_kernels(monkeypatch, dty
     gen = m.generate(ids[:1, :5], 6, temperature=0).sequences
     assert used["experts"] > 0 and used["linear"] > 0  # decode steps: few-row linears
     monkeypatch.setattr(ck, "serves", lambda x, w: False)
+    monkeypatch.setattr(ck, "serves_rope", lambda x, c, s: False)
     slow = m.run(ids, capture=["*.moe.routed_out", "logits"]).trace
     tol = 1e-5 if dtype == "float32" else 3e-2
     for name, v in slow.items():
         np.testing.assert_allclose(fast[name], v, rtol=tol, atol=tol, err_msg=name)
     if dtype == "float32":
         np.testing.assert_array_equal(gen, m.generate(ids[:1, :5], 6, temperature=0).sequences)
+
+
+def _eager_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if w is None else y * w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (1, 8, 1, 128), (3, 37, 1003), (2, 5, 16)])
+def test_rms_norm_matches_the_eager_norm(shape, dtype):
+    from workbench.torch.attention import rms_norm
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    x.view(-1)[1] = float("nan")  # a NaN row stays NaN, the others are unaffected
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    with torch.inference_mode():
+        for weight in (w, None):
+            assert ck.serves_norm(x, weight)
+            got, want = rms_norm(x, weight, 1e-5), _eager_norm(x, weight, 1e-5)
+            assert got.dtype == x.dtype and got.shape == x.shape
+            assert torch.equal(got.isnan(), want.isnan())
+            got, want = got.nan_to_num().float(), want.nan_to_num().float()
+            if dtype == torch.float32:  # the fp32 mean may differ in its last bit
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            else:  # a bf16 rounding flipped by that last bit: one bf16 step, rarely
+                assert (got != want).float().mean() < 0.01
+                torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
+        assert not ck.serves_norm(x, w.float() if dtype == torch.bfloat16 else w.bfloat16())
+        assert not ck.serves_norm(x, torch.ones(shape[-1] + 1, dtype=dtype))
+    assert not ck.serves_norm(x, w)  # autograd on: torch's ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,N,S,d,per_row", [(1, 8, 1, 128, False), (2, 8, 37, 128, False),
+                                             (3, 4, 5, 64, True), (1, 2, 300, 8, False)])
+def test_rope_gives_torchs_complex_product_bit_for_bit(B, N, S, d, per_row, dtype):
+    from workbench.torch.attention import apply_rope
+    g = torch.Generator().manual_seed(S * d)
+    x = (torch.randn(B, S, N, d, generator=g) * 4).to(dtype).transpose(1, 2)  # split_heads
+    pos = torch.arange(S, dtype=torch.float32)[:, None] * torch.rand(d // 2, generator=g) * 100
+    if per_row:  # a padded batch: one table per row
+        pos = pos[None] + torch.arange(B)[:, None, None] * 3.0
+    cos, sin = torch.cos(pos), torch.sin(pos)
+    with torch.inference_mode():
+        assert ck.serves_rope(x, cos, sin)
+        got = apply_rope(x, cos, sin)
+        monkey = ck.serves_rope
+        try:
+            ck.serves_rope = lambda *a: False
+            want = apply_rope(x, cos, sin)
+        finally:
+            ck.serves_rope = monkey
+        assert got.dtype == dtype
+        if d >= 64:  # the model's head sizes: torch's vector loop, the same bits
+            assert torch.equal(got, want)
+        else:  # torch may take its scalar loop (FMA-contracted): within an ulp
+            torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-6)
+        assert not ck.serves_rope(x[..., :6], cos[..., :3], sin[..., :3])  # d % 8: torch
+        assert not ck.serves_rope(x, cos.double(), sin.double())
+        assert not ck.serves_rope(x, cos[:, :-1], sin[:, :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_dispatch_skips_the_grouping_and_gives_the_same_row(monkeypatch, dtype):
+    g = torch.Generator().manual_seed(3)
+    E, D, inter = 6, 64, 48
+    gate_up = (torch.randn(E, D, 2 * inter, generator=g) * 0.1).to(dtype)
+    down = (torch.randn(E, inter, D, generator=g) * 0.1).to(dtype)
+    xf = torch.randn(2, D, generator=g).to(dtype)
+    idx, gates = torch.tensor([[4], [1]]), torch.tensor([[0.7], [0.3]]).to(dtype)
+    with torch.inference_mode():
+        both = moe.dispatch(xf, idx, gates, (gate_up, down))  # the general path
+
+        def no_grouping(*a):
+            raise AssertionError("a single assignment went through the expert grouping")
+
+        monkeypatch.setattr(moe, "expert_rows", no_grouping)
+        one = moe.dispatch(xf[:1], idx[:1], gates[:1], (gate_up, down))
+    assert torch.equal(one[0], both[0])
 
 
 def test_disabled_by_environment_and_missing_compiler(monkeypatch, tmp_path):

@@ -19,6 +19,9 @@
  *                  order (the torch backend).
  *   wb_experts_oi: the same SwiGLU with per-expert nn.Linear-layout weights, dot products,
  *                  outputs split between the threads (the jax backend's custom call).
+ *   wb_rms_norm, wb_rope: the model's RMSNorm and RoPE in one call each (the torch backend:
+ *                  a decode step otherwise spends more time issuing their small ops than
+ *                  computing them).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -483,6 +486,28 @@ static inline void store1(void *y, long i, float v, int bf16) {
     }
 }
 
+/* eight fp32 values rounded to the nearest bf16 (ties to even), as fp32; NaN stays NaN */
+static inline __m256 round8_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v), hi = _mm256_set1_epi32((int)0xffff0000u);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    __m256i nan = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)); /* quiet, as round_bf16 */
+    __m256 isnan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_and_ps(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan), isnan),
+                         _mm256_castsi256_ps(hi));
+}
+
+/* eight fp32 values into y[i .. i + 8] (fp32, or bf16 rounded to nearest even) */
+static inline void store8(void *y, long i, __m256 v, int bf16) {
+    if (bf16) {
+        __m256i u = _mm256_srli_epi32(_mm256_castps_si256(round8_bf16(v)), 16);
+        __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), p);
+    } else {
+        _mm256_storeu_ps((float *)y + i, v);
+    }
+}
+
 /* ---------------------------------------------------------------- exported */
 
 typedef struct {
@@ -667,6 +692,78 @@ int wb_experts_oi(const void *x, long A, const int32_t *count, long nexp,
                         buf, buf + ROWS * D, buf + ROWS * (D + g)};
     run_parallel(experts_oi_task, &j, 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1);
     return 0;
+}
+
+/* out (n, D) = RMSNorm of each row of x (fp32, or bf16 when bf16), as transformers' Llama 4
+ * norm: r = 1 / sqrt(mean(x^2) + eps) in fp32 (squares summed in a fixed order), y = x * r
+ * rounded to x's dtype, then y * w (w (D), x's dtype, rounded again) when w is given. One
+ * call replaces the seven small ops of the eager norm (a decode step runs 15 of them). */
+void wb_rms_norm(const void *x, long n, long D, const void *w, float eps, int bf16, void *out) {
+    for (long r = 0; r < n; r++) {
+        long off = r * D, k = 0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (; k + 16 <= D; k += 16) {
+            __m256 v0 = load8(x, off + k, bf16), v1 = load8(x, off + k + 8, bf16);
+            a0 = _mm256_fmadd_ps(v0, v0, a0);
+            a1 = _mm256_fmadd_ps(v1, v1, a1);
+        }
+        float s = hsum(_mm256_add_ps(a0, a1));
+        for (; k < D; k++) {
+            float v = load1(x, off + k, bf16);
+            s += v * v;
+        }
+        float inv = 1.0f / sqrtf(s / (float)D + eps);
+        __m256 vinv = _mm256_set1_ps(inv);
+        for (k = 0; k + 8 <= D; k += 8) {
+            __m256 y = _mm256_mul_ps(load8(x, off + k, bf16), vinv);
+            if (w) {
+                if (bf16) y = round8_bf16(y);
+                y = _mm256_mul_ps(y, load8(w, k, bf16));
+            }
+            store8(out, off + k, y, bf16);
+        }
+        for (; k < D; k++) {
+            float y = load1(x, off + k, bf16) * inv;
+            if (w) {
+                if (bf16) y = round_bf16(y);
+                y *= load1(w, k, bf16);
+            }
+            store1(out, off + k, y, bf16);
+        }
+    }
+}
+
+/* out (B, N, S, d), contiguous = x (B, N, S, d) (element strides sb, sn, ss; the last dimension
+ * contiguous; fp32, or bf16 when bf16) with its interleaved pairs rotated as transformers'
+ * complex RoPE: out[2i] = x[2i] c - x[2i+1] s, out[2i+1] = x[2i] s + x[2i+1] c, with c, s the
+ * fp32 tables (S, d/2) (cb: their batch stride, 0 when shared). Each product and each sum is
+ * rounded to fp32 on its own (no FMA), as torch's complex multiply rounds. */
+__attribute__((optimize("fp-contract=off")))
+void wb_rope(const void *x, long B, long N, long S, long d, long sb, long sn, long ss,
+             const float *cos, const float *sin, long cb, int bf16, void *out) {
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    long h = d / 2;
+    for (long b = 0; b < B; b++)
+        for (long n = 0; n < N; n++)
+            for (long t = 0; t < S; t++) {
+                long xo = b * sb + n * sn + t * ss, oo = ((b * N + n) * S + t) * d;
+                const float *c = cos + b * cb + t * h, *s = sin + b * cb + t * h;
+                long i = 0;
+                for (; i + 4 <= h; i += 4) {
+                    __m256 v = load8(x, xo + 2 * i, bf16);
+                    __m256 cc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(c + i)), dup);
+                    __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + i)), dup);
+                    __m256 ac = _mm256_mul_ps(v, cc);                            /* a c, b c */
+                    __m256 bs = _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), sc);   /* b s, a s */
+                    store8(out, oo + 2 * i, _mm256_addsub_ps(ac, bs), bf16);     /* ac - bs, bc + as */
+                }
+                for (; i < h; i++) {
+                    float a = load1(x, xo + 2 * i, bf16), bb = load1(x, xo + 2 * i + 1, bf16);
+                    float ac = a * c[i], bs = bb * s[i], as = a * s[i], bc = bb * c[i];
+                    store1(out, oo + 2 * i, ac - bs, bf16);
+                    store1(out, oo + 2 * i + 1, bc + as, bf16);
+                }
+            }
 }
 
 /* 1 when this CPU runs these kernels (AVX2 and FMA) */

@@ -90,6 +90,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.wb_linear.restype = it
     lib.wb_experts.argtypes = [vp, vp, vp, vp, lg, vp, vp, lg, lg, it, vp, it]
     lib.wb_experts.restype = it
+    lib.wb_rms_norm.argtypes = [vp, lg, lg, vp, ctypes.c_float, it, vp]
+    lib.wb_rms_norm.restype = None
+    lib.wb_rope.argtypes = [vp, lg, lg, lg, lg, lg, lg, lg, vp, vp, lg, it, vp]
+    lib.wb_rope.restype = None
     return lib
 
 

@@ -14,10 +14,14 @@ import torch.nn.functional as F
 
 from ..forward import PadMask
 from ..numerics import attention_mask, chunk_keep, distance_bucket_edges
+from . import cpukernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """HF Llama4TextRMSNorm: normalise in fp32, cast back, then multiply by the weight."""
+    """HF Llama4TextRMSNorm: normalise in fp32, cast back, then multiply by the weight (CPU
+    inference: one call of the CPU kernel, ``cpukernels.rms_norm``)."""
+    if cpukernels.serves_norm(x, weight):
+        return cpukernels.rms_norm(x, weight, eps)
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return y if weight is None else y * weight
@@ -26,8 +30,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved-pair (complex) RoPE in fp32, as HF: pairs (x[2i], x[2i+1]) times e^{i theta}.
 
-    x: (B, N, S, d); cos/sin: (S, d/2).
+    x: (B, N, S, d); cos/sin: (S, d/2). CPU inference: one call of ``cpukernels.rope``.
     """
+    if cpukernels.serves_rope(x, cos, sin):
+        return cpukernels.rope(x, cos, sin)
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     f = torch.complex(cos, sin)
     f = f[:, None] if f.ndim == 3 else f[None, None]  # per-row tables of a padded batch

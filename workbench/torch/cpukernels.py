@@ -7,7 +7,8 @@ import torch
 from ..cpukernels import MAX_EXPERT_ROWS, MAX_LINEAR_ROWS, MIN_LINEAR_BYTES, library, threads
 
 __all__ = ["MAX_EXPERT_ROWS", "MAX_LINEAR_ROWS", "MIN_LINEAR_BYTES", "experts", "linear",
-           "serves", "serves_experts", "serves_linear"]
+           "rms_norm", "rope", "serves", "serves_experts", "serves_linear", "serves_norm",
+           "serves_rope"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -55,3 +56,47 @@ def experts(xin: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, start: torc
                             len(ids), gate_up.data_ptr(), down.data_ptr(), D, I,
                             xin.dtype == torch.bfloat16, out.data_ptr(), threads()):
         raise MemoryError(f"no memory for the scratch of experts with D={D}, I={I}")
+
+
+def serves_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether ``rms_norm`` runs x's norm: as ``serves``, with a weight (if any) of x's last
+    dimension, contiguous, in x's dtype."""
+    return (weight is None or (weight.dtype == x.dtype and weight.is_contiguous()
+                               and weight.shape == x.shape[-1:])) and serves(x, x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """transformers' Llama 4 RMSNorm in one call: normalised in fp32, rounded to x's dtype,
+    then times ``weight`` (rounded again). The squares are summed in the kernel's fixed order
+    (torch's reduction may differ in the last bit of the fp32 mean)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    D = x.shape[-1]
+    library().wb_rms_norm(x.data_ptr(), x.numel() // D, D,
+                          None if weight is None else weight.data_ptr(), eps,
+                          x.dtype == torch.bfloat16, out.data_ptr())
+    return out
+
+
+def serves_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``rope`` rotates x (B, N, S, d): as ``serves`` but any layout whose last
+    dimension is contiguous, d a multiple of 8 (every pair in the kernel's vector loop),
+    contiguous fp32 tables (S, d/2) or (B, S, d/2)."""
+    return (x.dim() == 4 and x.stride(-1) == 1 and x.shape[-1] % 8 == 0
+            and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape
+            and cos.shape[-2:] == (x.shape[2], x.shape[3] // 2)
+            and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == x.shape[0]))
+            and cos.is_contiguous() and sin.is_contiguous() and x.dtype in _DTYPES
+            and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and library() is not None)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' interleaved (complex) RoPE of x (B, N, S, d) in one call, each product
+    and sum rounded on its own as torch's vectorised complex multiply rounds (the same bits at
+    the model's head sizes); the result is contiguous."""
+    B, N, S, d = x.shape
+    out = torch.empty((B, N, S, d), dtype=x.dtype)
+    library().wb_rope(x.data_ptr(), B, N, S, d, x.stride(0), x.stride(1), x.stride(2),
+                      cos.data_ptr(), sin.data_ptr(), S * d // 2 if cos.dim() == 3 else 0,
+                      x.dtype == torch.bfloat16, out.data_ptr())
+    return out

@@ -23,6 +23,7 @@ _GROUPED = hasattr(torch, "_grouped_mm")
 MIN_SPLIT_EXPERTS = 4  # fewer experts used than this run on the calling thread
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_ZERO, _ONE = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,14 @@ def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
     assignment's input is ``x * gate`` in the model dtype (as HF); with k > 1 the
     outputs are summed in fp32 and cast once.
     """
+    if idx.numel() == 1 and isinstance(experts, tuple) and \
+            cpukernels.serves_experts(xf, *experts):
+        # one token, one choice (a decode step): its expert directly, without the sort, the
+        # expert grouping and the scatter back (the same kernel call on the same row)
+        xin = xf * gates.reshape(1, 1)
+        out = torch.empty_like(xin)
+        cpukernels.experts(xin, out, idx.reshape(1), _ZERO, _ONE, *experts)
+        return out
     k = idx.shape[1]
     flat_e = idx.reshape(-1)
     order = torch.argsort(flat_e, stable=True)
