@@ -1,4 +1,9 @@
-"""The streaming CPU kernels (``workbench.cpukernels``) on torch tensors."""
+"""The streaming CPU kernels (``workbench.cpukernels``) on torch tensors.
+
+Eagerly each function calls the kernel directly. Inside ``torch.compile`` the products, the
+norm and RoPE are the custom ops ``torch.ops.workbench.linear``, ``.rms_norm`` and ``.rope``
+(the same kernels, opaque to the compiler), so a compiled layer computes what the eager one
+does, bit for bit."""
 
 from __future__ import annotations
 
@@ -14,11 +19,11 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``x`` times ``w`` can go through the kernels: CPU inference (no autograd, not
-    inside torch.compile), fp32 or bf16 throughout, contiguous x and w."""
+    """Whether ``x`` times ``w`` can go through the kernels: CPU inference (no autograd),
+    fp32 or bf16 throughout, contiguous x and w."""
     return (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _DTYPES
             and not torch.is_grad_enabled() and x.is_contiguous() and w.is_contiguous()
-            and not torch.compiler.is_compiling() and library() is not None)
+            and library() is not None)
 
 
 def serves_linear(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -30,13 +35,19 @@ def serves_linear(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def serves_experts(xin: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether an expert phase on rows xin with stacked experts (gate_up, down) goes through
-    ``experts``."""
-    return serves(xin, gate_up) and down.is_contiguous()
+    ``experts`` (eager only: a compiled layer runs its dispatch eagerly)."""
+    return serves(xin, gate_up) and down.is_contiguous() and not torch.compiler.is_compiling()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ w.T for w (O, K) (x contiguous, its dtype w's); bf16: sums in fp32,
     rounded once."""
+    if torch.compiler.is_compiling():
+        return torch.ops.workbench.linear(x, w)
+    return _linear(x, w)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     O, K = w.shape
     y = torch.empty((*x.shape[:-1], O), dtype=x.dtype)
     if library().wb_linear(x.data_ptr(), x.numel() // K, K, w.data_ptr(), O,
@@ -69,6 +80,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     """transformers' Llama 4 RMSNorm in one call: normalised in fp32, rounded to x's dtype,
     then times ``weight`` (rounded again). The squares are summed in the kernel's fixed order
     (torch's reduction may differ in the last bit of the fp32 mean)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.workbench.rms_norm(x, weight, eps)
+    return _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     D = x.shape[-1]
     library().wb_rms_norm(x.data_ptr(), x.numel() // D, D,
@@ -87,16 +104,54 @@ def serves_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == x.shape[0]))
             and cos.is_contiguous() and sin.is_contiguous() and x.dtype in _DTYPES
             and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and library() is not None)
+            and library() is not None)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' interleaved (complex) RoPE of x (B, N, S, d) in one call, each product
     and sum rounded on its own as torch's vectorised complex multiply rounds (the same bits at
     the model's head sizes); the result is contiguous."""
+    if torch.compiler.is_compiling():
+        return torch.ops.workbench.rope(x, cos, sin)
+    return _rope(x, cos, sin)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     B, N, S, d = x.shape
     out = torch.empty((B, N, S, d), dtype=x.dtype)
     library().wb_rope(x.data_ptr(), B, N, S, d, x.stride(0), x.stride(1), x.stride(2),
                       cos.data_ptr(), sin.data_ptr(), S * d // 2 if cos.dim() == 3 else 0,
                       x.dtype == torch.bfloat16, out.data_ptr())
     return out
+
+
+# ---------------------------------------------------------------- the same, as custom ops
+
+@torch.library.custom_op("workbench::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _linear(x.contiguous(), w.contiguous())
+
+
+@_linear_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("workbench::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _rms_norm(x.contiguous(), weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("workbench::rope", mutates_args=())
+def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _rope(x, cos.contiguous(), sin.contiguous())
+
+
+@_rope_op.register_fake
+def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape)
