@@ -81,10 +81,16 @@ def test_experts_match_torch_and_threads(E, D, inter, counts, dtype):
             two = moe.kernel_expert_rows(xin, sorted_e, gate_up, down)
         with kernels.using(1):
             one = moe.kernel_expert_rows(xin, sorted_e, gate_up, down)
+        kernels.library().wb_set_by_expert(0)  # two threads on halves of every expert
+        try:
+            with kernels.using(2):
+                halves = moe.kernel_expert_rows(xin, sorted_e, gate_up, down)
+        finally:
+            kernels.library().wb_set_by_expert(1)
         ref = torch.cat([moe.expert_swiglu(p, gate_up[e], down[e])
                          for e, p in zip(used, xin.split(counts))])
     assert two.dtype == dtype and two.shape == xin.shape
-    assert torch.equal(one, two)
+    assert torch.equal(one, two) and torch.equal(one, halves)
     # bf16: each intermediate is rounded to bf16 as in torch, so a result differs from
     # torch's by the effect of a one-ulp difference in the gate or up value at most
     assert _rel(two, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
@@ -366,6 +372,31 @@ def test_jax_expert_phase_matches_the_tile_loop(monkeypatch, E, D, inter, N, k, 
         assert not f[0].any()
     np.testing.assert_allclose(f, s, rtol=0, atol=(1e-6 if dtype == "float32" else 2e-2)
                                * max(np.abs(s).max(), 1e-30))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_expert_call_same_on_one_or_two_threads(dtype):
+    """Two threads (halves of each expert's outputs) or one: the same values; rows past the
+    experts' counts are zero."""
+    jax, jk = _jax()
+    import jax.numpy as jnp
+    dt = jnp.dtype(dtype)
+    rng = np.random.default_rng(7)
+    E, D, inter = 5, 256, 192
+    experts = [(jnp.asarray(rng.standard_normal((2 * inter, D)) / D ** 0.5, dt),
+                jnp.asarray(rng.standard_normal((D, inter)) / inter ** 0.5, dt))
+               for _ in range(E)]
+    counts = jnp.asarray([3, 0, 9, 1, 40], jnp.int32)
+    xs = jnp.asarray(rng.standard_normal((60, D)), dt)  # 7 rows past the counts: zero
+
+    def run(threads: int) -> np.ndarray:
+        with kernels.using(threads):  # read when traced: a fresh function each time
+            return np.asarray(jax.jit(lambda a, c: jk.experts(a, c, experts))(xs, counts),
+                              np.float32)
+
+    two, one = run(2), run(1)
+    np.testing.assert_array_equal(two, one)
+    assert not two[53:].any() and two[:53].any(axis=1).all()
 
 
 def test_jax_and_torch_models_agree_with_kernels(monkeypatch):

@@ -14,9 +14,10 @@
  *                  the output rows split between the calling thread and one worker thread.
  *   wb_experts:    per expert e, out = (silu(x @ Wg) * (x @ Wu)) @ Wd, with [Wg | Wu] = GU[e]
  *                  (D, 2I) and Wd = DN[e] (I, D) (the checkpoint's (in, out) layout): rows of
- *                  W are added into the outputs four at a time; each thread reads one
- *                  contiguous half of the rows, and the two partial sums are added in a fixed
- *                  order (the torch backend).
+ *                  W are added into the outputs four at a time, each product as two partial
+ *                  sums over the two halves of W's rows, added in a fixed order. With several
+ *                  experts the two threads take whole experts in turn (two weight streams);
+ *                  with one, each thread computes one half (the torch backend).
  *   wb_experts_oi: the same SwiGLU with per-expert nn.Linear-layout weights, dot products,
  *                  outputs split between the threads (the jax backend's custom call).
  *   wb_rms_norm, wb_rope: the model's RMSNorm and RoPE in one call each (the torch backend:
@@ -554,17 +555,57 @@ typedef struct {
     int bf16;
     void *out;              /* (A, D), the dtype of x */
     float *xf, *part[2], *h; /* (ROWS, D), two partial sums, (ROWS, I) */
+    float *own[2];           /* by_expert: each thread's own xf, part[2] and h */
+    int by_expert;           /* the threads take whole experts in turn */
+    atomic_long next;        /* by_expert: the next expert to take */
 } experts_job;
 
 #define ROWS 32 /* rows per pass through an expert's weights (more: another pass) */
+
+static int by_expert_mode = 1;
+/* 0: two threads always split each expert's product in halves (for measurements) */
+void wb_set_by_expert(int on) { by_expert_mode = on; }
 
 /* the first half of 0..K (a multiple of 4): each half of a product's sum is one thread's
  * contiguous part of the weight, and the halves are added the same way on one thread */
 static long half_k(long K) { return ((K / 2 + 3) / 4) * 4 < K ? ((K / 2 + 3) / 4) * 4 : K; }
 
+/* rows r0 .. r0 + n of expert slot e, whole, on this thread: the same sums, in the same
+ * order, as the two threads' halves of experts_task */
+static void expert_alone(experts_job *j, long e, long r0, long n, float *xf, float *p0,
+                         float *p1, float *h) {
+    long D = j->D, I = j->I, kd = half_k(D), ki = half_k(I);
+    int es = j->bf16 ? 2 : 4;
+    const char *gu = (const char *)j->gu + j->ids[e] * D * 2 * I * es;
+    const char *dn = (const char *)j->dn + j->ids[e] * I * D * es;
+    to_f32((const char *)j->x + r0 * D * es, n * D, j->bf16, xf);
+    axpy_mm(xf, n, D, 0, kd, gu, 2 * I, j->bf16, p0);
+    axpy_mm(xf, n, D, kd, D, gu, 2 * I, j->bf16, p1);
+    for (long r = 0; r < n; r++)
+        for (long i = 0; i < I; i++) {
+            float g = p0[r * 2 * I + i] + p1[r * 2 * I + i];
+            float u = p0[r * 2 * I + I + i] + p1[r * 2 * I + I + i];
+            h[r * I + i] = j->bf16 ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(u))
+                                   : silu(g) * u;
+        }
+    axpy_mm(h, n, I, 0, ki, dn, D, j->bf16, p0);
+    axpy_mm(h, n, I, ki, I, dn, D, j->bf16, p1);
+    for (long r = 0; r < n; r++)
+        for (long d = 0; d < D; d++)
+            store1(j->out, (r0 + r) * D + d, p0[r * D + d] + p1[r * D + d], j->bf16);
+}
+
 static void experts_task(void *arg, int tid, int nthreads) {
     experts_job *j = arg;
     long D = j->D, I = j->I, kd = half_k(D), ki = half_k(I);
+    if (j->by_expert) { /* whole experts, taken in turn (each reads its own weights) */
+        long p = 2 * I > D ? 2 * I : D;
+        float *xf = j->own[tid], *p0 = xf + ROWS * D, *p1 = p0 + ROWS * p, *h = p1 + ROWS * p;
+        for (long e; (e = atomic_fetch_add(&j->next, 1)) < j->nexp;)
+            for (long r0 = j->start[e], end = r0 + j->count[e]; r0 < end; r0 += ROWS)
+                expert_alone(j, e, r0, end - r0 < ROWS ? end - r0 : ROWS, xf, p0, p1, h);
+        return;
+    }
     int es = j->bf16 ? 2 : 4;
     long i0, i1, d0, d1;
     share(I, tid, nthreads, &i0, &i1);
@@ -612,11 +653,17 @@ int wb_experts(const void *x, const int64_t *start, const int64_t *count, const 
                long nexp, const void *gu, const void *dn, long D, long I, int bf16, void *out,
                int threads) {
     long p = 2 * I > D ? 2 * I : D; /* a partial sum: (rows, 2I), then (rows, D) */
-    float *buf = scratch((size_t)ROWS * (D + 2 * p + I));
+    size_t one = (size_t)ROWS * (D + 2 * p + I);
+    float *buf = scratch(2 * one);
     if (!buf) return -1;
     experts_job j = {x, start, count, ids, nexp, D, I, gu, dn, bf16, out,
-                     buf, {buf + ROWS * D, buf + ROWS * (D + p)}, buf + ROWS * (D + 2 * p)};
-    run_parallel(experts_task, &j, 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1);
+                     buf, {buf + ROWS * D, buf + ROWS * (D + p)}, buf + ROWS * (D + 2 * p),
+                     {buf, buf + one}, 0, 0};
+    int t = 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1;
+    /* two threads: whole experts each when there are several (two weight streams, no
+     * barriers), one expert's halves otherwise; the same values either way */
+    j.by_expert = t > 1 && nexp > 1 && by_expert_mode;
+    run_parallel(experts_task, &j, t);
     return 0;
 }
 

@@ -94,6 +94,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.wb_rms_norm.restype = None
     lib.wb_rope.argtypes = [vp, lg, lg, lg, lg, lg, lg, lg, vp, vp, lg, it, vp]
     lib.wb_rope.restype = None
+    lib.wb_set_by_expert.argtypes = [it]
+    lib.wb_set_by_expert.restype = None
     return lib
 
 
