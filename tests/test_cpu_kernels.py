@@ -324,17 +324,19 @@ def test_jax_linear_in_the_model_path_and_its_bounds():
 
 
 def test_jax_decode_size_calls_run_on_xlas_thread():
-    """A decode-size custom call passes threads=1 (XLA runs independent calls side by side);
-    a larger one takes the kernels' setting."""
+    """A decode-size custom call on a small weight passes threads=1 (XLA runs independent
+    calls side by side); more rows or a large weight take the kernels' setting."""
     jax, jk = _jax()
     import jax.numpy as jnp
-    assert jk.call_threads(1) == jk.call_threads(kernels.MAX_LINEAR_ROWS) == 1
+    small, big = jk.SHARED_WEIGHT_BYTES - 1, jk.SHARED_WEIGHT_BYTES
+    assert jk.call_threads(1, small) == jk.call_threads(kernels.MAX_LINEAR_ROWS, small) == 1
     with kernels.using(2):
-        assert jk.call_threads(kernels.MAX_LINEAR_ROWS + 1) == 2
+        assert jk.call_threads(kernels.MAX_LINEAR_ROWS + 1, small) == 2
+        assert jk.call_threads(1, big) == 2
         x, w = jnp.ones((1, 256), jnp.bfloat16), jnp.ones((512, 256), jnp.bfloat16)
         assert "threads = 1 : i32" in jax.jit(jk.linear).lower(x, w).as_text()
     with kernels.using(1):
-        assert jk.call_threads(64) == 1
+        assert jk.call_threads(64, big) == 1
 
 
 JAX_CASES = [(8, 64, 16, 20, 1), (16, 256, 192, 300, 2), (4, 40, 24, 7, 1), (6, 512, 512, 1, 1),

@@ -55,21 +55,26 @@ def serves_linear(x: jax.Array, w: jax.Array) -> bool:
             and jax.default_backend() == "cpu" and ready())
 
 
-def call_threads(rows: int) -> int:
-    """Threads one custom call over ``rows`` rows runs on. XLA runs independent ops of a
-    step at the same time on its own threads (q, k and v; the shared and the routed experts),
-    so a decode-size call (at most ``MAX_LINEAR_ROWS`` rows) stays on the thread XLA runs it
-    on: the kernels' worker would compete with XLA's threads for the cores (a bf16 decode
-    step ran 1.2-1.5x slower with it, interleaved A/B). Larger calls (a prefill's expert
-    phase) use ``workbench.cpukernels.threads()``."""
-    return 1 if rows <= shared.MAX_LINEAR_ROWS else shared.threads()
+def call_threads(rows: int, weight_bytes: int) -> int:
+    """Threads one custom call runs on. XLA runs independent ops of a step at the same time
+    on its own threads (q, k and v; the shared and the routed experts), so a decode-size call
+    (at most ``MAX_LINEAR_ROWS`` rows) on a weight under ``SHARED_WEIGHT_BYTES`` stays on the
+    thread XLA runs it on: the kernels' worker would compete with XLA's threads for the cores
+    (a bf16 decode step ran 1.2-1.5x slower with it, interleaved A/B). Larger calls (a
+    prefill's expert phase, an lm_head) use ``workbench.cpukernels.threads()``."""
+    if rows <= shared.MAX_LINEAR_ROWS and weight_bytes < SHARED_WEIGHT_BYTES:
+        return 1
+    return shared.threads()
+
+
+SHARED_WEIGHT_BYTES = 8 << 20
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (..., K) @ w.T for w (O, K), in x's dtype (bf16: sums in fp32, rounded once)."""
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), x.dtype)
     return jax.ffi.ffi_call("workbench_linear", out, vmap_method="sequential")(
-        x, w, threads=np.int32(call_threads(math.prod(x.shape[:-1]))))
+        x, w, threads=np.int32(call_threads(math.prod(x.shape[:-1]), w.size * w.dtype.itemsize)))
 
 
 def faster_than_xla(dtype: jnp.dtype, rows: int, tile: int) -> bool:
@@ -106,4 +111,5 @@ def experts(xs: jax.Array, counts: jax.Array, experts: list) -> jax.Array:
     gus = [gu for gu, _ in experts]
     dns = [dn for _, dn in experts]
     return jax.ffi.ffi_call("workbench_experts", out, vmap_method="sequential")(
-        xs, counts.astype(jnp.int32), *gus, *dns, threads=np.int32(call_threads(xs.shape[0])))
+        xs, counts.astype(jnp.int32), *gus, *dns,
+        threads=np.int32(call_threads(xs.shape[0], 3 * gus[0].size * gus[0].dtype.itemsize // 2)))
