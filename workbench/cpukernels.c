@@ -199,7 +199,11 @@ static inline __attribute__((always_inline)) void dot_group(
     __m256 a[4][2];
     for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
     long k = 0;
+    /* the next two rows of W, as far along as these (read next, by this or the next call) */
+    const char *next = (const char *)w + (o + 2) * K * (bf16 ? 2 : 4);
     for (; k + 8 <= K; k += 8) {
+        _mm_prefetch(next + k * (bf16 ? 2 : 4), _MM_HINT_T0);
+        _mm_prefetch(next + (K + k) * (bf16 ? 2 : 4), _MM_HINT_T0);
         __m256 w0 = load8(w, o * K + k, bf16);
         __m256 w1 = no > 1 ? load8(w, (o + 1) * K + k, bf16) : _mm256_setzero_ps();
         for (int r = 0; r < rn; r++) {
