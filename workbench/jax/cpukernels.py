@@ -55,6 +55,9 @@ def serves_linear(x: jax.Array, w: jax.Array) -> bool:
             and jax.default_backend() == "cpu" and ready())
 
 
+SHARED_WEIGHT_BYTES = 8 << 20  # a decode call on a smaller weight stays on XLA's thread
+
+
 def call_threads(rows: int, weight_bytes: int) -> int:
     """Threads one custom call runs on. XLA runs independent ops of a step at the same time
     on its own threads (q, k and v; the shared and the routed experts), so a decode-size call
@@ -65,9 +68,6 @@ def call_threads(rows: int, weight_bytes: int) -> int:
     if rows <= shared.MAX_LINEAR_ROWS and weight_bytes < SHARED_WEIGHT_BYTES:
         return 1
     return shared.threads()
-
-
-SHARED_WEIGHT_BYTES = 8 << 20
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -18,12 +18,17 @@ __all__ = ["MAX_EXPERT_ROWS", "MAX_LINEAR_ROWS", "MIN_LINEAR_BYTES", "experts", 
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _inference_cpu(x: torch.Tensor) -> bool:
+    """x is an fp32 or bf16 CPU tensor outside autograd, and the kernels run here."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and not torch.is_grad_enabled()
+            and library() is not None)
+
+
 def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``x`` times ``w`` can go through the kernels: CPU inference (no autograd),
     fp32 or bf16 throughout, contiguous x and w."""
-    return (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _DTYPES
-            and not torch.is_grad_enabled() and x.is_contiguous() and w.is_contiguous()
-            and library() is not None)
+    return (x.dtype == w.dtype and x.is_contiguous() and w.is_contiguous()
+            and _inference_cpu(x))
 
 
 def serves_linear(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -102,9 +107,7 @@ def serves_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape
             and cos.shape[-2:] == (x.shape[2], x.shape[3] // 2)
             and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == x.shape[0]))
-            and cos.is_contiguous() and sin.is_contiguous() and x.dtype in _DTYPES
-            and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and library() is not None)
+            and cos.is_contiguous() and sin.is_contiguous() and _inference_cpu(x))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

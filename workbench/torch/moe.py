@@ -91,7 +91,7 @@ def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
     assignment's input is ``x * gate`` in the model dtype (as HF); with k > 1 the
     outputs are summed in fp32 and cast once.
     """
-    if idx.numel() == 1 and isinstance(experts, tuple) and \
+    if idx.numel() == 1 and idx.dtype == torch.long and isinstance(experts, tuple) and \
             cpukernels.serves_experts(xf, *experts):
         # one token, one choice (a decode step): its expert directly, without the sort, the
         # expert grouping and the scatter back (the same kernel call on the same row)
