@@ -172,6 +172,7 @@ def test_rms_norm_matches_the_eager_norm(shape, dtype):
                 torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
         assert not ck.serves_norm(x, w.float() if dtype == torch.bfloat16 else w.bfloat16())
         assert not ck.serves_norm(x, torch.ones(shape[-1] + 1, dtype=dtype))
+        assert not ck.serves_norm(x[..., :0], None)  # nothing to normalise: torch's ops
     assert not ck.serves_norm(x, w)  # autograd on: torch's ops
 
 

@@ -77,8 +77,9 @@ def experts(xin: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, start: torc
 def serves_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether ``rms_norm`` runs x's norm: as ``serves``, with a weight (if any) of x's last
     dimension, contiguous, in x's dtype."""
-    return (weight is None or (weight.dtype == x.dtype and weight.is_contiguous()
-                               and weight.shape == x.shape[-1:])) and serves(x, x)
+    return x.dim() > 0 and x.shape[-1] > 0 and (
+        weight is None or (weight.dtype == x.dtype and weight.is_contiguous()
+                           and weight.shape == x.shape[-1:])) and serves(x, x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
