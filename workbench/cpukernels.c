@@ -68,6 +68,11 @@ static inline float round_bf16(float f) {
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
+/* silu(g) * u; bf16: as the model computes it in bf16, each result rounded */
+static inline float swiglu1(float g, float u, int bf16) {
+    return bf16 ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(u)) : silu(g) * u;
+}
+
 /* ---------------------------------------------------------------- y = x @ W.T, W (O, K) */
 
 /* outputs o0..o1 of rows r0..r0+rn (rn <= 2), four outputs at a time */
@@ -589,8 +594,7 @@ static void expert_alone(experts_job *j, long e, long r0, long n, float *xf, flo
         for (long i = 0; i < I; i++) {
             float g = p0[r * 2 * I + i] + p1[r * 2 * I + i];
             float u = p0[r * 2 * I + I + i] + p1[r * 2 * I + I + i];
-            h[r * I + i] = j->bf16 ? round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(u))
-                                   : silu(g) * u;
+            h[r * I + i] = swiglu1(g, u, j->bf16);
         }
     axpy_mm(h, n, I, 0, ki, dn, D, j->bf16, p0);
     axpy_mm(h, n, I, ki, I, dn, D, j->bf16, p1);
@@ -629,10 +633,7 @@ static void experts_task(void *arg, int tid, int nthreads) {
                 float *h = j->h + r * I;
                 for (long i = i0; i < i1; i++) {
                     float g = p0[i] + p1[i], u = p0[I + i] + p1[I + i];
-                    if (j->bf16) /* as the model computes it in bf16: each result rounded */
-                        h[i] = round_bf16(round_bf16(silu(round_bf16(g))) * round_bf16(u));
-                    else
-                        h[i] = silu(g) * u;
+                    h[i] = swiglu1(g, u, j->bf16);
                 }
             }
             barrier2(nthreads);
@@ -709,10 +710,7 @@ static void experts_oi_task(void *arg, int tid, int nthreads) {
                 const float *g = j->g + r * 2 * I, *u = g + I;
                 float *h = j->h + r * I;
                 for (long i = i0; i < i1; i++) {
-                    if (j->bf16)
-                        h[i] = round_bf16(round_bf16(silu(round_bf16(g[i]))) * round_bf16(u[i]));
-                    else
-                        h[i] = silu(g[i]) * u[i];
+                    h[i] = swiglu1(g[i], u[i], j->bf16);
                 }
             }
             barrier2(nthreads); /* the down product needs every h column */
