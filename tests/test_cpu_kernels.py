@@ -127,15 +127,23 @@ def test_model_forward_and_decode_same_with_and_without_kernels(monkeypatch, dty
         used["experts"] += 1
         return real_exp(*a)
 
+    def att(*a):
+        used["attention"] += 1
+        return real_att(*a)
+
+    real_att, used["attention"] = ck.attention, 0
     monkeypatch.setattr(ck, "linear", lin)
     monkeypatch.setattr(ck, "experts", exp)
+    monkeypatch.setattr(ck, "attention", att)
     monkeypatch.setattr(ck, "MIN_LINEAR_BYTES", 0)  # the test model's weights are small
     m = TorchModel(cfg, tensors, dtype)
     fast = m.run(ids, capture=["*.moe.routed_out", "logits"]).trace
     gen = m.generate(ids[:1, :5], 6, temperature=0).sequences
     assert used["experts"] > 0 and used["linear"] > 0  # decode steps: few-row linears
+    assert used["attention"] == 5 * cfg.num_hidden_layers  # each decode step's attention
     monkeypatch.setattr(ck, "serves", lambda x, w: False)
     monkeypatch.setattr(ck, "serves_rope", lambda x, c, s: False)
+    monkeypatch.setattr(ck, "serves_attention", lambda q, k, v: False)
     slow = m.run(ids, capture=["*.moe.routed_out", "logits"]).trace
     tol = 1e-5 if dtype == "float32" else 3e-2
     for name, v in slow.items():
@@ -204,6 +212,50 @@ def test_rope_gives_torchs_complex_product_bit_for_bit(B, N, S, d, per_row, dtyp
         assert not ck.serves_rope(x[..., :6], cos[..., :3], sin[..., :3])  # d % 8: torch
         assert not ck.serves_rope(x, cos.double(), sin.double())
         assert not ck.serves_rope(x, cos[:, :-1], sin[:, :-1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,K,T,d", [(1, 8, 2, 17, 128), (2, 8, 2, 300, 128), (1, 4, 4, 5, 64),
+                                       (1, 8, 1, 1100, 128), (3, 6, 3, 1, 40), (1, 2, 1, 9, 20)])
+def test_decode_attention_matches_sdpa(B, H, K, T, d, dtype, threads):
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(T * d + B)
+    q = torch.randn(B, 1, H, d, generator=g).to(dtype).transpose(1, 2)  # split_heads' layout
+    # keys and values: the first T positions of larger cache buffers (strided views)
+    k = (torch.randn(B, K, T + 7, d, generator=g) * 3).to(dtype)[:, :, :T]
+    v = torch.randn(B, K, T + 7, d, generator=g).to(dtype)[:, :, 2:T + 2]
+    scale = d ** -0.5
+    with torch.inference_mode(), kernels.using(threads):
+        assert ck.serves_attention(q, k, v)
+        got = ck.attention(q, k, v, scale)
+        want = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+    if dtype == torch.float32:  # the same sums in another order
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:  # the weights and the output rounded to bf16 as SDPA rounds them: within an ulp
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=4e-3)
+        assert (got != want).float().mean() < 0.35
+    with torch.inference_mode():
+        assert not ck.serves_attention(q.expand(B, H, 2, d), k, v)  # one query only
+        assert not ck.serves_attention(q, k.float() if dtype == torch.bfloat16 else k.double(),
+                                       v)
+        assert not ck.serves_attention(q, k.transpose(-1, -2), v)  # d not contiguous
+        if H % (K + 1):
+            kk = torch.zeros(B, K + 1, T, d, dtype=dtype)
+            assert not ck.serves_attention(q, kk, kk)  # heads not a multiple of kv heads
+    assert not ck.serves_attention(q, k, v)  # autograd on: torch's own
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_propagates_nan(dtype):
+    q = torch.randn(1, 4, 1, 16).to(dtype)
+    k = torch.randn(1, 2, 6, 16).to(dtype)
+    v = torch.randn(1, 2, 6, 16).to(dtype)
+    k[0, 1, 3, 0] = float("nan")  # kv head 1 feeds query heads 2 and 3
+    with torch.inference_mode():
+        out = ck.attention(q, k, v, 0.25)
+    assert torch.isnan(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -815,6 +815,89 @@ void wb_rope(const void *x, long B, long N, long S, long d, long sb, long sn, lo
             }
 }
 
+typedef struct {
+    const void *q, *k, *v;
+    long B, H, G, T, d, qb, qh, kb, kh, kt, vb, vh, vt;
+    float scale;
+    int bf16;
+    float *p;  /* (B, H, T) fp32 scratch: the scores, then their exponentials */
+    void *out; /* (B, H, d) */
+} attn1_job;
+
+/* the G query heads of kv head g in batch row b (acc: d floats of the calling thread) */
+static void attn1_heads(const attn1_job *j, long b, long g, float *acc) {
+    long T = j->T, d = j->d, G = j->G, bf = j->bf16;
+    for (long i = 0; i < G; i++) {
+        long h = g * G + i;
+        float *p = j->p + (b * j->H + h) * T;
+        const long qo = b * j->qb + h * j->qh;
+        for (long t = 0; t < T; t++) {
+            long ko = b * j->kb + g * j->kh + t * j->kt, e = 0;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            for (; e + 16 <= d; e += 16) {
+                a0 = _mm256_fmadd_ps(load8(j->q, qo + e, bf), load8(j->k, ko + e, bf), a0);
+                a1 = _mm256_fmadd_ps(load8(j->q, qo + e + 8, bf), load8(j->k, ko + e + 8, bf), a1);
+            }
+            float sdot = hsum(_mm256_add_ps(a0, a1));
+            for (; e < d; e++) sdot += load1(j->q, qo + e, bf) * load1(j->k, ko + e, bf);
+            p[t] = sdot * j->scale;
+        }
+        float mx = -INFINITY;
+        for (long t = 0; t < T; t++) mx = p[t] > mx ? p[t] : mx;
+        float sum = 0.0f;
+        for (long t = 0; t < T; t++) {
+            /* every score -inf (or NaN): NaN, as softmax gives */
+            p[t] = expf(p[t] - mx);
+            sum += p[t];
+        }
+        for (long e = 0; e < d; e++) acc[e] = 0.0f;
+        for (long t = 0; t < T; t++) {
+            long vo = b * j->vb + g * j->vh + t * j->vt, e = 0;
+            /* bf16: the weights are rounded to bf16 before they multiply the values */
+            __m256 w = _mm256_set1_ps(bf ? round_bf16(p[t]) : p[t]);
+            for (; e + 8 <= d; e += 8)
+                _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(w, load8(j->v, vo + e, bf),
+                                                          _mm256_loadu_ps(acc + e)));
+            for (; e < d; e++) acc[e] += (bf ? round_bf16(p[t]) : p[t]) * load1(j->v, vo + e, bf);
+        }
+        float inv = 1.0f / sum;
+        for (long e = 0; e < d; e++) store1(j->out, (b * j->H + h) * d + e, acc[e] * inv, bf);
+    }
+}
+
+static void attn1_task(void *arg, int tid, int nthreads) {
+    attn1_job *j = arg;
+    long groups = j->B * (j->H / j->G), g0, g1;
+    if (nthreads < 2) {
+        g0 = 0;
+        g1 = groups;
+    } else {
+        g0 = tid == 0 ? 0 : groups / 2;
+        g1 = tid == 0 ? groups / 2 : groups;
+    }
+    float acc[j->d];
+    for (long x = g0; x < g1; x++) attn1_heads(j, x / (j->H / j->G), x % (j->H / j->G), acc);
+}
+
+/* out (B, H, 1, d), contiguous = softmax(q k^T * scale) v for one query per head over all T
+ * keys (a decode step that sees every key in its cache): q (B, H, 1, d), k and v (B, H / G,
+ * T, d) with element strides (q: qb, qh; k: kb, kh, kt; v: vb, vh, vt), the last dimension
+ * contiguous, query head h reading kv head h / G; fp32, or bf16 when bf16. Scores, softmax
+ * and the weighted sum in fp32; in bf16 the softmax weights are rounded to bf16 before they
+ * multiply v (as torch's CPU flash attention), the output once at the end. Two threads (by
+ * kv head) when the keys and values are large enough to share. Returns 0, or -1 when scratch
+ * memory could not be had. */
+int wb_attn1(const void *q, long B, long H, long G, long T, long d, long qb, long qh,
+             const void *k, long kb, long kh, long kt, const void *v, long vb, long vh, long vt,
+             float scale, int bf16, void *out, int threads) {
+    float *p = scratch((size_t)(B * H * T));
+    if (!p && B * H * T > 0) return -1;
+    attn1_job j = {q, k, v, B, H, G, T, d, qb, qh, kb, kh, kt, vb, vh, vt, scale, bf16, p, out};
+    long kv_bytes = 2 * B * (H / G) * T * d * (bf16 ? 2 : 4);
+    run_parallel(attn1_task, &j, kv_bytes >= PARALLEL_BYTES && B * (H / G) > 1 ? threads : 1);
+    return 0;
+}
+
 /* 1 when this CPU runs these kernels (AVX2 and FMA) */
 int wb_supported(void) {
     __builtin_cpu_init();

@@ -94,6 +94,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.wb_rms_norm.restype = None
     lib.wb_rope.argtypes = [vp, lg, lg, lg, lg, lg, lg, lg, vp, vp, lg, it, vp]
     lib.wb_rope.restype = None
+    lib.wb_attn1.argtypes = [vp, lg, lg, lg, lg, lg, lg, lg, vp, lg, lg, lg, vp, lg, lg, lg,
+                             ctypes.c_float, it, vp, it]
+    lib.wb_attn1.restype = it
     lib.wb_set_by_expert.argtypes = [it]
     lib.wb_set_by_expert.restype = None
     return lib

@@ -113,7 +113,10 @@ def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, k_start
                                            scale=scale, enable_gqa=True)
         return o.transpose(1, 2).reshape(B, H, n * chunk, d)[:, :, :S]
     if S == 1 and k_start + T - 1 <= start and (chunk is None or k_start >= start // chunk * chunk):
-        # a decode step that sees every key given (the usual case): no mask
+        # a decode step that sees every key given (the usual case): no mask; on the CPU one
+        # call of the kernel (SDPA's overhead dominates a step's few keys)
+        if cpukernels.serves_attention(q, k, v):
+            return cpukernels.attention(q, k, v, scale)
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
     if S * T <= MASK_ELEMS:
         m = mask(S, T, start, k_start, chunk, q.device)

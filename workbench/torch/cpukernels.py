@@ -11,9 +11,9 @@ import torch
 
 from ..cpukernels import MAX_EXPERT_ROWS, MAX_LINEAR_ROWS, MIN_LINEAR_BYTES, library, threads
 
-__all__ = ["MAX_EXPERT_ROWS", "MAX_LINEAR_ROWS", "MIN_LINEAR_BYTES", "experts", "linear",
-           "rms_norm", "rope", "serves", "serves_experts", "serves_linear", "serves_norm",
-           "serves_rope"]
+__all__ = ["MAX_EXPERT_ROWS", "MAX_LINEAR_ROWS", "MIN_LINEAR_BYTES", "attention", "experts",
+           "linear", "rms_norm", "rope", "serves", "serves_attention", "serves_experts",
+           "serves_linear", "serves_norm", "serves_rope"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -126,6 +126,34 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     library().wb_rope(x.data_ptr(), B, N, S, d, x.stride(0), x.stride(1), x.stride(2),
                       cos.data_ptr(), sin.data_ptr(), S * d // 2 if cos.dim() == 3 else 0,
                       x.dtype == torch.bfloat16, out.data_ptr())
+    return out
+
+
+def serves_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``attention`` runs one query per head q (B, H, 1, d) over keys and values
+    (B, H / G, T, d): CPU inference in eager mode, one dtype (fp32 or bf16), each last
+    dimension contiguous, d at most 1024."""
+    return (q.dim() == k.dim() == v.dim() == 4 and q.shape[2] == 1 and k.shape == v.shape
+            and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] <= 1024
+            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
+            and q.dtype == k.dtype == v.dtype
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and not torch.compiler.is_compiling() and _inference_cpu(q))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one query per head over every key (a decode step), GQA
+    (query head h reads kv head h // (H / kv heads)), in one call: what SDPA computes, in its
+    order of roundings (fp32 sums; in bf16 the softmax weights rounded to bf16 before they
+    weigh v), not bit for bit."""
+    B, H, _, d = q.shape
+    T = k.shape[2]
+    out = torch.empty((B, H, 1, d), dtype=q.dtype)
+    if library().wb_attn1(q.data_ptr(), B, H, H // k.shape[1], T, d, q.stride(0), q.stride(1),
+                          k.data_ptr(), k.stride(0), k.stride(1), k.stride(2), v.data_ptr(),
+                          v.stride(0), v.stride(1), v.stride(2), scale,
+                          q.dtype == torch.bfloat16, out.data_ptr(), threads()):
+        raise MemoryError(f"no memory for the scores of {B * H} heads over {T} keys")
     return out
 
 
