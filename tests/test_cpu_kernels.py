@@ -376,20 +376,44 @@ def test_jax_linear_in_the_model_path_and_its_bounds():
     assert not jk.faster_than_xla(jnp.float32, 1, 1)
 
 
-def test_jax_decode_size_calls_run_on_xlas_thread():
-    """A decode-size custom call on a small weight passes threads=1 (XLA runs independent
-    calls side by side); more rows or a large weight take the kernels' setting."""
+def test_jax_decode_size_calls_share_xlas_pool():
+    """A decode-size custom call (at most MAX_LINEAR_ROWS rows) asks for helper tasks on XLA's
+    own pool (threads=POOL); more rows take the kernels' worker; one thread allowed, one."""
     jax, jk = _jax()
     import jax.numpy as jnp
-    small, big = jk.SHARED_WEIGHT_BYTES - 1, jk.SHARED_WEIGHT_BYTES
-    assert jk.call_threads(1, small) == jk.call_threads(kernels.MAX_LINEAR_ROWS, small) == 1
     with kernels.using(2):
-        assert jk.call_threads(kernels.MAX_LINEAR_ROWS + 1, small) == 2
-        assert jk.call_threads(1, big) == 2
+        assert jk.call_threads(1) == jk.call_threads(kernels.MAX_LINEAR_ROWS) == jk.POOL == 0
+        assert jk.call_threads(kernels.MAX_LINEAR_ROWS + 1) == 2
         x, w = jnp.ones((1, 256), jnp.bfloat16), jnp.ones((512, 256), jnp.bfloat16)
-        assert "threads = 1 : i32" in jax.jit(jk.linear).lower(x, w).as_text()
+        assert "threads = 0 : i32" in jax.jit(jk.linear).lower(x, w).as_text()
     with kernels.using(1):
-        assert jk.call_threads(64, big) == 1
+        assert jk.call_threads(1) == jk.call_threads(64) == 1
+
+
+def _ffi(name: str, out, *args, threads: int):
+    import jax
+    return jax.ffi.ffi_call(name, out, vmap_method="sequential")(*args, threads=np.int32(threads))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n,K,O", [(1, 1000, 520), (2, 512, 1003), (4, 256, 4096), (3, 40, 72)])
+def test_jax_linear_on_xlas_pool_same_as_one_thread(n, K, O, dtype):
+    """Parts taken by the calling thread and a helper on XLA's pool, in any order: the same
+    values as one thread and the kernels' worker, bit for bit."""
+    jax, jk = _jax()
+    import jax.numpy as jnp
+    rng = np.random.default_rng(n * K + O)
+    x = jnp.asarray(rng.standard_normal((n, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((O, K)) / K ** 0.5, dtype)
+    out = jax.ShapeDtypeStruct((n, O), x.dtype)
+    got = {t: np.asarray(jax.jit(lambda a, b, t=t: _ffi("workbench_linear", out, a, b,
+                                                         threads=t))(x, w), np.float32)
+           for t in (0, 1, 2)}
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_array_equal(got[2], got[1])
+    want = np.asarray(x, np.float32) @ np.asarray(w, np.float32).T
+    np.testing.assert_allclose(got[0], want, rtol=1e-4 if dtype == "float32" else 2 ** -7,
+                               atol=1e-4 if dtype == "float32" else 2e-2)
 
 
 JAX_CASES = [(8, 64, 16, 20, 1), (16, 256, 192, 300, 2), (4, 40, 24, 7, 1), (6, 512, 512, 1, 1),
@@ -452,6 +476,11 @@ def test_jax_expert_call_same_on_one_or_two_threads(dtype):
     two, one = run(2), run(1)
     np.testing.assert_array_equal(two, one)
     assert not two[53:].any() and two[:53].any(axis=1).all()
+    # helper tasks on XLA's pool (a decode step's setting), here over several passes
+    out = jax.ShapeDtypeStruct(xs.shape, xs.dtype)
+    ws = [gu for gu, _ in experts] + [dn for _, dn in experts]
+    pooled = jax.jit(lambda a, c: _ffi("workbench_experts", out, a, c, *ws, threads=0))
+    np.testing.assert_array_equal(np.asarray(pooled(xs, counts), np.float32), one)
 
 
 def test_jax_and_torch_models_agree_with_kernels(monkeypatch):

@@ -535,10 +535,78 @@ static void linear_task(void *arg, int tid, int nthreads) {
     dot_mm(j->x, j->xp, j->n, j->K, j->w, j->bf16, o0, o1, j->y, j->O);
 }
 
-/* y (n, O) = x (n, K) @ W.T for W (O, K); x, W and y all fp32, or all bf16 (sums in fp32,
- * rounded once). Returns 0, or -1 when scratch memory could not be had. */
-int wb_linear(const void *x, long n, long K, const void *w, long O, int bf16, void *y,
-              int threads) {
+/* ---------------------------------------------------------------- parts on a host pool */
+
+/* Work cut into parts that any thread may take, in any order, with the same results: the
+ * calling thread and a helper task scheduled on a thread pool the caller does not own (XLA's
+ * intra-op pool, in the jax custom call) both take parts until none is left, and the caller
+ * waits only for parts the helper has taken. A helper that starts late (the pool busy) finds
+ * nothing left and returns, so nothing ever waits on a thread that is not running. */
+typedef void (*part_fn)(void *arg, long part, long nparts);
+typedef void (*schedule_fn)(void *pool, void (*task)(void *), void *data);
+
+typedef struct {
+    part_fn fn;
+    void *arg; /* the caller's, alive until every part is done */
+    long nparts;
+    atomic_long next, done;
+    atomic_int refs; /* the caller and the helper: the last one frees this */
+} pooled_job;
+
+static void pooled_release(pooled_job *s) {
+    if (atomic_fetch_sub(&s->refs, 1) == 1) free(s);
+}
+
+static void pooled_take(pooled_job *s) {
+    for (long p; (p = atomic_fetch_add(&s->next, 1)) < s->nparts;) {
+        s->fn(s->arg, p, s->nparts);
+        atomic_fetch_add_explicit(&s->done, 1, memory_order_release);
+    }
+}
+
+static void pooled_helper(void *data) {
+    pooled_take(data);
+    pooled_release(data);
+}
+
+/* every part of fn, on this thread and (sched given) a helper on pool */
+static void run_pooled(part_fn fn, void *arg, long nparts, schedule_fn sched, void *pool) {
+    pooled_job *s = sched && nparts > 1 ? malloc(sizeof *s) : NULL;
+    if (!s) {
+        for (long p = 0; p < nparts; p++) fn(arg, p, nparts);
+        return;
+    }
+    s->fn = fn;
+    s->arg = arg;
+    s->nparts = nparts;
+    atomic_init(&s->next, 0);
+    atomic_init(&s->done, 0);
+    atomic_init(&s->refs, 2);
+    sched(pool, pooled_helper, s);
+    pooled_take(s);
+    while (atomic_load_explicit(&s->done, memory_order_acquire) < nparts) _mm_pause();
+    pooled_release(s);
+}
+
+/* outputs [o0, o1) of part p of n over O outputs: boundaries at multiples of 8, where the
+ * kernels' groups of four outputs start whatever the split (the same sums for every split) */
+static void part_range(long O, long p, long n, long *o0, long *o1) {
+    *o0 = (O * p / n) / 8 * 8;
+    *o1 = p + 1 == n ? O : (O * (p + 1) / n) / 8 * 8;
+}
+
+static void linear_part(void *arg, long p, long n) {
+    linear_job *j = arg;
+    long o0, o1;
+    part_range(j->O, p, n, &o0, &o1);
+    if (o1 > o0) dot_mm(j->x, j->xp, j->n, j->K, j->w, j->bf16, o0, o1, j->y, j->O);
+}
+
+/* parts of a product on a host pool: enough that a helper starting late still takes a share */
+#define POOLED_PARTS 8
+
+static int linear_run(const void *x, long n, long K, const void *w, long O, int bf16, void *y,
+                      int threads, schedule_fn sched, void *pool) {
     float *xf = scratch((size_t)(n * K + K + n * O));
     if (!xf) return -1;
     float *xp = xf + n * K, *yf = xp + K;
@@ -549,9 +617,27 @@ int wb_linear(const void *x, long n, long K, const void *w, long O, int bf16, vo
             xp[k + 8 + i] = xf[k + 2 * i + 1];
         }
     linear_job j = {xf, xp, n, K, O, w, bf16, yf};
-    run_parallel(linear_task, &j, O * K * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1);
+    int big = O * K * (bf16 ? 2 : 4) >= PARALLEL_BYTES;
+    if (sched)
+        run_pooled(linear_part, &j, big ? POOLED_PARTS : 1, sched, pool);
+    else
+        run_parallel(linear_task, &j, big ? threads : 1);
     for (long i = 0; i < n * O; i++) store1(y, i, yf[i], bf16);
     return 0;
+}
+
+/* y (n, O) = x (n, K) @ W.T for W (O, K); x, W and y all fp32, or all bf16 (sums in fp32,
+ * rounded once). Returns 0, or -1 when scratch memory could not be had. */
+int wb_linear(const void *x, long n, long K, const void *w, long O, int bf16, void *y,
+              int threads) {
+    return linear_run(x, n, K, w, O, bf16, y, threads, NULL, NULL);
+}
+
+/* wb_linear with a helper task on the caller's thread pool (sched(pool, task, data) runs
+ * task(data) there, or at once on this thread) instead of the kernels' worker thread */
+int wb_linear_pooled(const void *x, long n, long K, const void *w, long O, int bf16, void *y,
+                     schedule_fn sched, void *pool) {
+    return linear_run(x, n, K, w, O, bf16, y, 1, sched, pool);
 }
 
 typedef struct {
@@ -727,6 +813,77 @@ static void experts_oi_task(void *arg, int tid, int nthreads) {
         for (long d = d0; d < d1; d++) store1(j->out, r * D + d, 0.0f, j->bf16);
 }
 
+/* one pass of wb_experts_oi_pooled: rows r0 .. r0 + n (x: them in fp32) of expert slot e */
+typedef struct {
+    experts_oi_job *j;
+    long e, r0, n;
+    const float *x;
+} oi_pass;
+
+/* gate and up outputs of part p, then their h columns (as experts_oi_task) */
+static void oi_up_part(void *arg, long p, long np) {
+    oi_pass *b = arg;
+    experts_oi_job *j = b->j;
+    long I = j->I, i0, i1;
+    part_range(I, p, np, &i0, &i1);
+    if (i1 <= i0) return;
+    dot_mm(b->x, NULL, b->n, j->D, j->gu[b->e], j->bf16, i0, i1, j->g, 2 * I);
+    dot_mm(b->x, NULL, b->n, j->D, j->gu[b->e], j->bf16, I + i0, I + i1, j->g, 2 * I);
+    for (long r = 0; r < b->n; r++) {
+        const float *g = j->g + r * 2 * I, *u = g + I;
+        float *h = j->h + r * I;
+        for (long i = i0; i < i1; i++) h[i] = swiglu1(g[i], u[i], j->bf16);
+    }
+}
+
+/* the down product's outputs of part p, stored */
+static void oi_down_part(void *arg, long p, long np) {
+    oi_pass *b = arg;
+    experts_oi_job *j = b->j;
+    long D = j->D, d0, d1;
+    part_range(D, p, np, &d0, &d1);
+    if (d1 <= d0) return;
+    float *o = j->g;
+    dot_mm(j->h, NULL, b->n, j->I, j->dn[b->e], j->bf16, d0, d1, o, D);
+    for (long r = 0; r < b->n; r++)
+        for (long d = d0; d < d1; d++) store1(j->out, (b->r0 + r) * D + d, o[r * D + d], j->bf16);
+}
+
+static int experts_oi_run(const void *x, long A, const int32_t *count, long nexp,
+                          const void *const *gu, const void *const *dn, long D, long I,
+                          int bf16, void *out, int threads, schedule_fn sched, void *pool) {
+    long g = 2 * I > D ? 2 * I : D;
+    float *buf = scratch((size_t)ROWS * (D + g + I));
+    if (!buf) return -1;
+    experts_oi_job j = {x, count, nexp, A, D, I, gu, dn, bf16, out,
+                        buf, buf + ROWS * D, buf + ROWS * (D + g)};
+    int big = 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES;
+    if (!sched) {
+        run_parallel(experts_oi_task, &j, big ? threads : 1);
+        return 0;
+    }
+    /* on a host pool: each pass's two products in parts, the same sums as experts_oi_task */
+    long done = 0, parts = big ? POOLED_PARTS : 1;
+    for (long e = 0; e < nexp; e++) {
+        long end = done + count[e];
+        if (end > A) end = A;
+        for (long r0 = done; r0 < end; r0 += ROWS) {
+            oi_pass b = {&j, e, r0, end - r0 < ROWS ? end - r0 : ROWS,
+                         (const float *)x + r0 * D};
+            if (bf16) {
+                to_f32((const char *)x + r0 * D * 2, b.n * D, 1, j.xf);
+                b.x = j.xf;
+            }
+            run_pooled(oi_up_part, &b, parts, sched, pool);
+            run_pooled(oi_down_part, &b, parts, sched, pool);
+        }
+        done = end;
+    }
+    for (long r = done; r < A; r++)
+        for (long d = 0; d < D; d++) store1(out, r * D + d, 0.0f, bf16);
+    return 0;
+}
+
 /* out (A, D): rows of x (A, D), sorted by expert, through their experts' SwiGLU, expert e
  * (weights gu[e] (2I, D), dn[e] (D, I), nn.Linear layout) taking the next count[e] rows; rows
  * past them are zero. fp32 or bf16 throughout as wb_experts. Returns 0, or -1 when scratch
@@ -734,13 +891,14 @@ static void experts_oi_task(void *arg, int tid, int nthreads) {
 int wb_experts_oi(const void *x, long A, const int32_t *count, long nexp,
                   const void *const *gu, const void *const *dn, long D, long I, int bf16,
                   void *out, int threads) {
-    long g = 2 * I > D ? 2 * I : D;
-    float *buf = scratch((size_t)ROWS * (D + g + I));
-    if (!buf) return -1;
-    experts_oi_job j = {x, count, nexp, A, D, I, gu, dn, bf16, out,
-                        buf, buf + ROWS * D, buf + ROWS * (D + g)};
-    run_parallel(experts_oi_task, &j, 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1);
-    return 0;
+    return experts_oi_run(x, A, count, nexp, gu, dn, D, I, bf16, out, threads, NULL, NULL);
+}
+
+/* wb_experts_oi with helper tasks on the caller's thread pool, as wb_linear_pooled */
+int wb_experts_oi_pooled(const void *x, long A, const int32_t *count, long nexp,
+                         const void *const *gu, const void *const *dn, long D, long I,
+                         int bf16, void *out, schedule_fn sched, void *pool) {
+    return experts_oi_run(x, A, count, nexp, gu, dn, D, I, bf16, out, 1, sched, pool);
 }
 
 /* out (n, D) = RMSNorm of each row of x (fp32, or bf16 when bf16), as transformers' Llama 4

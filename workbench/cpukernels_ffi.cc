@@ -4,7 +4,8 @@
 //   wb_experts(x (A, D), counts (E,) int32, gate_up_0 .. gate_up_{E-1} (2I, D),
 //              down_0 .. down_{E-1} (D, I)) -> out (A, D): rows of x sorted by expert, expert e
 //              taking the next counts[e] rows through its SwiGLU; the rows past them are zero.
-//   Both take the attribute threads (int32): 1, or 2 to let the kernels' worker thread help.
+//   Both take the attribute threads (int32): 1, or 2 to let the kernels' worker thread help,
+//   or 0: helper tasks on XLA's intra-op thread pool instead (never competing with its threads).
 #include <cstdint>
 #include <vector>
 
@@ -14,12 +15,24 @@ namespace ffi = xla::ffi;
 
 extern "C" int wb_linear(const void *x, long n, long K, const void *w, long O, int bf16,
                          void *y, int threads);
+extern "C" int wb_linear_pooled(const void *x, long n, long K, const void *w, long O, int bf16,
+                                void *y, void (*sched)(void *, void (*)(void *), void *),
+                                void *pool);
+
+// runs task(data) on XLA's intra-op thread pool (or at once here, when it has none)
+static void schedule_on(void *pool, void (*task)(void *), void *data) {
+    static_cast<ffi::ThreadPool *>(pool)->Schedule([task, data] { task(data); });
+}
 extern "C" int wb_experts_oi(const void *x, long A, const int32_t *count, long nexp,
                              const void *const *gu, const void *const *dn, long D, long I,
                              int bf16, void *out, int threads);
+extern "C" int wb_experts_oi_pooled(const void *x, long A, const int32_t *count, long nexp,
+                                    const void *const *gu, const void *const *dn, long D,
+                                    long I, int bf16, void *out,
+                                    void (*sched)(void *, void (*)(void *), void *), void *pool);
 
-static ffi::Error Linear(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                         int32_t threads) {
+static ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                         ffi::Result<ffi::AnyBuffer> y, int32_t threads) {
     auto wd = w.dimensions();
     if (wd.size() != 2) return ffi::Error::InvalidArgument("wb_linear: the weight must be 2-D");
     long O = wd[0], K = wd[1];
@@ -33,21 +46,27 @@ static ffi::Error Linear(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::An
     long n = K ? (long)(x.element_count() / K) : 0;
     if ((long)y->element_count() != n * O)
         return ffi::Error::InvalidArgument("wb_linear: y must hold (..., O) values");
-    if (wb_linear(x.untyped_data(), n, K, w.untyped_data(), O, xt == ffi::DataType::BF16,
-                  y->untyped_data(), threads))
+    int bf16 = xt == ffi::DataType::BF16;
+    // threads 0: a helper task on XLA's own pool (it never competes with XLA's threads)
+    if (threads == 0 ? wb_linear_pooled(x.untyped_data(), n, K, w.untyped_data(), O, bf16,
+                                        y->untyped_data(), schedule_on, &pool)
+                     : wb_linear(x.untyped_data(), n, K, w.untyped_data(), O, bf16,
+                                 y->untyped_data(), threads))
         return ffi::Error::Internal("wb_linear: no memory for the kernel's scratch");
     return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WbLinear, Linear,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("threads"));
 
-static ffi::Error Experts(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> counts, ffi::RemainingArgs ws,
-                          ffi::Result<ffi::AnyBuffer> out, int32_t threads) {
+static ffi::Error Experts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> counts,
+                          ffi::RemainingArgs ws, ffi::Result<ffi::AnyBuffer> out,
+                          int32_t threads) {
     auto xd = x.dimensions();
     auto xt = x.element_type();
     if (xd.size() != 2 || (xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) ||
@@ -70,14 +89,19 @@ static ffi::Error Experts(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> counts, ffi::R
         if (!ok) return ffi::Error::InvalidArgument("wb_experts: weights must be (2I, D), (D, I)");
         (e < E ? gu[e] : dn[e - E]) = w->untyped_data();
     }
-    if (wb_experts_oi(x.untyped_data(), A, counts.typed_data(), E, gu.data(), dn.data(), D, I,
-                      xt == ffi::DataType::BF16, out->untyped_data(), threads))
+    int bf16 = xt == ffi::DataType::BF16;
+    if (threads == 0 ? wb_experts_oi_pooled(x.untyped_data(), A, counts.typed_data(), E,
+                                            gu.data(), dn.data(), D, I, bf16,
+                                            out->untyped_data(), schedule_on, &pool)
+                     : wb_experts_oi(x.untyped_data(), A, counts.typed_data(), E, gu.data(),
+                                     dn.data(), D, I, bf16, out->untyped_data(), threads))
         return ffi::Error::Internal("wb_experts: no memory for the kernel's scratch");
     return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WbExperts, Experts,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()

@@ -55,26 +55,28 @@ def serves_linear(x: jax.Array, w: jax.Array) -> bool:
             and jax.default_backend() == "cpu" and ready())
 
 
-SHARED_WEIGHT_BYTES = 8 << 20  # a decode call on a smaller weight stays on XLA's thread
+POOL = 0  # the ``threads`` attribute asking for helper tasks on XLA's own thread pool
 
 
-def call_threads(rows: int, weight_bytes: int) -> int:
-    """Threads one custom call runs on. XLA runs independent ops of a step at the same time
-    on its own threads (q, k and v; the shared and the routed experts), so a decode-size call
-    (at most ``MAX_LINEAR_ROWS`` rows) on a weight under ``SHARED_WEIGHT_BYTES`` stays on the
-    thread XLA runs it on: the kernels' worker would compete with XLA's threads for the cores
-    (a bf16 decode step ran 1.2-1.5x slower with it, interleaved A/B). Larger calls (a
-    prefill's expert phase, an lm_head) use ``workbench.cpukernels.threads()``."""
-    if rows <= shared.MAX_LINEAR_ROWS and weight_bytes < SHARED_WEIGHT_BYTES:
+def call_threads(rows: int) -> int:
+    """The ``threads`` attribute of one custom call. With more than one thread allowed
+    (``workbench.cpukernels.threads()``), a call of at most ``MAX_LINEAR_ROWS`` rows (a decode
+    step's products and expert) cuts its work into parts that the thread running it and a
+    helper task on XLA's intra-op pool take in turn (``POOL``): XLA also runs independent ops
+    of a step side by side on that pool (q, k and v; the shared and the routed experts), and
+    the kernels' own worker thread would compete with them for the cores. A larger call (a
+    prefill's expert phase) uses the kernels' worker."""
+    n = shared.threads()
+    if n < 2:
         return 1
-    return shared.threads()
+    return POOL if rows <= shared.MAX_LINEAR_ROWS else n
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (..., K) @ w.T for w (O, K), in x's dtype (bf16: sums in fp32, rounded once)."""
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), x.dtype)
     return jax.ffi.ffi_call("workbench_linear", out, vmap_method="sequential")(
-        x, w, threads=np.int32(call_threads(math.prod(x.shape[:-1]), w.size * w.dtype.itemsize)))
+        x, w, threads=np.int32(call_threads(math.prod(x.shape[:-1]))))
 
 
 def faster_than_xla(dtype: jnp.dtype, rows: int, tile: int) -> bool:
@@ -112,4 +114,4 @@ def experts(xs: jax.Array, counts: jax.Array, experts: list) -> jax.Array:
     dns = [dn for _, dn in experts]
     return jax.ffi.ffi_call("workbench_experts", out, vmap_method="sequential")(
         xs, counts.astype(jnp.int32), *gus, *dns,
-        threads=np.int32(call_threads(xs.shape[0], 3 * gus[0].size * gus[0].dtype.itemsize // 2)))
+        threads=np.int32(call_threads(xs.shape[0])))
