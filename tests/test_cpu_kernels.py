@@ -56,6 +56,25 @@ def test_linear_keeps_leading_dims_and_is_thread_independent():
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("block_bytes", [None, 4096 * 3])
+def test_bf16_products_beyond_the_kernels_rows_run_in_fp32(monkeypatch, block_bytes):
+    """More rows than the kernel takes, bf16 on the CPU: an exact upcast, fp32 products and one
+    rounding (whole, or a block of the weight's rows at a time), any leading dims."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 9, 96, generator=g).to(torch.bfloat16)
+    w = torch.randn(130, 96, generator=g).to(torch.bfloat16)
+    if block_bytes:
+        monkeypatch.setattr(moe, "UPCAST_BLOCK_BYTES", block_bytes)  # 7 rows: 19 blocks
+    with torch.inference_mode():
+        got = moe.linear(x, w)
+        want = (x.float() @ w.float().T).to(torch.bfloat16)
+    assert got.shape == (2, 9, 130) and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    exact = x.double() @ w.double().T  # as accurate as torch's bf16 product
+    assert _rel(got, exact) <= 2 ** -8 and _rel(x @ w.T, exact) <= 2 ** -8
+    assert torch.equal(moe.linear(x.float(), w.float()), x.float() @ w.float().T)  # fp32: torch
+
+
 def _experts_case(E, D, inter, counts, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     used = sorted((7 * j + 3) % E for j in range(len(counts)))  # distinct: len(counts) <= E
