@@ -56,6 +56,20 @@ def test_linear_keeps_leading_dims_and_is_thread_independent():
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [1024, 1000, 37])
+def test_linear_row_does_not_depend_on_the_rows_beside_it(K, dtype):
+    """From two rows on, a row's outputs are summed in the same order whatever the number of
+    rows in the call (two rows and the first two of three or four: the same bits)."""
+    g = torch.Generator().manual_seed(K)
+    w = torch.randn(520, K, generator=g).to(dtype)
+    x = torch.randn(4, K, generator=g).to(dtype)
+    with torch.inference_mode():
+        two = ck.linear(x[:2].contiguous(), w)
+        assert torch.equal(two, ck.linear(x[:3].contiguous(), w)[:2])
+        assert torch.equal(two, ck.linear(x, w)[:2])
+
+
 @pytest.mark.parametrize("block_bytes", [None, 4096 * 3])
 def test_bf16_products_beyond_the_kernels_rows_run_in_fp32(monkeypatch, block_bytes):
     """More rows than the kernel takes, bf16 on the CPU: an exact upcast, fp32 products and one

@@ -251,7 +251,7 @@ static void dot_mm(const float *x, const float *xp, long n, long K, const void *
         dot_bf16_row(xp, x, K, w, o0, o1, y);
         return;
     }
-    if (n > 2) {
+    if (n > 2 || (bf16 && n == 2)) { /* bf16 pairs: dot_rows widens each weight twice */
         dot_many(x, n, K, w, bf16, o0, o1, y, ldy);
         return;
     }
