@@ -533,3 +533,17 @@ def test_jax_and_torch_models_agree_with_kernels(monkeypatch):
     jt = JaxModel(cfg, tensors).run(ids, capture="*.moe.routed_out").trace
     for name in tt:
         np.testing.assert_allclose(jt[name], tt[name], rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top1_selection_is_the_stable_sort_s_first(dtype):
+    """Top-1 takes argmax: the same id as the stable descending sort, ties to the lower id and
+    a NaN first; top-2 keeps the sort."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[1., 3., 3., 2.], [nan, 1., nan, 5.], [0., 0., 0., 0.], [-inf] * 4,
+                      [1., inf, inf, 0.]])
+    x = torch.cat([x, torch.randn(300, 4, generator=torch.Generator().manual_seed(0))]).to(dtype)
+    ref = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    assert torch.equal(moe.select_experts(x, 1, (), (), x.shape[0]), ref[:, :1])
+    assert torch.equal(moe.select_experts(x, 2, (), (), x.shape[0]), ref[:, :2])
+    assert moe.select_experts(x, 1, (1,), ((3, None),), x.shape[0]).eq(3).all()  # ban, force

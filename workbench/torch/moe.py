@@ -73,7 +73,10 @@ def select_experts(logits: torch.Tensor, k: int, ban: tuple[int, ...],
                 rows = torch.arange(sel.shape[0], device=sel.device) % seq
                 sel[torch.isin(rows, torch.tensor(pos, device=sel.device)), expert] = \
                     float("inf")
-    # exact ties (two forced experts, equal logits) go to the lower expert id, as in jax
+    # exact ties (two forced experts, equal logits) go to the lower expert id, as in jax;
+    # top-1 is argmax, which takes the first maximum (and a NaN, as the sort puts it first)
+    if k == 1:
+        return sel.argmax(dim=-1, keepdim=True)
     return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
