@@ -769,6 +769,28 @@ typedef struct {
     float *xf, *g, *h;        /* (ROWS, D), (ROWS, 2I), (ROWS, I) */
 } experts_oi_job;
 
+/* gate and up outputs [i0, i1) of n rows x through expert slot e, then their h columns */
+static void oi_up(experts_oi_job *j, long e, const float *x, long n, long i0, long i1) {
+    long I = j->I;
+    dot_mm(x, NULL, n, j->D, j->gu[e], j->bf16, i0, i1, j->g, 2 * I);
+    dot_mm(x, NULL, n, j->D, j->gu[e], j->bf16, I + i0, I + i1, j->g, 2 * I);
+    for (long r = 0; r < n; r++) {
+        const float *g = j->g + r * 2 * I, *u = g + I;
+        float *h = j->h + r * I;
+        for (long i = i0; i < i1; i++) h[i] = swiglu1(g[i], u[i], j->bf16);
+    }
+}
+
+/* the down product's outputs [d0, d1) of n rows of h through expert slot e, stored into
+ * rows r0 .. r0 + n of out (its (n, D) results in the gate/up buffer, no longer needed) */
+static void oi_down(experts_oi_job *j, long e, long r0, long n, long d0, long d1) {
+    long D = j->D;
+    float *o = j->g;
+    dot_mm(j->h, NULL, n, j->I, j->dn[e], j->bf16, d0, d1, o, D);
+    for (long r = 0; r < n; r++)
+        for (long d = d0; d < d1; d++) store1(j->out, (r0 + r) * D + d, o[r * D + d], j->bf16);
+}
+
 static void experts_oi_task(void *arg, int tid, int nthreads) {
     experts_oi_job *j = arg;
     long D = j->D, I = j->I, done = 0;
@@ -789,21 +811,9 @@ static void experts_oi_task(void *arg, int tid, int nthreads) {
             } else {
                 x = (const float *)j->x + r0 * D;
             }
-            /* this thread's gate and up outputs, then their h columns */
-            dot_mm(x, NULL, n, D, j->gu[e], j->bf16, i0, i1, j->g, 2 * I);
-            dot_mm(x, NULL, n, D, j->gu[e], j->bf16, I + i0, I + i1, j->g, 2 * I);
-            for (long r = 0; r < n; r++) {
-                const float *g = j->g + r * 2 * I, *u = g + I;
-                float *h = j->h + r * I;
-                for (long i = i0; i < i1; i++) {
-                    h[i] = swiglu1(g[i], u[i], j->bf16);
-                }
-            }
-            barrier2(nthreads); /* the down product needs every h column */
-            float *o = j->g; /* (n, D) results, in the gate/up buffer no longer needed */
-            dot_mm(j->h, NULL, n, I, j->dn[e], j->bf16, d0, d1, o, D);
-            for (long r = 0; r < n; r++)
-                for (long d = d0; d < d1; d++) store1(j->out, (r0 + r) * D + d, o[r * D + d], j->bf16);
+            oi_up(j, e, x, n, i0, i1); /* this thread's gate, up and h columns */
+            barrier2(nthreads);        /* the down product needs every h column */
+            oi_down(j, e, r0, n, d0, d1);
             barrier2(nthreads); /* the buffers are reused by the next pass */
         }
         done = end;
@@ -820,33 +830,19 @@ typedef struct {
     const float *x;
 } oi_pass;
 
-/* gate and up outputs of part p, then their h columns (as experts_oi_task) */
+/* part p of a pass's gate/up columns, then of its down product (as experts_oi_task) */
 static void oi_up_part(void *arg, long p, long np) {
     oi_pass *b = arg;
-    experts_oi_job *j = b->j;
-    long I = j->I, i0, i1;
-    part_range(I, p, np, &i0, &i1);
-    if (i1 <= i0) return;
-    dot_mm(b->x, NULL, b->n, j->D, j->gu[b->e], j->bf16, i0, i1, j->g, 2 * I);
-    dot_mm(b->x, NULL, b->n, j->D, j->gu[b->e], j->bf16, I + i0, I + i1, j->g, 2 * I);
-    for (long r = 0; r < b->n; r++) {
-        const float *g = j->g + r * 2 * I, *u = g + I;
-        float *h = j->h + r * I;
-        for (long i = i0; i < i1; i++) h[i] = swiglu1(g[i], u[i], j->bf16);
-    }
+    long i0, i1;
+    part_range(b->j->I, p, np, &i0, &i1);
+    if (i1 > i0) oi_up(b->j, b->e, b->x, b->n, i0, i1);
 }
 
-/* the down product's outputs of part p, stored */
 static void oi_down_part(void *arg, long p, long np) {
     oi_pass *b = arg;
-    experts_oi_job *j = b->j;
-    long D = j->D, d0, d1;
-    part_range(D, p, np, &d0, &d1);
-    if (d1 <= d0) return;
-    float *o = j->g;
-    dot_mm(j->h, NULL, b->n, j->I, j->dn[b->e], j->bf16, d0, d1, o, D);
-    for (long r = 0; r < b->n; r++)
-        for (long d = d0; d < d1; d++) store1(j->out, (b->r0 + r) * D + d, o[r * D + d], j->bf16);
+    long d0, d1;
+    part_range(b->j->D, p, np, &d0, &d1);
+    if (d1 > d0) oi_down(b->j, b->e, b->r0, b->n, d0, d1);
 }
 
 static int experts_oi_run(const void *x, long A, const int32_t *count, long nexp,
