@@ -33,13 +33,15 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T for an nn.Linear-layout w (out, in); a few rows (a decode step) on the CPU go
     through the streaming kernel (``cpukernels``), which reads w at the memory's rate.
 
-    More rows of bf16 on the CPU are computed in fp32, a block of w's rows at a time (an
-    exact upcast and one rounding at the end, as torch's bf16 product accumulating in fp32
-    rounds): torch's CPU bf16 GEMM runs several times below the fp32 one on CPUs without
-    native bf16 instructions (a 512-row prefill product: 3 to 5 times)."""
+    More rows of bf16 on the CPU (more than ``MAX_LINEAR_ROWS``) are computed in fp32, a
+    block of w's rows at a time (an exact upcast and one rounding at the end, as torch's bf16
+    product accumulating in fp32 rounds): torch's CPU bf16 GEMM runs several times below the
+    fp32 one on CPUs without native bf16 instructions (a 512-row prefill product: 3 to 5
+    times)."""
     if cpukernels.serves_linear(x, w):
         return cpukernels.linear(x, w)
-    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.dim() == 2:
+    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.dim() == 2 and \
+            x.numel() > cpukernels.MAX_LINEAR_ROWS * x.shape[-1]:
         xf = x.float()
         rows = max(1, UPCAST_BLOCK_BYTES // (4 * max(w.shape[1], 1)))
         if w.shape[0] <= rows:
