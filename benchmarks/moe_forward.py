@@ -104,9 +104,9 @@ def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
                  prompt: int = 16) -> dict:
     """Greedy decode tok/s (batch 1, ``new`` cached steps after a ``prompt``-token prefill) in
     torch (its default thread choice for small steps, and ``threads=2``) and jax, best of
-    three timed runs after a warm-up, and the bytes one step must read (attention, norms,
-    router, shared expert, k experts per MoE layer, lm_head, one embedding row:
-    ``workbench.plan``'s decode count, the same bytes resident or streamed)."""
+    three timed runs after a warm-up, the variants taking turns; and the bytes one step must
+    read (attention, norms, router, shared expert, k experts per MoE layer, lm_head, one
+    embedding row: ``workbench.plan``'s decode count, the same bytes resident or streamed)."""
     from workbench.plan import make_plan
     from workbench.torch.model import TorchModel
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, prompt))
@@ -120,21 +120,27 @@ def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
     except ImportError:
         pass
 
-    def two_threads():
-        tm.threads = 2
-    variants = [(name, m, None) for name, m in models.items()] + [("torch_2threads", tm,
-                                                                   two_threads)]
-    for name, m, setup in variants:
-        if setup is not None:
-            setup()
-        m.generate(ids, new + 1, temperature=0)  # compiles jax's prefill and decode steps
-        best = {1: float("inf"), new + 1: float("inf")}
-        for _ in range(3):  # prefill only, and prefill + ``new`` cached steps, alternating
-            for n in best:
+    def threads(n: int | None):
+        def setup():
+            tm.threads = n
+        return setup
+    variants = [(name, m, threads(None) if m is tm else None) for name, m in models.items()]
+    variants.append(("torch_2threads", tm, threads(2)))
+    # round-robin: every variant's repeats interleaved, so a busier minute of a shared machine
+    # falls on all of them alike
+    best = {name: {1: float("inf"), new + 1: float("inf")} for name, _, _ in variants}
+    for rep in range(4):  # the first round compiles jax's prefill and decode steps
+        for name, m, setup in variants:
+            if setup is not None:
+                setup()
+            for n in best[name]:  # prefill only, and prefill + ``new`` cached steps
                 t = time.perf_counter()
                 m.generate(ids, n, temperature=0)
-                best[n] = min(best[n], time.perf_counter() - t)
-        out[f"{name}_decode_tok_s"] = new / max(best[new + 1] - best[1], 1e-9)
+                if rep:
+                    best[name][n] = min(best[name][n], time.perf_counter() - t)
+    tm.threads = None
+    for name, b in best.items():
+        out[f"{name}_decode_tok_s"] = new / max(b[new + 1] - b[1], 1e-9)
     return out
 
 
