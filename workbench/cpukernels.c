@@ -528,12 +528,6 @@ typedef struct {
     float *y;            /* (n, O) fp32 */
 } linear_job;
 
-static void linear_task(void *arg, int tid, int nthreads) {
-    linear_job *j = arg;
-    long o0, o1;
-    share(j->O, tid, nthreads, &o0, &o1);
-    dot_mm(j->x, j->xp, j->n, j->K, j->w, j->bf16, o0, o1, j->y, j->O);
-}
 
 /* ---------------------------------------------------------------- parts on a host pool */
 
@@ -601,6 +595,9 @@ static void linear_part(void *arg, long p, long n) {
     part_range(j->O, p, n, &o0, &o1);
     if (o1 > o0) dot_mm(j->x, j->xp, j->n, j->K, j->w, j->bf16, o0, o1, j->y, j->O);
 }
+
+/* the kernels' worker and the calling thread: one part each */
+static void linear_task(void *arg, int tid, int nthreads) { linear_part(arg, tid, nthreads); }
 
 /* parts of a product on a host pool: enough that a helper starting late still takes a share */
 #define POOLED_PARTS 8
