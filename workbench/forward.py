@@ -73,6 +73,31 @@ class Recorder:
         r.prefix = prefix
         return r
 
+    def layer_view(self, layer: int) -> Recorder:
+        """A recorder for layer ``layer`` alone that sees relative names (prefix empty): its
+        captures, patches and hook functions are this one's under ``layers.{layer}.``, with
+        outputs of its own (``merge`` adds them here). Layers with the same hooks then look
+        the same to a tracing compiler, which can share one compiled layer among them."""
+        pre = hk.absolute(layer, "")
+
+        def rel(names):
+            return {n[len(pre):]: v for n, v in names.items() if n.startswith(pre)}
+        r = object.__new__(type(self))
+        r.__dict__.update(self.__dict__)
+        r.want = frozenset(n[len(pre):] for n in self.want if n.startswith(pre))
+        r.fns = rel(self.fns)
+        r.patches = rel(self.patches)
+        r.edits = set(r.patches) | set(r.fns)
+        r.prefix = ""
+        r.out, r.finite = {}, {}
+        return r
+
+    def merge(self, layer: int, view: Recorder) -> None:
+        """Add what ``layer_view(layer)`` recorded, under its absolute names."""
+        pre = hk.absolute(layer, "")
+        self.out.update((pre + n, v) for n, v in view.out.items())
+        self.finite.update((pre + n, v) for n, v in view.finite.items())
+
     def wants(self, rel: str) -> bool:
         name = self.prefix + rel
         return name in self.want or name in self.edits

@@ -1,9 +1,9 @@
 """The streaming CPU kernels (``workbench.cpukernels``) on torch tensors.
 
 Eagerly each function calls the kernel directly. Inside ``torch.compile`` the products, the
-norm and RoPE are the custom ops ``torch.ops.workbench.linear``, ``.rms_norm`` and ``.rope``
-(the same kernels, opaque to the compiler), so a compiled layer computes what the eager one
-does, bit for bit."""
+norm, RoPE and decode attention are the custom ops ``torch.ops.workbench.linear``,
+``.rms_norm``, ``.rope`` and ``.attention`` (the same kernels, opaque to the compiler), so a
+compiled layer computes what the eager one does, bit for bit."""
 
 from __future__ import annotations
 
@@ -131,14 +131,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def serves_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``attention`` runs one query per head q (B, H, 1, d) over keys and values
-    (B, H / G, T, d): CPU inference in eager mode, one dtype (fp32 or bf16), each last
+    (B, H / G, T, d): CPU inference, one dtype (fp32 or bf16), each last
     dimension contiguous, d at most 1024."""
     return (q.dim() == k.dim() == v.dim() == 4 and q.shape[2] == 1 and k.shape == v.shape
             and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] <= 1024
             and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
             and q.dtype == k.dtype == v.dtype
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and not torch.compiler.is_compiling() and _inference_cpu(q))
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and _inference_cpu(q))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -146,6 +145,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     (query head h reads kv head h // (H / kv heads)), in one call: what SDPA computes, in its
     order of roundings (fp32 sums; in bf16 the softmax weights rounded to bf16 before they
     weigh v), not bit for bit."""
+    if torch.compiler.is_compiling():
+        return torch.ops.workbench.attention(q, k, v, scale)
+    return _attention(q, k, v, scale)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     B, H, _, d = q.shape
     T = k.shape[2]
     out = torch.empty((B, H, 1, d), dtype=q.dtype)
@@ -187,3 +192,16 @@ def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 @_rope_op.register_fake
 def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("workbench::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    # the kernel reads any strides whose last is 1 (the KV cache's views)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _attention(q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)

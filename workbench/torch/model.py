@@ -16,6 +16,8 @@ from ..cpukernels import using as kernel_threads
 from ..forward import (
     Context,
     Executor,
+    LayerKind,
+    LayerPlan,
     Padding,
     PadMask,
     Recorder,
@@ -150,7 +152,7 @@ class TorchModel(Model):
             ex = Executor(self.ops, self.config, plan, rec)
         else:  # the compiled layer step, with its ops (dispatch and cache append eager)
             step, ops = self._compiled
-            ex = Executor(ops, self.config, plan, rec, step)
+            ex = _CompiledLayers(ops, self.config, plan, rec, step)
         image = None if images is None else self._image(images, rec)
         return forward(ex, self.weights, ids, self._context(start, ids.shape[1], pad),
                        cache,
@@ -173,11 +175,18 @@ class TorchModel(Model):
         """Run each decoder layer as a ``torch.compile``d layer step (False: eagerly again).
 
         ``options`` are ``torch.compile``'s keyword arguments (``True``: ``dynamic=True``, and
-        on CUDA ``mode="reduce-overhead"``, i.e. CUDA graphs). Expert dispatch (data-dependent
+        on CUDA CUDA graphs, inductor's ``triton.cudagraphs``). Expert dispatch (data-dependent
         shapes) and the KV-cache append (in-place buffers) stay eager; attention, norms, RoPE,
         the router and the shared expert are traced. Hooks and interventions are traced with
-        them: a new capture set or intervention plan costs one recompile of the layer. Training
-        (``forward_train``) stays eager.
+        them: a new capture set or intervention plan costs one recompile of the layer. Layers
+        see their hooks by relative name, so layers of one kind with the same hooks and
+        interventions share one compiled graph (a 48-layer model compiles a few graphs, not 48).
+        Training (``forward_train``) stays eager.
+
+        With inductor (the default backend, no ``mode`` given) each fused bf16 op rounds where
+        the eager op rounds (inductor's ``emulate_precision_casts``; without it, fused bf16
+        pointwise ops keep fp32 intermediates and results drift from eager's by an ulp per op,
+        enough to change greedy tokens): compiled and eager layers give the same values.
         """
         if options is False or options is None:
             self._compiled = None
@@ -185,10 +194,13 @@ class TorchModel(Model):
         if options is True:
             options = {"dynamic": True}
             if self._device.type == "cuda":
-                options["mode"] = "reduce-overhead"
+                options["options"] = {"triton.cudagraphs": True}
         if not isinstance(options, dict):
             raise ValueError(f"compile={options!r}: True, False or a dict of torch.compile "
                              "keyword arguments")
+        if options.get("backend", "inductor") == "inductor" and "mode" not in options:
+            options = {**options, "options": {"emulate_precision_casts": True,
+                                              **options.get("options", {})}}
         import copy
         ops = copy.copy(self.ops)
         ops.dispatch = torch.compiler.disable(self.ops.dispatch)
@@ -264,6 +276,22 @@ class TorchModel(Model):
             out[n] = t.detach().float().cpu().numpy()
         if self.shard is not None:  # a collective: every rank's experts
             out.update(gather_experts(p, self.shard))
+        return out
+
+
+class _CompiledLayers(Executor):
+    """The shared forward with each decoder layer run by a ``torch.compile``d layer step that
+    records under layer-relative names (``Recorder.layer_view``): what a layer's graph depends
+    on is then its kind, hooks and interventions, not its index, and layers alike share one
+    compiled graph (torch's recompile limit, 8 graphs per function, would otherwise leave every
+    layer past the eighth eager)."""
+
+    def layer(self, i: int, lp: Any, h: torch.Tensor, ctx: Context,
+              cache: Any) -> tuple[torch.Tensor, Any]:
+        view = self.rec.layer_view(i)
+        out = self.step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx, view,
+                        LayerPlan.of(self.cfg, self.plan, i), cache)
+        self.rec.merge(i, view)
         return out
 
 
