@@ -12,6 +12,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, ExpertWeights
 from ..config import ModelConfig
+from ..cpukernels import library as kernel_library
 from ..cpukernels import using as kernel_threads
 from ..forward import (
     Context,
@@ -202,6 +203,9 @@ class TorchModel(Model):
             options = {**options, "options": {"emulate_precision_casts": True,
                                               **options.get("options", {})}}
         import copy
+        # the kernels built and loaded now: traced, their first load (under a lock) would
+        # break the graphs compiled then, and those graphs are kept
+        kernel_library()
         ops = copy.copy(self.ops)
         ops.dispatch = torch.compiler.disable(self.ops.dispatch)
         ops.cache_update = torch.compiler.disable(self.ops.cache_update)
