@@ -18,7 +18,7 @@ import numpy as np
 
 from . import hooks as hk
 from .config import ModelConfig, human_bytes
-from .forward import Padding
+from .forward import Padding, first_nonfinite
 from .interventions import Intervention, Plan, plan
 from .trace import Trace
 
@@ -118,6 +118,12 @@ class Model(ABC):
     def has_vision(self) -> bool:
         """True when the model holds a vision tower and can run images (``pixel_values``)."""
         return self.vision_problem is None
+
+    def _check_finite(self, finite: Mapping[str, Any], where: str) -> None:
+        """NonFiniteError naming the first hook (in forward order) whose all-finite flag in
+        ``finite`` (a ``nan_check`` run's) is False; nothing to check without ``nan_check``."""
+        if finite:  # the hook order is only built when there are flags to order
+            raise_nonfinite(first_nonfinite(finite, self.hook_names()), where)
 
     def hook_names(self) -> list[str]:
         """Every hook point of this model, in forward order (the vision path's first, on a

@@ -44,7 +44,6 @@ from ..forward import (
     ResidentWeights,
     attention_phase,
     embed_step,
-    first_nonfinite,
     forward,
     head_step,
     layer_step,
@@ -52,7 +51,7 @@ from ..forward import (
     route_phase,
 )
 from ..interventions import Plan
-from ..model import CaptureSpec, Model, raise_nonfinite, store
+from ..model import CaptureSpec, Model, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..plan import EXPERT_GROUP_BYTES
 from ..quant import FP8, check_quant, dequantize
@@ -326,7 +325,7 @@ class JaxModel(Model):
         logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer, image)
         if cache is not None:
             cache.commit(cfg, entries, S)
-        raise_nonfinite(first_nonfinite(ex.rec.finite, self.hook_names()), "jax")
+        self._check_finite(ex.rec.finite, "jax")
         arrays = {}
         for n, a in ex.rec.out.items():
             a = self.ops.to_numpy(a)

@@ -23,12 +23,11 @@ from ..forward import (
     PadMask,
     Recorder,
     ResidentWeights,
-    first_nonfinite,
     forward,
     layer_step,
 )
 from ..interventions import Plan
-from ..model import CaptureSpec, Model, raise_nonfinite, store
+from ..model import CaptureSpec, Model, store
 from ..numerics import rope_cos_sin, rope_inv_freq, temperature_scales
 from ..quant import FP8, check_quant
 from ..streaming import StreamedWeights, check_offload, parse_bytes, streamed_state_dict
@@ -250,7 +249,7 @@ class TorchModel(Model):
                               images)
         if cache is not None:
             cache["start"] = start + ids.shape[1]
-        raise_nonfinite(first_nonfinite(rec.finite, self.hook_names()), "torch")
+        self._check_finite(rec.finite, "torch")
         arrays = {n: store(self.ops.to_numpy(a), spec) for n, a in rec.out.items()}
         return (None if logits is None else self.ops.to_numpy(logits)), arrays, cache
 
