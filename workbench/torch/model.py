@@ -175,7 +175,7 @@ class TorchModel(Model):
         """Run each decoder layer as a ``torch.compile``d layer step (False: eagerly again).
 
         ``options`` are ``torch.compile``'s keyword arguments (``True``: ``dynamic=True``, and
-        on CUDA CUDA graphs, inductor's ``triton.cudagraphs``). Expert dispatch (data-dependent
+        on CUDA, CUDA graphs: inductor's ``triton.cudagraphs``). Expert dispatch (data-dependent
         shapes) and the KV-cache append (in-place buffers) stay eager; attention, norms, RoPE,
         the router and the shared expert are traced. Hooks and interventions are traced with
         them: a new capture set or intervention plan costs one recompile of the layer. Layers
