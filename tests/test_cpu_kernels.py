@@ -488,8 +488,8 @@ def test_jax_expert_phase_matches_the_tile_loop(monkeypatch, E, D, inter, N, k, 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_jax_expert_call_same_on_one_or_two_threads(dtype):
-    """Two threads (halves of each expert's outputs) or one: the same values; rows past the
-    experts' counts are zero."""
+    """Two threads (whole experts each, or halves of each expert's outputs) or one: the same
+    values; rows past the experts' counts are zero."""
     jax, jk = _jax()
     import jax.numpy as jnp
     dt = jnp.dtype(dtype)
@@ -507,7 +507,14 @@ def test_jax_expert_call_same_on_one_or_two_threads(dtype):
                               np.float32)
 
     two, one = run(2), run(1)
+    ffi = kernels.ffi_library(jax.ffi.include_dir())
+    ffi.wb_set_by_expert(0)  # two threads on halves of every expert
+    try:
+        halves = run(2)
+    finally:
+        ffi.wb_set_by_expert(1)
     np.testing.assert_array_equal(two, one)
+    np.testing.assert_array_equal(halves, one)
     assert not two[53:].any() and two[:53].any(axis=1).all()
     # helper tasks on XLA's pool (a decode step's setting), here over several passes
     out = jax.ShapeDtypeStruct(xs.shape, xs.dtype)

@@ -18,8 +18,9 @@
  *                  sums over the two halves of W's rows, added in a fixed order. With several
  *                  experts the two threads take whole experts in turn (two weight streams);
  *                  with one, each thread computes one half (the torch backend).
- *   wb_experts_oi: the same SwiGLU with per-expert nn.Linear-layout weights, dot products,
- *                  outputs split between the threads (the jax backend's custom call).
+ *   wb_experts_oi: the same SwiGLU with per-expert nn.Linear-layout weights, dot products
+ *                  (the jax backend's custom call); with several experts the two threads take
+ *                  whole experts in turn, with one each computes half of its outputs.
  *   wb_rms_norm, wb_rope: the model's RMSNorm and RoPE in one call each (the torch backend:
  *                  a decode step otherwise spends more time issuing their small ops than
  *                  computing them).
@@ -764,6 +765,9 @@ typedef struct {
     int bf16;
     void *out;                /* (A, D) */
     float *xf, *g, *h;        /* (ROWS, D), (ROWS, 2I), (ROWS, I) */
+    const long *start;        /* by expert: each expert's first row (else NULL) */
+    float *own[2];            /* by expert: each thread's xf, g and h */
+    atomic_long *next;        /* by expert: the next expert to take */
 } experts_oi_job;
 
 /* gate and up outputs [i0, i1) of n rows x through expert slot e, then their h columns */
@@ -788,11 +792,43 @@ static void oi_down(experts_oi_job *j, long e, long r0, long n, long d0, long d1
         for (long d = d0; d < d1; d++) store1(j->out, (r0 + r) * D + d, o[r * D + d], j->bf16);
 }
 
+/* rows of whole experts on this thread, the experts taken in turn from j->next (two weight
+ * streams, no barriers): the same sums as the threads' column shares of experts_oi_task */
+static void experts_oi_alone(experts_oi_job *j, int tid) {
+    experts_oi_job t = *j; /* this thread's buffers */
+    long D = j->D, I = j->I, g = 2 * I > D ? 2 * I : D;
+    t.xf = j->own[tid];
+    t.g = t.xf + ROWS * D;
+    t.h = t.g + ROWS * g;
+    for (long e; (e = atomic_fetch_add(j->next, 1)) < j->nexp;) {
+        long end = j->start[e] + j->count[e];
+        if (end > j->A) end = j->A;
+        for (long r0 = j->start[e]; r0 < end; r0 += ROWS) {
+            long n = end - r0 < ROWS ? end - r0 : ROWS;
+            const float *x = (const float *)j->x + r0 * D;
+            if (j->bf16) {
+                to_f32((const char *)j->x + r0 * D * 2, n * D, 1, t.xf);
+                x = t.xf;
+            }
+            oi_up(&t, e, x, n, 0, I);
+            oi_down(&t, e, r0, n, 0, D);
+        }
+    }
+}
+
 static void experts_oi_task(void *arg, int tid, int nthreads) {
     experts_oi_job *j = arg;
     long D = j->D, I = j->I, done = 0;
     int es = j->bf16 ? 2 : 4;
     long i0, i1, d0, d1;
+    if (j->start && nthreads > 1) {
+        experts_oi_alone(j, tid);
+        long total = j->start[j->nexp - 1] + j->count[j->nexp - 1];
+        if (tid == 0) /* rows past the experts' counts are zero */
+            for (long r = total < j->A ? total : j->A; r < j->A; r++)
+                for (long d = 0; d < D; d++) store1(j->out, r * D + d, 0.0f, j->bf16);
+        return;
+    }
     share(I, tid, nthreads, &i0, &i1);
     share(D, tid, nthreads, &d0, &d1);
     for (long e = 0; e < j->nexp; e++) {
@@ -845,12 +881,23 @@ static void oi_down_part(void *arg, long p, long np) {
 static int experts_oi_run(const void *x, long A, const int32_t *count, long nexp,
                           const void *const *gu, const void *const *dn, long D, long I,
                           int bf16, void *out, int threads, schedule_fn sched, void *pool) {
-    long g = 2 * I > D ? 2 * I : D;
-    float *buf = scratch((size_t)ROWS * (D + g + I));
+    long g = 2 * I > D ? 2 * I : D, one = ROWS * (D + g + I);
+    int big = 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES;
+    /* two threads and several experts with rows: whole experts each (as wb_experts) */
+    long used = 0;
+    for (long e = 0; e < nexp; e++) used += count[e] > 0;
+    int alone = !sched && big && threads > 1 && used > 1 && by_expert_mode;
+    float *buf = scratch((size_t)(alone ? 2 * one + 2 * nexp : one));
     if (!buf) return -1;
     experts_oi_job j = {x, count, nexp, A, D, I, gu, dn, bf16, out,
-                        buf, buf + ROWS * D, buf + ROWS * (D + g)};
-    int big = 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES;
+                        buf, buf + ROWS * D, buf + ROWS * (D + g), NULL, {buf, buf + one}, NULL};
+    atomic_long next = 0;
+    if (alone) {
+        long *start = (long *)(buf + 2 * one); /* nexp longs in the 2 * nexp floats past */
+        for (long e = 0, r = 0; e < nexp; r += count[e], e++) start[e] = r;
+        j.start = start;
+        j.next = &next;
+    }
     if (!sched) {
         run_parallel(experts_oi_task, &j, big ? threads : 1);
         return 0;
