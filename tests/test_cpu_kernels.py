@@ -555,3 +555,70 @@ def test_top1_selection_is_the_stable_sort_s_first(dtype):
     assert torch.equal(moe.select_experts(x, 2, (), (), x.shape[0]), ref[:, :2])
     forced = moe.select_experts(x[5:], 1, (1,), ((3, None),), 300)  # finite rows: ban, force
     assert forced.eq(3).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_experts_by_address_same_as_the_arrays(monkeypatch, dtype):
+    """An ``ExpertTable`` (weights by address, one small operand) gives the arrays' values bit
+    for bit, on any threads, through the call and through the dispatch (one row, sorted rows,
+    an id outside the experts: a zero row)."""
+    jax, jk = _jax()
+    import jax.numpy as jnp
+
+    from workbench.jax import moe as jmoe
+    dt = jnp.dtype(dtype)
+    rng = np.random.default_rng(11)
+    E, D, inter = 6, 256, 192
+    experts = [(jnp.asarray(rng.standard_normal((2 * inter, D)) / D ** 0.5, dt),
+                jnp.asarray(rng.standard_normal((D, inter)) / inter ** 0.5, dt))
+               for _ in range(E)]
+    table = jk.expert_table(experts)
+    assert table is not None and len(table) == E and table.table.size == 4 * E
+    assert len(jax.tree_util.tree_leaves(table)) == 1  # what a compiled step is passed
+    counts = jnp.asarray([3, 0, 9, 1, 40, 2], jnp.int32)
+    xs = jnp.asarray(rng.standard_normal((60, D)), dt)  # 5 rows past the counts: zero
+    for threads in (0, 1, 2):
+        with kernels.using(max(threads, 1)):
+            want = np.asarray(jax.jit(lambda a, c: jk.experts(a, c, experts))(xs, counts),
+                              np.float32)
+            got = np.asarray(jax.jit(lambda a, c, t: jk.experts_at(a, c, t))(xs, counts,
+                                                                               table),
+                             np.float32)
+        np.testing.assert_array_equal(got, want)
+    assert not got[55:].any() and got[:55].any(axis=1).all()
+    gates = jnp.asarray(rng.random((5, 2)), dt)
+    xf = jnp.asarray(rng.standard_normal((5, D)), dt)
+    monkeypatch.setattr(jk, "faster_than_xla", lambda *a: True)  # arrays: the kernel too
+    for idx in ([[4]], [[E + 2]], [[1, 3], [0, 0], [5, E], [2, 1], [3, 3]]):
+        idx = jnp.asarray(idx, jnp.int32)
+        n = idx.shape[0]
+        by_array = jmoe.dispatch_rows(xf[:n], idx, gates[:n, :idx.shape[1]], experts, 8)
+        by_address = jax.jit(lambda x, i, g, t: jmoe.dispatch_rows(x, i, g, t, 8))(
+            xf[:n], idx, gates[:n, :idx.shape[1]], table)
+        np.testing.assert_array_equal(np.asarray(by_address, np.float32),
+                                      np.asarray(by_array, np.float32))
+    assert not np.asarray(by_address, np.float32)[5].any()  # id E: outside, a zero row
+
+
+def test_jax_expert_table_only_for_plain_arrays_and_checks_its_shape():
+    jax, jk = _jax()
+    import jax.numpy as jnp
+    f32 = jnp.float32
+    pair = (jnp.zeros((8, 4), f32), jnp.zeros((4, 4), f32))
+    assert jk.expert_table([pair, pair]) is not None
+    assert jk.expert_table([]) is None
+    assert jk.expert_table((pair, pair)) is None  # not the list resident weights give
+    assert jk.expert_table([pair, (pair[0], jnp.zeros((4, 3), f32))]) is None  # shapes
+    assert jk.expert_table([pair, (pair[0].astype(jnp.bfloat16), pair[1])]) is None  # dtypes
+    assert jk.expert_table([pair, (pair[0], pair[1], pair[1])]) is None
+    assert jk.expert_table([(jnp.zeros((2, 8, 4), f32), jnp.zeros((2, 4, 4), f32))]) is None
+    gone = jnp.zeros((8, 4), f32)
+    gone.delete()
+    assert jk.expert_table([pair, (gone, pair[1])]) is None
+    # the custom call refuses a table that does not hold two addresses per expert
+    x = jnp.zeros((1, 4), f32)
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    bad = jax.ffi.ffi_call("workbench_experts_at", out, vmap_method="sequential")
+    with pytest.raises(Exception, match=r"the table must be \(2, 2E\)"):
+        jax.block_until_ready(bad(x, jnp.ones(2, jnp.int32), jnp.zeros((2, 2), jnp.int32),
+                                  inter=np.int64(2), threads=np.int32(1)))

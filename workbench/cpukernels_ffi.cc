@@ -4,7 +4,11 @@
 //   wb_experts(x (A, D), counts (E,) int32, gate_up_0 .. gate_up_{E-1} (2I, D),
 //              down_0 .. down_{E-1} (D, I)) -> out (A, D): rows of x sorted by expert, expert e
 //              taking the next counts[e] rows through its SwiGLU; the rows past them are zero.
-//   Both take the attribute threads (int32): 1, or 2 to let the kernels' worker thread help,
+//   wb_experts_at(x (A, D), counts (E,) int32, table (2, 2E) int32) -> out (A, D): the same,
+//              the weights given by address (each row E 64-bit addresses as int32 pairs, jax
+//              being 32-bit by default: row 0 gate_up_e, row 1 down_e, C order, x's dtype;
+//              the attribute inter is I), so a step does not pass 2E arrays.
+//   All take the attribute threads (int32): 1, or 2 to let the kernels' worker thread help,
 //   or 0: helper tasks on XLA's intra-op thread pool instead (never competing with its threads).
 #include <cstdint>
 #include <vector>
@@ -106,4 +110,39 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WbExperts, Experts,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("threads"));
+
+// the caller guarantees the addresses: live, C-order (2I, D) and (D, I) arrays in x's dtype
+static ffi::Error ExpertsAt(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> counts,
+                            ffi::Buffer<ffi::S32> table, ffi::Result<ffi::AnyBuffer> out,
+                            int64_t inter, int32_t threads) {
+    auto xd = x.dimensions();
+    auto xt = x.element_type();
+    if (xd.size() != 2 || (xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) ||
+        out->element_type() != xt || out->element_count() != x.element_count())
+        return ffi::Error::InvalidArgument("wb_experts_at: x and out must be (A, D), f32 or bf16");
+    long A = xd[0], D = xd[1];
+    long E = (long)counts.element_count();
+    auto td = table.dimensions();
+    if (td.size() != 2 || td[0] != 2 || td[1] != 2 * E || inter <= 0)
+        return ffi::Error::InvalidArgument("wb_experts_at: the table must be (2, 2E), inter > 0");
+    auto *ptr = reinterpret_cast<const void *const *>(table.typed_data());
+    int bf16 = xt == ffi::DataType::BF16;
+    if (threads == 0 ? wb_experts_oi_pooled(x.untyped_data(), A, counts.typed_data(), E, ptr,
+                                            ptr + E, D, inter, bf16, out->untyped_data(),
+                                            schedule_on, &pool)
+                     : wb_experts_oi(x.untyped_data(), A, counts.typed_data(), E, ptr, ptr + E,
+                                     D, inter, bf16, out->untyped_data(), threads))
+        return ffi::Error::Internal("wb_experts_at: no memory for the kernel's scratch");
+    return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WbExpertsAt, ExpertsAt,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("inter")
                                   .Attr<int32_t>("threads"));

@@ -413,13 +413,29 @@ class Executor:
         self.rec = rec
         self.step = layer_step if step is None else step
 
-    def embed(self, table: Array, ids: Array, image: tuple[Array, Array] | None = None) -> Array:
+    def embed(self, table: Array, ids: Array | np.ndarray,
+              image: tuple[Array, Array] | None = None) -> Array:
+        ids = self.ops.asarray(ids) if isinstance(ids, np.ndarray) else ids
         return embed_step(self.ops, table, ids, self.rec.scope(""), image)
 
     def layer(self, i: int, lp: Params, h: Array, ctx: Context, cache: Any) -> tuple[Array, Any]:
         return self.step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx,
                          self.rec.scope(hk.absolute(i, "")), LayerPlan.of(self.cfg, self.plan, i),
                          cache)
+
+    def span(self, i: int, n: int) -> int:
+        """How many layers from layer i (of the n run) ``layers`` takes in one call: one here;
+        a compiling backend may run several consecutive layers as one compiled program."""
+        return 1
+
+    def layers(self, i: int, lps: list[Params], h: Array, ctx: Context,
+               caches: list[Any]) -> tuple[Array, list[Any]]:
+        """Layers i .. i + len(lps) - 1 in turn: (h, their new cache entries)."""
+        out = []
+        for j, (lp, cache) in enumerate(zip(lps, caches, strict=True)):
+            h, cache = self.layer(i + j, lp, h, ctx, cache)
+            out.append(cache)
+        return h, out
 
     def head(self, norm: Array, head: Array, h: Array) -> Array:
         return head_step(self.ops, self.cfg, norm, head, h, self.rec.scope(""))
@@ -440,15 +456,18 @@ def forward(ex: Executor, source: WeightSource, ids: np.ndarray, ctx: Context,
     n = cfg.num_hidden_layers if stop_at_layer is None else stop_at_layer
     source.begin(n)
     table, local = source.embedding(ids)
-    local = local if not isinstance(local, np.ndarray) else ex.ops.asarray(local)
     h = ex.embed(table, local) if image is None else ex.embed(table, local, image)
     del table
-    for i in range(n):
-        entry = None if cache is None else cache[i]
-        h, entry = ex.layer(i, source.layer(i), h, ctx, entry)
-        if cache is not None:
-            cache[i] = entry
-        source.release(i)
+    i = 0
+    while i < n:
+        span = range(i, i + ex.span(i, n))
+        h, entries = ex.layers(i, [source.layer(j) for j in span], h, ctx,
+                               [None if cache is None else cache[j] for j in span])
+        for j, entry in zip(span, entries, strict=True):
+            if cache is not None:
+                cache[j] = entry
+            source.release(j)
+        i = span.stop
     if stop_at_layer is not None:
         return None, h
     norm, head = source.head()

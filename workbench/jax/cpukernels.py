@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,8 @@ def _register() -> tuple[bool, str]:
     jax.ffi.register_ffi_target("workbench_linear", jax.ffi.pycapsule(lib.WbLinear),
                                 platform="cpu")
     jax.ffi.register_ffi_target("workbench_experts", jax.ffi.pycapsule(lib.WbExperts),
+                                platform="cpu")
+    jax.ffi.register_ffi_target("workbench_experts_at", jax.ffi.pycapsule(lib.WbExpertsAt),
                                 platform="cpu")
     return True, ""
 
@@ -114,4 +117,79 @@ def experts(xs: jax.Array, counts: jax.Array, experts: list) -> jax.Array:
     dns = [dn for _, dn in experts]
     return jax.ffi.ffi_call("workbench_experts", out, vmap_method="sequential")(
         xs, counts.astype(jnp.int32), *gus, *dns,
+        threads=np.int32(call_threads(xs.shape[0])))
+
+
+@jax.tree_util.register_pytree_node_class
+class ExpertTable:
+    """A layer's routed experts for the kernel by address: one small array of the (gate_up
+    (2I, D), down (D, I)) weights' 64-bit addresses (as int32 pairs: (2, 2E)) instead of the
+    2E arrays.
+
+    A compiled call pays for every array it is passed, each time (about a microsecond or
+    more apiece, most of a decode step's dispatch at E = 128: 256 arrays per MoE layer); the
+    addresses cost one. The weights must outlive the table and never change: ``weights`` keeps
+    them referenced (it is not part of the pytree, so it never reaches a compiled step).
+    Layers of the same shapes have equal structure and share compiled steps.
+    """
+
+    def __init__(self, table: jax.Array, shape: tuple[int, int, int], dtype: str,
+                 weights: list | None = None):
+        self.table = table
+        self.shape = shape  # (E, D, I)
+        self.dtype = dtype
+        self.weights = weights
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array], tuple[tuple[int, int, int], str]]:
+        return (self.table,), (self.shape, self.dtype)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, children: tuple) -> ExpertTable:
+        return cls(children[0], *aux)
+
+
+def expert_table(experts: Any) -> ExpertTable | None:
+    """``experts`` (a list of (gate_up, down) pairs) by address, when the kernel can run them
+    that way: on the CPU, every expert a pair of plain C-order arrays (2I, D), (D, I) of one
+    dtype, fp32 or bf16, of one device; else None."""
+    if not isinstance(experts, list) or not experts or jax.default_backend() != "cpu" or \
+            not ready():
+        return None
+    first = experts[0]
+    if not (isinstance(first, tuple) and len(first) == 2):
+        return None
+    dt = first[0].dtype if isinstance(first[0], jax.Array) else None
+    if dt not in (jnp.float32, jnp.bfloat16) or first[0].ndim != 2:
+        return None
+    two_i, D = first[0].shape
+    I = two_i // 2
+    want = ((2 * I, D), (D, I))
+    table = np.empty((2, len(experts)), np.int64)
+    for e, pair in enumerate(experts):
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            return None
+        for j, w in enumerate(pair):
+            if not isinstance(w, jax.Array) or w.dtype != dt or w.shape != want[j] or \
+                    w.is_deleted() or len(w.devices()) != 1 or \
+                    next(iter(w.devices())).platform != "cpu" or \
+                    not _default_layout(w):
+                return None
+            table[j, e] = w.unsafe_buffer_pointer()
+    return ExpertTable(jax.device_put(table.view(np.int32), next(iter(first[0].devices()))),
+                       (len(experts), D, I), str(dt), list(experts))
+
+
+def _default_layout(w: jax.Array) -> bool:
+    """Whether w's buffer is in C order (the default, row-major layout)."""
+    return tuple(w.format.layout.major_to_minor) == tuple(range(w.ndim))
+
+
+def experts_at(xs: jax.Array, counts: jax.Array, experts: ExpertTable) -> jax.Array:
+    """``experts(xs, counts, ...)`` for experts given by address (``expert_table``)."""
+    out = jax.ShapeDtypeStruct(xs.shape, xs.dtype)
+    return jax.ffi.ffi_call("workbench_experts_at", out, vmap_method="sequential")(
+        xs, counts.astype(jnp.int32), experts.table, inter=np.int64(experts.shape[2]),
         threads=np.int32(call_threads(xs.shape[0])))

@@ -60,6 +60,7 @@ from ..vision.forward import rope_tables, split_params, vision_forward, vision_s
 from ..vision.jax_ops import CompiledVision, JaxVisionOps
 from . import parallel
 from .attention import CacheEntry, keep_from
+from .cpukernels import ExpertTable, expert_table
 from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
 from .ops import JAX_DTYPES, host_array, resolve_device
 from .quant import FP8Expert
@@ -69,6 +70,8 @@ MAX_STEPS = 256
 _ALIGN = 64  # bytes: host buffers aligned so, jax's CPU client uses in place
 _XLA_TRANSPOSE_BYTES = 32 << 20
 _MIN_KV_CAP = 16
+DECODE_GROUP = 8
+DECODE_GROUP_TOKENS = 4
 HEAD_BLOCK_BYTES = 256 << 20
 """Float32 logits (all batch rows) above which the head runs over blocks of positions, each
 block copied into the host result as it comes (no device-side logits of the whole call)."""
@@ -204,6 +207,20 @@ class JaxModel(Model):
         # streamed MoE layers hold at most this many bytes of chosen experts at once (plus
         # the expert cache): experts are read and run group by group
         self.expert_group_bytes = EXPERT_GROUP_BYTES
+        # a continued call of at most DECODE_GROUP_TOKENS positions (a decoding step) on
+        # resident weights runs this many consecutive layers as one compiled program (1: a
+        # program per layer, as a prefill): fewer calls and no Python between layers, for
+        # one compile of that many layers (groups alike share it)
+        self.decode_group = DECODE_GROUP
+        self._tables: dict[int, tuple[list, list | ExpertTable]] = {}
+
+    def expert_table(self, i: int, experts: list) -> list | ExpertTable:
+        """Layer i's routed experts by address (``ExpertTable``, built once), for decoding
+        steps; the list itself where the kernel cannot take them so."""
+        hit = self._tables.get(i)
+        if hit is None or hit[0] is not experts:
+            hit = self._tables[i] = (experts, expert_table(experts) or experts)
+        return hit[1]
 
     def put_stored(self, a: np.ndarray) -> jax.Array:
         """A host array on the device in its own dtype (FP8 weights, float32 scales), C order."""
@@ -308,8 +325,10 @@ class JaxModel(Model):
             valid[:, :L] = pad.valid
             mask = PadMask(jax.device_put(valid, self._device),
                            self.ops.asarray(pad.shift.astype(np.int32)))
-        ctx = Context(self.ops.asarray(cos), self.ops.asarray(sin),
-                      None if temp is None else self.ops.asarray(temp),
+        # small per-call inputs go to the compiled steps as host arrays (jit copies them in
+        # far faster than a device_put each); a mesh places them replicated
+        put = host_array if self.mesh is None else self.ops.asarray
+        ctx = Context(put(cos), put(sin), None if temp is None else put(temp),
                       np.int32(start) if continuing else 0, mask)
         before = {} if cache is None else dict(cache.k_start)
         pos = spec.positions
@@ -319,8 +338,13 @@ class JaxModel(Model):
                               None if entries is None else tuple(e.cap for e in
                                                                  entries.values()),
                               stop_at_layer, spec.nan_check, pad is not None))
+        # a decoding step on resident weights: consecutive layers as one compiled program,
+        # routed experts by address
+        decode = continuing and S <= DECODE_GROUP_TOKENS and \
+            isinstance(self.weights, ResidentWeights)
         ex = _CompiledSteps(self, plan, spec, {n: host_array(v) for n, v in
-                                               plan.patches.items()})
+                                               plan.patches.items()},
+                            self.decode_group if decode else 1, decode)
         image = None if images is None else self._image(images, spec, ex.rec)
         logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer, image)
         if cache is not None:
@@ -375,22 +399,34 @@ class _CompiledSteps(Executor):
     the hooks captured or edited in its scope (by relative name), patch shapes, the capture
     position slice and the KV-cache layout. jit adds the argument shapes. Captured values come
     back as outputs and are merged into ``rec.out`` under their absolute names.
+
+    With ``group`` > 1 (a decoding step on resident weights), consecutive layers run as one
+    compiled program, ``group`` layers at a time (groups start at multiples of ``group``):
+    fewer calls per token, no Python between their layers, and XLA schedules across them.
+    Inside a group, layer i + j is named ``layers.{j}.…``, so groups alike share a program.
     """
 
     def __init__(self, model: JaxModel, plan: Plan, spec: CaptureSpec,
-                 patches: dict[str, np.ndarray]):
+                 patches: dict[str, np.ndarray], group: int = 1, by_address: bool = False):
         super().__init__(model.ops, model.config, plan,
                          Recorder(model.ops, spec.names, plan, nan_check=spec.nan_check))
         self.model = model
         self.spec = spec
         self.patches = patches
+        self.group = group
+        self.by_address = by_address  # resident routed experts as ``ExpertTable``s
 
-    def _call(self, key: tuple, layer: int | None, scope: Callable[[str], bool],
-              step: Callable[..., Any], *args: Any, donate: tuple[int, ...] = ()) -> Any:
-        rel = hk.relative if layer is not None else (lambda n: n)
-        want = frozenset(rel(n) for n in self.spec.names if scope(n))
-        fns = {rel(n): f for n, f in self.plan.fns.items() if scope(n)}
-        patches = {rel(n): v for n, v in self.patches.items() if scope(n)}
+    def _call(self, key: tuple, rename: Callable[[str], str | None],
+              back: Callable[[str], str], step: Callable[..., Any], *args: Any,
+              donate: tuple[int, ...] = ()) -> Any:
+        """``step(*args, rec)`` compiled, its hooks those that ``rename`` maps to the names
+        the step emits (None: outside it); ``back`` maps them back to absolute names."""
+        def scoped(names):
+            return {r: v for r, v in ((rename(n), v) for n, v in names.items())
+                    if r is not None}
+        want = frozenset(r for r in map(rename, self.spec.names) if r is not None)
+        fns = scoped(self.plan.fns)
+        patches = scoped(self.patches)
         pos = self.spec.positions
         nan_check = self.rec.nan_check
         full = key + (want, tuple(sorted((n, id(f)) for n, f in fns.items())),
@@ -407,18 +443,26 @@ class _CompiledSteps(Executor):
         # argument i of ``args`` is argument i + 1 of ``run``
         fn = self.model._step(full, build, tuple(i + 1 for i in donate))
         result, out, finite = fn(patches, *args)
-        prefix = "" if layer is None else hk.absolute(layer, "")
         for n, v in out.items():
-            self.rec.out[prefix + n] = v
+            self.rec.out[back(n)] = v
         for n, v in finite.items():
-            self.rec.finite[prefix + n] = v
+            self.rec.finite[back(n)] = v
         return result
 
-    def embed(self, table: jax.Array, ids: jax.Array,
+    @staticmethod
+    def _names(names: frozenset[str]) -> tuple[Callable[[str], str | None],
+                                               Callable[[str], str]]:
+        """Renaming for a step outside the layers that emits ``names``."""
+        return (lambda n: n if n in names else None), (lambda n: n)
+
+    def embed(self, table: jax.Array, ids: jax.Array | np.ndarray,
               image: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        if isinstance(ids, np.ndarray):
+            ids = host_array(ids) if self.model.mesh is None else self.ops.asarray(ids)
+
         def step(table, ids, image, rec):
             return embed_step(self.ops, table, ids, rec, image)
-        return self._call(("embedding", image is None), None, EMBED_HOOKS.__contains__, step,
+        return self._call(("embedding", image is None), *self._names(EMBED_HOOKS), step,
                           table, ids, image)
 
     def head(self, norm: jax.Array, head: jax.Array, h: jax.Array) -> jax.Array | np.ndarray:
@@ -431,45 +475,91 @@ class _CompiledSteps(Executor):
         touched = any(n in HEAD_HOOKS for n in (*self.spec.names, *self.plan.fns,
                                                  *self.patches))
         if S <= rows or touched or self.rec.nan_check:
-            return self._call(("head",), None, HEAD_HOOKS.__contains__, step, norm, head, h)
+            return self._call(("head",), *self._names(HEAD_HOOKS), step, norm, head, h)
         # a long sequence: the logits go straight into one float32 host array, a block of
         # positions at a time, instead of a device array plus its host copy
         out = np.empty((B, S, cfg.vocab_size), np.float32)
         for s0 in range(0, S, rows):
-            part = self._call(("head",), None, HEAD_HOOKS.__contains__, step, norm, head,
+            part = self._call(("head",), *self._names(HEAD_HOOKS), step, norm, head,
                               h[:, s0:s0 + rows])
             out[:, s0:s0 + rows] = np.asarray(part)
             del part
         return out
 
+    def span(self, i: int, n: int) -> int:
+        g = self.group
+        return 1 if g <= 1 else min(g - i % g, n - i)
+
+    def layers(self, i: int, lps: list[dict[str, Any]], h: jax.Array, ctx: Context,
+               caches: list[CacheEntry | None]) -> tuple[jax.Array, list[CacheEntry | None]]:
+        if not all(lp.get("experts") is None or isinstance(lp["experts"], list) for lp in lps):
+            return super().layers(i, lps, h, ctx, caches)  # streamed experts: ``layer``
+        # every weight resident: one compiled step for the layers, named layers.0, 1, ...
+        cfg, ops, count = self.cfg, self.ops, len(lps)
+        if self.by_address:
+            lps = [lp if lp.get("experts") is None else
+                   {**lp, "experts": self.model.expert_table(i + j, lp["experts"])}
+                   for j, lp in enumerate(lps)]
+        kinds = tuple(LayerKind.of(cfg, j) for j in range(i, i + count))
+        lplans = tuple(LayerPlan.of(cfg, self.plan, j) for j in range(i, i + count))
+        modes = tuple(_mode(e) for e in caches)
+        caps = tuple(None if e is None else e.cap for e in caches)
+        kv = [None if e is None else (e.k, e.v, e.k_start) for e in caches]
+        going = "continue" in modes
+
+        def step(lps, h, cos, sin, temp, kv, start, pad, rec):
+            new = []
+            for j in range(count):
+                entry = None if modes[j] == "none" else CacheEntry(*kv[j], caps[j])
+                c = Context(cos, sin, temp, start if modes[j] == "continue" else 0, pad)
+                h, e = layer_step(ops, cfg, kinds[j], lps[j], h, c,
+                                  rec.scope(hk.absolute(j, "")), lplans[j], entry)
+                new.append(None if e is None else (e.k, e.v, e.k_start))
+            return h, new
+
+        def rename(n: str) -> str | None:
+            layer = hk.layer_of(n)
+            if layer is None or not i <= layer < i + count:
+                return None
+            return hk.absolute(layer - i, hk.relative(n))
+
+        def back(r: str) -> str:
+            return hk.absolute(hk.layer_of(r) + i, hk.relative(r))
+
+        # continued caches' buffers are replaced by the step's outputs: let XLA reuse them
+        donate = (5,) if all(m == "continue" for m in modes) else ()
+        h, new = self._call(("layers", kinds, lplans, modes, caps), rename, back, step, lps, h,
+                            ctx.cos, ctx.sin, ctx.temp, kv, ctx.start if going else None,
+                            ctx.pad, donate=donate)
+        return h, [None if e is None else CacheEntry(e[0], e[1], e[2], cap)
+                   for e, cap in zip(new, caps, strict=True)]
+
     def layer(self, i: int, lp: dict[str, Any], h: jax.Array, ctx: Context,
               entry: CacheEntry | None) -> tuple[jax.Array, CacheEntry | None]:
+        """A layer whose routed experts are streamed: attention and routing, then the chosen
+        experts read group by group, then the rest of the block."""
         cfg, ops = self.cfg, self.ops
         kind, lplan = LayerKind.of(cfg, i), LayerPlan.of(cfg, self.plan, i)
-        mode = "none" if entry is None else "fresh" if entry.k is None else "continue"
+        mode = _mode(entry)
         cap = None if entry is None else entry.cap
         kv = None if entry is None else (entry.k, entry.v, entry.k_start)
         start = ctx.start if mode == "continue" else None
-        scope = lambda n: hk.layer_of(n) == i  # noqa: E731
+
+        def rename(n: str) -> str | None:
+            return hk.relative(n) if hk.layer_of(n) == i else None
+
+        def back(r: str) -> str:
+            return hk.absolute(i, r)
+
         # a continued cache's buffers are replaced by the step's outputs: let XLA reuse them
         donate = (5,) if mode == "continue" else ()
-        experts = lp.get("experts")
+        experts = lp["experts"]
 
         def cache_in(kv):
             return None if mode == "none" else CacheEntry(kv[0], kv[1], kv[2], cap)
 
         def cache_out(e):
             return None if e is None else (e.k, e.v, e.k_start)
-
-        if experts is None or isinstance(experts, list):  # every weight resident: one step
-            def step(lp, h, cos, sin, temp, kv, start, pad, rec):
-                c = Context(cos, sin, temp, start if mode == "continue" else 0, pad)
-                h, e = layer_step(ops, cfg, kind, lp, h, c, rec, lplan, cache_in(kv))
-                return h, cache_out(e)
-
-            h, new = self._call(("layer", kind, lplan, mode, cap), i, scope, step, lp, h,
-                                ctx.cos, ctx.sin, ctx.temp, kv, start, ctx.pad, donate=donate)
-            return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
 
         # streamed experts: attention and routing, then read the chosen experts, then them
         dense = {n: a for n, a in lp.items() if n != "experts"}
@@ -480,9 +570,9 @@ class _CompiledSteps(Executor):
             idx, gates = route_phase(ops, cfg, lp, x, rec, lplan)
             return (h, x, idx, gates), cache_out(e)
 
-        (h, x, idx, gates), new = self._call(("route", kind, lplan, mode, cap), i, scope, route,
-                                             dense, h, ctx.cos, ctx.sin, ctx.temp, kv, start,
-                                             ctx.pad, donate=donate)
+        (h, x, idx, gates), new = self._call(("route", kind, lplan, mode, cap), rename, back,
+                                             route, dense, h, ctx.cos, ctx.sin, ctx.temp, kv,
+                                             start, ctx.pad, donate=donate)
         # the chosen experts, group by group within ``expert_group_bytes``: each group's
         # assignment rows are computed by one compiled call and merged; the end of the block
         # (hooks, shared expert, residual) runs once on the merged rows
@@ -505,7 +595,7 @@ class _CompiledSteps(Executor):
                     return y
                 return jnp.where((local.reshape(-1) >= 0)[:, None], y, rows)
 
-            rows = self._call(("experts", n, tile, rows is None), i, lambda _: False, part,
+            rows = self._call(("experts", n, tile, rows is None), lambda _: None, back, part,
                               x, idx, gates, remap, chosen, rows)
             del weights, chosen
 
@@ -514,8 +604,13 @@ class _CompiledSteps(Executor):
         def finish(lp, h, x, rows, rec):
             return moe_output(ops, lp, h, x, combine_rows(rows, k), rec)
 
-        h = self._call(("moe_out", k), i, scope, finish, dense, h, x, rows)
+        h = self._call(("moe_out", k), rename, back, finish, dense, h, x, rows)
         return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
+
+
+def _mode(entry: CacheEntry | None) -> str:
+    """A layer's cache mode in a call: "none" (no cache), "fresh" (first call), "continue"."""
+    return "none" if entry is None else "fresh" if entry.k is None else "continue"
 
 
 def _aligned(a: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -152,9 +152,11 @@ def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
 
 
 def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
-                  experts: list[tuple[jax.Array, jax.Array]], tile: int) -> jax.Array:
+                  experts: list[tuple[jax.Array, jax.Array]] | cpukernels.ExpertTable,
+                  tile: int) -> jax.Array:
     """Per-assignment expert outputs (N*k, D), in ``idx.reshape(-1)`` order, for tokens xf
-    (N, D) with choices idx/gates (N, k), idx numbering ``experts``. An id outside
+    (N, D) with choices idx/gates (N, k), idx numbering ``experts`` (arrays, or an
+    ``ExpertTable``: the CPU kernel on weights by address). An id outside
     [0, len(experts)) gives a zero row and costs nothing, so a streamed layer can run its
     chosen experts group by group and merge the rows (``where`` on ``idx >= 0``).
 
@@ -163,12 +165,21 @@ def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
     k = idx.shape[1]
     E = len(experts)
     flat = idx.reshape(-1)
-    if flat.shape[0] == 1 and cpukernels.serves_experts(xf, experts, tile):
-        x1 = xf[:1] * gates.reshape(-1)[:, None]  # one assignment: the CPU kernel, no sort
-        return cpukernels.experts(x1, (jnp.arange(E) == flat[0]).astype(jnp.int32), experts)
+
+    def kernel(xs: jax.Array, counts: jax.Array) -> jax.Array | None:
+        """The CPU kernel's outputs for expert-sorted rows xs, when it serves them."""
+        if isinstance(experts, cpukernels.ExpertTable):  # weights by address: always
+            return cpukernels.experts_at(xs, counts, experts)
+        if cpukernels.serves_experts(xs, experts, tile):
+            return cpukernels.experts(xs, counts, experts)
+        return None
+
     if flat.shape[0] == 1:  # one assignment (a decode step): its expert, no sort or loop
-        ok = (flat[0] >= 0) & (flat[0] < E)
         x1 = xf[:1] * gates.reshape(-1)[:, None]
+        y = kernel(x1, (jnp.arange(E) == flat[0]).astype(jnp.int32))
+        if y is not None:
+            return y
+        ok = (flat[0] >= 0) & (flat[0] < E)
         y = jax.lax.switch(jnp.where(ok, flat[0], 0), expert_branches(experts, 1), x1)
         return jnp.where(ok, y, jnp.zeros_like(y))
     key = jnp.where((flat >= 0) & (flat < E), flat, E)  # outside the group: sorted last
@@ -176,9 +187,8 @@ def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
     counts = jnp.bincount(key, length=E + 1)[:E]
     offsets = jnp.cumsum(counts) - counts
     xs = xf[order // k] * gates.reshape(-1)[order][:, None]
-    if cpukernels.serves_experts(xs, experts, tile):  # the CPU kernel: each expert's rows
-        y = cpukernels.experts(xs, counts, experts)
-    else:
+    y = kernel(xs, counts)  # the CPU kernel: each expert's rows
+    if y is None:
         y = expert_tiles(xs, counts, offsets, experts, tile)
     return jnp.zeros_like(y).at[order].set(y)
 
