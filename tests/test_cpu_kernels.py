@@ -423,6 +423,14 @@ def test_jax_decode_size_calls_share_xlas_pool():
         assert jk.call_threads(1) == jk.call_threads(64) == 1
 
 
+def _jax_experts(rng: np.random.Generator, E: int, D: int, inter: int, dt) -> list:
+    """E random (gate_up (2I, D), down (D, I)) pairs as jax arrays of dtype dt."""
+    import jax.numpy as jnp
+    return [(jnp.asarray(rng.standard_normal((2 * inter, D)) / D ** 0.5, dt),
+             jnp.asarray(rng.standard_normal((D, inter)) / inter ** 0.5, dt))
+            for _ in range(E)]
+
+
 def _ffi(name: str, out, *args, threads: int):
     import jax
     return jax.ffi.ffi_call(name, out, vmap_method="sequential")(*args, threads=np.int32(threads))
@@ -462,9 +470,7 @@ def test_jax_expert_phase_matches_the_tile_loop(monkeypatch, E, D, inter, N, k, 
     from workbench.jax import moe as jmoe
     dt = jnp.dtype(dtype)
     rng = np.random.default_rng(E * D + N)
-    experts = [(jnp.asarray(rng.standard_normal((2 * inter, D)) / D ** 0.5, dt),
-                jnp.asarray(rng.standard_normal((D, inter)) / inter ** 0.5, dt))
-               for _ in range(E)]
+    experts = _jax_experts(rng, E, D, inter, dt)
     xf = jnp.asarray(rng.standard_normal((N, D)), dt)
     idx = rng.integers(0, E, (N, k)).astype(np.int32)
     if N > 1:
@@ -495,9 +501,7 @@ def test_jax_expert_call_same_on_one_or_two_threads(dtype):
     dt = jnp.dtype(dtype)
     rng = np.random.default_rng(7)
     E, D, inter = 5, 256, 192
-    experts = [(jnp.asarray(rng.standard_normal((2 * inter, D)) / D ** 0.5, dt),
-                jnp.asarray(rng.standard_normal((D, inter)) / inter ** 0.5, dt))
-               for _ in range(E)]
+    experts = _jax_experts(rng, E, D, inter, dt)
     counts = jnp.asarray([3, 0, 9, 1, 40], jnp.int32)
     xs = jnp.asarray(rng.standard_normal((60, D)), dt)  # 7 rows past the counts: zero
 
@@ -569,9 +573,7 @@ def test_jax_experts_by_address_same_as_the_arrays(monkeypatch, dtype):
     dt = jnp.dtype(dtype)
     rng = np.random.default_rng(11)
     E, D, inter = 6, 256, 192
-    experts = [(jnp.asarray(rng.standard_normal((2 * inter, D)) / D ** 0.5, dt),
-                jnp.asarray(rng.standard_normal((D, inter)) / inter ** 0.5, dt))
-               for _ in range(E)]
+    experts = _jax_experts(rng, E, D, inter, dt)
     table = jk.expert_table(experts)
     assert table is not None and len(table) == E and table.table.size == 4 * E
     assert len(jax.tree_util.tree_leaves(table)) == 1  # what a compiled step is passed

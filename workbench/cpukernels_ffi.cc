@@ -11,6 +11,7 @@
 //   All take the attribute threads (int32): 1, or 2 to let the kernels' worker thread help,
 //   or 0: helper tasks on XLA's intra-op thread pool instead (never competing with its threads).
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -68,15 +69,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WbLinear, Linear,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("threads"));
 
-static ffi::Error Experts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> counts,
-                          ffi::RemainingArgs ws, ffi::Result<ffi::AnyBuffer> out,
-                          int32_t threads) {
+// whether x and out are both (A, D), one dtype, f32 or bf16 (A and D then set)
+static bool ExpertRows(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> &out, long *A,
+                       long *D) {
     auto xd = x.dimensions();
     auto xt = x.element_type();
     if (xd.size() != 2 || (xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) ||
         out->element_type() != xt || out->element_count() != x.element_count())
+        return false;
+    *A = xd[0];
+    *D = xd[1];
+    return true;
+}
+
+// the expert kernel on the weights gu[e], dn[e], on XLA's pool (threads 0) or threads
+static ffi::Error RunExperts(const char *name, ffi::ThreadPool &pool, ffi::AnyBuffer x,
+                            ffi::Buffer<ffi::S32> counts, const void *const *gu,
+                            const void *const *dn, long I, ffi::Result<ffi::AnyBuffer> &out,
+                            int32_t threads) {
+    long A = x.dimensions()[0], D = x.dimensions()[1], E = (long)counts.element_count();
+    int bf16 = x.element_type() == ffi::DataType::BF16;
+    if (threads == 0 ? wb_experts_oi_pooled(x.untyped_data(), A, counts.typed_data(), E, gu, dn,
+                                            D, I, bf16, out->untyped_data(), schedule_on, &pool)
+                     : wb_experts_oi(x.untyped_data(), A, counts.typed_data(), E, gu, dn, D, I,
+                                     bf16, out->untyped_data(), threads))
+        return ffi::Error::Internal(std::string(name) + ": no memory for the kernel's scratch");
+    return ffi::Error::Success();
+}
+
+static ffi::Error Experts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> counts,
+                          ffi::RemainingArgs ws, ffi::Result<ffi::AnyBuffer> out,
+                          int32_t threads) {
+    long A, D;
+    if (!ExpertRows(x, out, &A, &D))
         return ffi::Error::InvalidArgument("wb_experts: x and out must be (A, D), f32 or bf16");
-    long A = xd[0], D = xd[1];
+    auto xt = x.element_type();
     long E = (long)counts.element_count();
     if ((long)ws.size() != 2 * E)
         return ffi::Error::InvalidArgument("wb_experts: need a gate_up and a down per expert");
@@ -93,14 +120,7 @@ static ffi::Error Experts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
         if (!ok) return ffi::Error::InvalidArgument("wb_experts: weights must be (2I, D), (D, I)");
         (e < E ? gu[e] : dn[e - E]) = w->untyped_data();
     }
-    int bf16 = xt == ffi::DataType::BF16;
-    if (threads == 0 ? wb_experts_oi_pooled(x.untyped_data(), A, counts.typed_data(), E,
-                                            gu.data(), dn.data(), D, I, bf16,
-                                            out->untyped_data(), schedule_on, &pool)
-                     : wb_experts_oi(x.untyped_data(), A, counts.typed_data(), E, gu.data(),
-                                     dn.data(), D, I, bf16, out->untyped_data(), threads))
-        return ffi::Error::Internal("wb_experts: no memory for the kernel's scratch");
-    return ffi::Error::Success();
+    return RunExperts("wb_experts", pool, x, counts, gu.data(), dn.data(), I, out, threads);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WbExperts, Experts,
@@ -116,25 +136,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WbExperts, Experts,
 static ffi::Error ExpertsAt(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> counts,
                             ffi::Buffer<ffi::S32> table, ffi::Result<ffi::AnyBuffer> out,
                             int64_t inter, int32_t threads) {
-    auto xd = x.dimensions();
-    auto xt = x.element_type();
-    if (xd.size() != 2 || (xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) ||
-        out->element_type() != xt || out->element_count() != x.element_count())
+    long A, D;
+    if (!ExpertRows(x, out, &A, &D))
         return ffi::Error::InvalidArgument("wb_experts_at: x and out must be (A, D), f32 or bf16");
-    long A = xd[0], D = xd[1];
     long E = (long)counts.element_count();
     auto td = table.dimensions();
     if (td.size() != 2 || td[0] != 2 || td[1] != 2 * E || inter <= 0)
         return ffi::Error::InvalidArgument("wb_experts_at: the table must be (2, 2E), inter > 0");
     auto *ptr = reinterpret_cast<const void *const *>(table.typed_data());
-    int bf16 = xt == ffi::DataType::BF16;
-    if (threads == 0 ? wb_experts_oi_pooled(x.untyped_data(), A, counts.typed_data(), E, ptr,
-                                            ptr + E, D, inter, bf16, out->untyped_data(),
-                                            schedule_on, &pool)
-                     : wb_experts_oi(x.untyped_data(), A, counts.typed_data(), E, ptr, ptr + E,
-                                     D, inter, bf16, out->untyped_data(), threads))
-        return ffi::Error::Internal("wb_experts_at: no memory for the kernel's scratch");
-    return ffi::Error::Success();
+    return RunExperts("wb_experts_at", pool, x, counts, ptr, ptr + E, inter, out, threads);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WbExpertsAt, ExpertsAt,
