@@ -27,15 +27,18 @@ def _per_layer(m: jm.JaxModel, monkeypatch) -> None:
     monkeypatch.setattr(m, "expert_table", lambda i, experts: experts)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_groups_equal_a_program_per_layer_with_captures_and_interventions(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,group", [("float32", 4), ("bfloat16", 4), ("float32", 8)])
+def test_groups_equal_a_program_per_layer_with_captures_and_interventions(monkeypatch, dtype,
+                                                                          group):
+    """Groups of 4 (layers 0-3, 4-5) or one program of every layer, the embedding and the
+    head (8): the tokens and captures of a program per layer with expert arrays."""
     ids = np.random.default_rng(4).integers(0, 512, (2, 7))
     capture = ["*.moe.topk_indices", "layers.5.attn.out", "layers.1.resid_post",
-               "layers.3.moe.routed_out", "logits"]
+               "layers.3.moe.routed_out", "logits", "embed", "final_norm"]
     ivs = [wb.ablate_head(5, 1), wb.zero_expert(4, 2), wb.ban_expert(1, 3),
            wb.set_top_k(2, layer=4), wb.force_expert(2, 6)]
     grouped = _model(6, dtype)
-    grouped.decode_group = 4  # layers 0-3, then 4-5
+    grouped.decode_group = group
     a = grouped.generate(ids, 6, temperature=0, capture=capture, interventions=ivs)
     plain = _model(6, dtype)
     _per_layer(plain, monkeypatch)
@@ -48,7 +51,10 @@ def test_groups_equal_a_program_per_layer_with_captures_and_interventions(monkey
     assert (a.trace["layers.2.moe.topk_indices"] == 6).all()
     assert a.trace["layers.4.moe.topk_indices"].shape[-1] == 2
     keys = [k for k in grouped._steps if k[0] == "layers"]
-    assert {len(k[1]) for k in keys} >= {4, 2}  # the decoding steps ran as groups
+    # the decoding steps ran as groups: with 8, one program (embedding and head inside)
+    assert {len(k[1]) for k in keys} >= ({4, 2} if group == 4 else {6})
+    whole = [k for k in keys if k[5] and k[6]]
+    assert len(whole) == (group == 8) and len({k[0] for k in grouped._steps}) == 3
     assert all(len(k[1]) == 1 for k in plain._steps if k[0] == "layers")
 
 

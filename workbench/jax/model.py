@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -342,9 +342,11 @@ class JaxModel(Model):
         # routed experts by address
         decode = continuing and S <= DECODE_GROUP_TOKENS and \
             isinstance(self.weights, ResidentWeights)
+        group = self.decode_group if decode else 1
+        whole = decode and group >= cfg.num_hidden_layers and stop_at_layer is None and \
+            images is None and self.mesh is None
         ex = _CompiledSteps(self, plan, spec, {n: host_array(v) for n, v in
-                                               plan.patches.items()},
-                            self.decode_group if decode else 1, decode)
+                                               plan.patches.items()}, group, decode, whole)
         image = None if images is None else self._image(images, spec, ex.rec)
         logits, _ = forward(ex, self.weights, ids, ctx, entries, stop_at_layer, image)
         if cache is not None:
@@ -407,7 +409,8 @@ class _CompiledSteps(Executor):
     """
 
     def __init__(self, model: JaxModel, plan: Plan, spec: CaptureSpec,
-                 patches: dict[str, np.ndarray], group: int = 1, by_address: bool = False):
+                 patches: dict[str, np.ndarray], group: int = 1, by_address: bool = False,
+                 whole: bool = False):
         super().__init__(model.ops, model.config, plan,
                          Recorder(model.ops, spec.names, plan, nan_check=spec.nan_check))
         self.model = model
@@ -415,6 +418,10 @@ class _CompiledSteps(Executor):
         self.patches = patches
         self.group = group
         self.by_address = by_address  # resident routed experts as ``ExpertTable``s
+        # every layer in one group (and the head run): one program per call, the embedding
+        # and the head included (``logits``: its result)
+        self.whole = whole
+        self.logits: jax.Array | None = None
 
     def _call(self, key: tuple, rename: Callable[[str], str | None],
               back: Callable[[str], str], step: Callable[..., Any], *args: Any,
@@ -459,6 +466,8 @@ class _CompiledSteps(Executor):
               image: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         if isinstance(ids, np.ndarray):
             ids = host_array(ids) if self.model.mesh is None else self.ops.asarray(ids)
+        if self.whole and image is None:  # run by the program of every layer
+            return _Embedding(table, ids)
 
         def step(table, ids, image, rec):
             return embed_step(self.ops, table, ids, rec, image)
@@ -466,6 +475,8 @@ class _CompiledSteps(Executor):
                           table, ids, image)
 
     def head(self, norm: jax.Array, head: jax.Array, h: jax.Array) -> jax.Array | np.ndarray:
+        if self.logits is not None:  # computed by the program of every layer
+            return self.logits
         cfg = self.cfg
 
         def step(norm, head, h, rec):
@@ -506,8 +517,16 @@ class _CompiledSteps(Executor):
         caps = tuple(None if e is None else e.cap for e in caches)
         kv = [None if e is None else (e.k, e.v, e.k_start) for e in caches]
         going = "continue" in modes
+        # the program of every layer (``whole``) also embeds the ids and runs the head
+        first = isinstance(h, _Embedding)
+        last = self.whole and i + count == cfg.num_hidden_layers
+        ends = ((h.table, h.ids) if first else None,
+                self.model.weights.head() if last else None)
+        outside = (EMBED_HOOKS if first else frozenset()) | (HEAD_HOOKS if last else frozenset())
 
-        def step(lps, h, cos, sin, temp, kv, start, pad, rec):
+        def step(lps, h, cos, sin, temp, kv, start, pad, ends, rec):
+            if first:
+                h = embed_step(ops, *ends[0], rec)
             new = []
             for j in range(count):
                 entry = None if modes[j] == "none" else CacheEntry(*kv[j], caps[j])
@@ -515,22 +534,27 @@ class _CompiledSteps(Executor):
                 h, e = layer_step(ops, cfg, kinds[j], lps[j], h, c,
                                   rec.scope(hk.absolute(j, "")), lplans[j], entry)
                 new.append(None if e is None else (e.k, e.v, e.k_start))
-            return h, new
+            logits = head_step(ops, cfg, *ends[1], h, rec) if last else None
+            return (h, logits), new
 
         def rename(n: str) -> str | None:
             layer = hk.layer_of(n)
-            if layer is None or not i <= layer < i + count:
-                return None
-            return hk.absolute(layer - i, hk.relative(n))
+            if layer is None:
+                return n if n in outside else None
+            return hk.absolute(layer - i, hk.relative(n)) if i <= layer < i + count else None
 
         def back(r: str) -> str:
-            return hk.absolute(hk.layer_of(r) + i, hk.relative(r))
+            layer = hk.layer_of(r)
+            return r if layer is None else hk.absolute(layer + i, hk.relative(r))
 
         # continued caches' buffers are replaced by the step's outputs: let XLA reuse them
         donate = (5,) if all(m == "continue" for m in modes) else ()
-        h, new = self._call(("layers", kinds, lplans, modes, caps), rename, back, step, lps, h,
-                            ctx.cos, ctx.sin, ctx.temp, kv, ctx.start if going else None,
-                            ctx.pad, donate=donate)
+        (h, logits), new = self._call(("layers", kinds, lplans, modes, caps, first, last),
+                                      rename, back, step, lps, None if first else h, ctx.cos,
+                                      ctx.sin, ctx.temp, kv, ctx.start if going else None,
+                                      ctx.pad, ends, donate=donate)
+        if last:
+            self.logits = logits
         return h, [None if e is None else CacheEntry(e[0], e[1], e[2], cap)
                    for e, cap in zip(new, caps, strict=True)]
 
@@ -606,6 +630,13 @@ class _CompiledSteps(Executor):
 
         h = self._call(("moe_out", k), rename, back, finish, dense, h, x, rows)
         return h, None if new is None else CacheEntry(new[0], new[1], new[2], cap)
+
+
+class _Embedding(NamedTuple):
+    """The embedding of a call whose one program runs every layer: done inside it."""
+
+    table: jax.Array
+    ids: np.ndarray | jax.Array
 
 
 def _mode(entry: CacheEntry | None) -> str:
