@@ -1,10 +1,14 @@
-"""GPU check: correctness and prefill speed of both backends on an accelerator, in one short run.
+"""GPU check: correctness and speed of both backends on an accelerator, in one short run.
 
-Sections (each in its own try/except, so one failure does not stop the rest):
+Sections (each in its own try/except, so one failure does not stop the rest; ``--budget-s``
+skips what is left once that many seconds have passed):
 
 1. ``env``: python, torch (``torch.cuda.is_available()``, device name, CUDA version), jax
    (``jax.devices()``, default backend), ``nvidia-smi`` if present.
-2. ``parity``: the transformers oracle cases of ``tests/oracle.py`` (Scout-like, Maverick-like,
+2. ``roofline``: the device's measured limits, the denominators of the fractions below: a
+   device-to-device copy's bandwidth (bytes read + written per second) and an 8192^3 bf16
+   matrix product's FLOP/s (torch, CUDA events).
+3. ``parity``: the transformers oracle cases of ``tests/oracle.py`` (Scout-like, Maverick-like,
    top-2, chunk 5 with temperature tuning; ``--quick``: the first two), built and saved with
    ``save_pretrained`` (sharded safetensors), loaded with
    ``wb.load(path, backend="torch", dtype="float32", device=DEVICE_TORCH)`` and
@@ -12,25 +16,35 @@ Sections (each in its own try/except, so one failure does not stop the rest):
    fp32 CPU transformers output: max relative error (max |d| / max |ref|) of the logits (with
    nothing captured, the fused path; and with hooks captured), router logits and attention
    patterns, and whether the top-k experts are identical. Tolerance 2e-4 (the tests').
-3. ``throughput``: prefill tokens/s (``--seq`` 512 tokens, batch 1) on the benchmark configs of
+4. ``throughput``: prefill tokens/s (``--seqs``, batch 1) on the benchmark configs of
    ``benchmarks/moe_forward.py`` (``ModelConfig.mini`` with E=16 and E=128; ``--quick``: its
-   small shapes), fp32 and bf16, on both backends (and transformers on the torch device unless
-   ``--skip-hf``), loaded from a checkpoint written with ``Checkpoint.save``. ``Model.run`` returns
-   numpy, so each timed call ends synchronised (the torch device is also synchronised
-   explicitly); the time includes copying the ids in and the logits out. Best and median of
-   ``--repeats`` calls after a first call (whose extra time is JAX's compile). Also: load time,
-   host RssAnon and device memory in use after the load (one copy of the weights?), and the
-   logits of the two backends and transformers against each other.
+   small shapes), fp32 and bf16, loaded from a seeded bf16 checkpoint (``_synth``):
+   torch (bf16 experts: one ``torch._grouped_mm`` per projection) and ``torch_loop`` (a
+   product per expert), jax (stacked experts, ``jax.lax.ragged_dot``) and ``jax_tiles`` (the
+   tile loop), and transformers on the torch device (unless ``--skip-hf``). ``Model.run``
+   returns numpy, so each timed call ends synchronised; the time includes copying the ids in
+   and the logits out. Best and median of ``--repeats`` calls after a first call (whose extra
+   time is JAX's compile). In bf16 also greedy decode tok/s (``--new`` tokens after a
+   16-token prompt; ``torch_compiled``: ``compile=True``, CUDA graphs) against the decode
+   floor (the bytes a step must read over the measured copy bandwidth). Also load time, host
+   RssAnon and device memory after the load, and the logits of the variants against each
+   other.
+5. ``scout_layer``: one decoder layer with Scout's dimensions (hidden 5120, 16 experts of
+   width 8192, shared expert, 40/8 heads of 128; the vocabulary cut to 8192 so the layer, not
+   the head, is measured), bf16, written by ``_synth.ensure_checkpoint``: prefill tok/s and
+   the weight bytes read per second (every expert is used at these lengths) against the
+   copy bandwidth; greedy decode tok/s and the bytes a step reads per second; torch, jax
+   (both expert kernels) and transformers.
 
-A JSON summary is printed at the end and written (also after every section, so a run cut short
-keeps what it measured) to ``$OUT/gpu_check.json`` if ``$OUT`` is set, else
-``benchmarks/results-gpu.json`` (``--json`` overrides). ``--budget-s`` skips the remaining
-work once that many seconds have passed.
+A JSON summary is printed at the end and written (also after every measurement, so a run cut
+short keeps what it measured) to ``$OUT/gpu_check.json`` if ``$OUT`` is set, else
+``benchmarks/results-gpu.json`` (``--json`` overrides).
 
     python benchmarks/gpu_check.py [--quick] [--device-torch cuda] [--device-jax gpu]
-                                   [--sections env,parity,throughput] [--experts 16 128]
-                                   [--dtypes float32 bfloat16] [--seq 512] [--repeats 5]
-                                   [--skip-hf] [--budget-s 480] [--json FILE]
+                                   [--sections env,roofline,parity,throughput,scout_layer]
+                                   [--experts 16 128] [--dtypes float32 bfloat16]
+                                   [--seqs 512 4096] [--new 64] [--repeats 5] [--skip-hf]
+                                   [--budget-s 480] [--json FILE]
 
 Check the harness on a CPU machine with ``--device-torch cpu --device-jax cpu --quick`` (on a
 busy shared CPU, torch's OpenMP threads can run tens of times slower: ``OMP_NUM_THREADS=1``).
@@ -59,13 +73,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))
+sys.path.insert(2, str(ROOT / "benchmarks"))
 # jax must not grab 75% of the GPU up front: torch and transformers share the device.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import workbench as wb  # noqa: E402
-from workbench.checkpoint import Checkpoint  # noqa: E402
+from workbench.checkpoint import expected_shapes  # noqa: E402
 from workbench.config import ModelConfig  # noqa: E402
-from workbench.random_weights import random_tensors  # noqa: E402
 
 TOL = 2e-4
 ALL_CASES = ("scout", "maverick", "top2", "long_temp")
@@ -308,59 +322,228 @@ def throughput_cfg(E: int, quick: bool) -> ModelConfig:
     return cfg
 
 
-def bench_ours(backend: str, device: str, path: Path, dtype: str, ids: np.ndarray,
-               repeats: int) -> tuple[dict[str, Any], np.ndarray]:
-    before = rss_anon()
-    t = time.perf_counter()
-    model, where = load_model(path, backend, dtype, device)
-    row: dict[str, Any] = {"placed_on": where, "load_s": time.perf_counter() - t,
-                           "host_rss_anon_delta_after_load": rss_anon() - before,
-                           "device_bytes_after_load": device_bytes(backend, device)}
-    sync = torch_sync(device) if backend == "torch" else (lambda: None)
-    box: list[np.ndarray] = []
-    row.update(timed(lambda: box.append(model.run(ids).logits), repeats, sync))
-    row["compile_s"] = max(0.0, row["first_call_s"] - row["best_s"])
-    row["tok_s"] = ids.size / row["best_s"]
-    row["tok_s_median"] = ids.size / row["median_s"]
-    logits = np.asarray(box[-1], np.float32)
-    row["logits_finite"] = bool(np.isfinite(logits).all())
-    box.clear()
-    model = None  # free the weights before the next model
-    free_device_memory()
-    return row, logits
+def scout_layer_cfg(quick: bool) -> ModelConfig:
+    """One decoder layer of Scout's dimensions (MoE, RoPE, chunked, QK-norm), vocab 8192."""
+    cfg = ModelConfig.scout(num_hidden_layers=1, vocab_size=8192, multimodal=False,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if quick:  # the harness check: the same structure, small
+        cfg = cfg.replace(hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                          vocab_size=1024)
+    return cfg
 
 
-def bench_hf(device: str, path: Path, dtype: str, ids: np.ndarray, repeats: int
-             ) -> tuple[dict[str, Any], np.ndarray]:
-    import torch
-    from transformers import Llama4ForCausalLM
-    t = time.perf_counter()
-    hf = Llama4ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    sync = torch_sync(device)
-    sync()
-    row: dict[str, Any] = {"placed_on": str(next(hf.parameters()).device),
-                           "load_s": time.perf_counter() - t}
-    tids = torch.from_numpy(ids).to(device)
-    box: list[Any] = []
+# the variants a config is measured with, in order: ours (default kernels), ours with the
+# other expert kernel, transformers, and torch with compile=True (decode only)
+VARIANTS = ("torch", "jax", "hf", "torch_loop", "jax_tiles", "torch_compiled")
 
-    def run() -> None:
+
+class Variant:
+    """One model variant on the device: ``prefill(ids)`` -> logits (numpy, synchronised) and
+    ``generate(ids, n)`` (greedy, synchronised); ``close()`` frees it."""
+
+    def __init__(self, name: str, path: Path, dtype: str, args: argparse.Namespace):
+        self.name, self.restore = name, None
+        before = rss_anon()
+        t = time.perf_counter()
+        if name == "hf":
+            import torch
+            from transformers import Llama4ForCausalLM
+            self.device = args.device_torch
+            self.hf = Llama4ForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, dtype)).to(self.device).eval()
+            self.sync = torch_sync(self.device)
+            self.sync()
+            where = str(next(self.hf.parameters()).device)
+            backend = "torch"
+        else:
+            backend = "torch" if name.startswith("torch") else "jax"
+            self.device = args.device_torch if backend == "torch" else args.device_jax
+            kw: dict[str, Any] = {"compile": True} if name == "torch_compiled" else {}
+            self.model = wb.load(path, backend=backend, dtype=dtype, device=self.device, **kw)
+            self.sync = torch_sync(self.device) if backend == "torch" else (lambda: None)
+            where = placement(self.model)
+        self.row: dict[str, Any] = {"placed_on": where, "load_s": time.perf_counter() - t,
+                                    "host_rss_anon_delta_after_load": rss_anon() - before,
+                                    "device_bytes_after_load": device_bytes(backend,
+                                                                            self.device)}
+        if name == "jax_tiles":
+            self.row["stacked_experts"] = bool(getattr(self.model, "stacked_experts", False))
+            self.model.expert_kernel = "tiles"  # per-expert layout (CPU): the tiles anyway
+        elif name == "jax":
+            self.row["stacked_experts"] = bool(getattr(self.model, "stacked_experts", False))
+            self.row["expert_kernel"] = self.model.expert_kernel
+        if name == "torch_loop":
+            from workbench.torch import moe as tmoe
+            tmoe.GROUPED_MM = False
+            self.restore = lambda: setattr(tmoe, "GROUPED_MM", True)
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        if self.name != "hf":
+            out = self.model.run(ids).logits
+            self.sync()
+            return out
+        import torch
         with torch.inference_mode():
-            box.append(hf(tids).logits)
+            logits = self.hf(torch.from_numpy(ids).to(self.device)).logits
+            return logits.float().cpu().numpy()
 
-    row.update(timed(run, repeats, sync))
-    row["tok_s"] = ids.size / row["best_s"]
-    row["tok_s_median"] = ids.size / row["median_s"]
-    logits = box[-1].float().cpu().numpy()
-    box.clear()
-    hf = tids = None
-    free_device_memory()
-    return row, logits
+    def layers(self, ids: np.ndarray) -> None:
+        """The decoder layers alone (no head, so no logits copied to the host), synchronised
+        by fetching the last position's residual stream."""
+        if self.name != "hf":
+            last = f"layers.{self.model.config.num_hidden_layers - 1}.resid_post"
+            out = self.model.run(ids, capture=[last], positions=[-1],
+                                 stop_at_layer=self.model.config.num_hidden_layers)
+            np.asarray(out.trace[last])
+            self.sync()
+            return
+        import torch
+        with torch.inference_mode():
+            h = self.hf.model(torch.from_numpy(ids).to(self.device)).last_hidden_state
+            h[:, -1].float().cpu()
+
+    def generate(self, ids: np.ndarray, n: int) -> None:
+        if self.name != "hf":
+            self.model.generate(ids, n, temperature=0)
+        else:
+            import torch
+            with torch.inference_mode():
+                self.hf.generate(torch.from_numpy(ids).to(self.device), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
+        self.sync()
+
+    def close(self) -> None:
+        if self.restore is not None:
+            self.restore()
+        self.model = self.hf = None
+        free_device_memory()
+
+
+def measure(v: Variant, ids_by_seq: dict[int, np.ndarray], prompt: np.ndarray | None,
+            new: int, repeats: int, budget_s: float) -> np.ndarray | None:
+    """Prefill timings per sequence length and (``prompt`` given) greedy decode tok/s into
+    ``v.row``; returns the logits of the first length."""
+    first = None
+    for seq, ids in ids_by_seq.items():
+        if elapsed() > budget_s:
+            v.row[f"prefill_{seq}"] = {"skipped": "time budget"}
+            continue
+        box: list[np.ndarray] = []
+        r = timed(lambda ids=ids, box=box: box.append(v.prefill(ids)), repeats,
+                  lambda: None)
+        r["tok_s"] = ids.size / r["best_s"]
+        r["compile_s"] = max(0.0, r["first_call_s"] - r["best_s"])
+        v.row[f"prefill_{seq}"] = r
+        if first is None:
+            first = np.asarray(box[-1], np.float32)
+        box.clear()
+        r = timed(lambda ids=ids: v.layers(ids), repeats, lambda: None)
+        r["tok_s"] = ids.size / r["best_s"]
+        v.row[f"layers_{seq}"] = r
+    if prompt is not None and new > 0 and elapsed() <= budget_s:
+        t = time.perf_counter()
+        v.generate(prompt, new + 1)  # compiles the prefill and decode steps
+        v.row["decode_first_call_s"] = time.perf_counter() - t
+        best = {1: float("inf"), new + 1: float("inf")}
+        for _ in range(2):
+            for n in best:
+                t = time.perf_counter()
+                v.generate(prompt, n)
+                best[n] = min(best[n], time.perf_counter() - t)
+        v.row["decode_tok_s"] = new / max(best[new + 1] - best[1], 1e-9)
+        v.row["decode_step_ms"] = 1e3 / v.row["decode_tok_s"]
+    return first
+
+
+def bandwidth(out: dict[str, Any]) -> float | None:
+    """The summary's measured copy bandwidth (bytes/s; the roofline section), if any."""
+    return out.get("roofline", {}).get("copy_bytes_per_s")
+
+
+def run_variants(names: tuple[str, ...], path: Path, dtype: str, cfg: ModelConfig,
+                 args: argparse.Namespace, res: dict[str, Any], save: Callable[[], None],
+                 label: str, bw: float | None) -> None:
+    """Every variant of ``names`` on the checkpoint at ``path``, into ``res``: timings,
+    the fraction of the bandwidth limits, and the logits compared."""
+    from workbench.plan import make_plan
+    rng = np.random.default_rng(0)
+    ids_by_seq = {s: rng.integers(0, cfg.vocab_size, (1, s)) for s in args.seqs}
+    prompt = rng.integers(0, cfg.vocab_size, (1, 16))
+    decode_bytes = make_plan(cfg, 1 << 50, dtype, read_rate=1e9).decode_read
+    item = 2 if dtype == "bfloat16" else 4
+    weight_bytes = sum(int(np.prod(sh)) for sh in expected_shapes(cfg).values()) * item
+    res.update({"decode_bytes_per_step": decode_bytes, "weight_bytes": weight_bytes})
+    if bw:
+        res["decode_floor_tok_s"] = bw / decode_bytes
+    logits: dict[str, np.ndarray] = {}
+    for name in names:
+        if elapsed() > args.budget_s:
+            res[name] = {"skipped": "time budget"}
+            continue
+        if name in ("torch_loop", "torch_compiled") and dtype != "bfloat16":
+            continue  # fp32 experts run a product per expert already; compile: decode (bf16)
+        v = None
+        try:
+            v = Variant(name, path, dtype, args)
+            res[name] = v.row
+            if name == "torch_compiled":  # decode only: compiling prefill shapes costs minutes
+                measure(v, {}, prompt, args.new, args.repeats, args.budget_s)
+            else:
+                got = measure(v, ids_by_seq, prompt if dtype == "bfloat16" else None,
+                              args.new, args.repeats, args.budget_s)
+                if got is not None:
+                    logits[name] = got
+            for key, r in v.row.items():
+                if key.startswith(("prefill_", "layers_")) and "best_s" in r:
+                    r["weight_bytes_per_s"] = weight_bytes / r["best_s"]
+                    if bw:
+                        r["fraction_of_copy_bw"] = r["weight_bytes_per_s"] / bw
+            if "decode_tok_s" in v.row:
+                v.row["decode_bytes_per_s"] = v.row["decode_tok_s"] * decode_bytes
+                if bw:
+                    v.row["decode_over_floor"] = res["decode_floor_tok_s"] / v.row["decode_tok_s"]
+            pre = v.row.get(f"prefill_{args.seqs[-1]}", {})
+            log(f"{label} {dtype} {name} on {v.row['placed_on']}: "
+                f"prefill {args.seqs[-1]} {pre.get('tok_s', float('nan')):.0f} tok/s, decode "
+                f"{v.row.get('decode_tok_s', float('nan')):.0f} tok/s "
+                f"(load {v.row['load_s']:.1f} s)")
+        except Exception as e:
+            res[name] = {**(v.row if v is not None else {}), **error_record(e)}
+            log(f"{label} {dtype} {name}: {res[name]['error']}")
+        finally:
+            if v is not None:
+                v.close()
+        save()
+    base = "torch" if "torch" in logits else next(iter(logits), None)
+    for name, lg in logits.items():
+        if name != base:
+            res[f"logits_rel_{name}_vs_{base}"] = rel(lg, logits[base])
+            res[f"next_token_agreement_{name}_vs_{base}"] = float(
+                (lg.argmax(-1) == logits[base].argmax(-1)).mean())
+    for name in logits:
+        for seq in args.seqs:
+            for kind in ("prefill", "layers"):
+                a = res.get(name, {}).get(f"{kind}_{seq}", {})
+                h = res.get("hf", {}).get(f"{kind}_{seq}", {})
+                if name != "hf" and "tok_s" in a and "tok_s" in h:
+                    a["speed_over_hf"] = a["tok_s"] / h["tok_s"]
+
+
+def checkpoint_for(cfg: ModelConfig, where: Path) -> tuple[Path, float]:
+    """A seeded bf16 checkpoint of ``cfg`` (``_synth.ensure_checkpoint``); seconds to write."""
+    from _synth import ensure_checkpoint
+    t = time.perf_counter()
+    ensure_checkpoint(where, cfg, seed=0, workers=max(1, min(8, (os.cpu_count() or 2) - 1)))
+    return where, time.perf_counter() - t
 
 
 def section_throughput(args: argparse.Namespace, tmp: Path, out: dict[str, Any],
-                       save: Callable[[], None]) -> None:
-    out.update({"seq": args.seq, "batch": 1, "repeats": args.repeats,
+                       save: Callable[[], None], dtypes: list[str], summary: dict[str, Any]
+                       ) -> None:
+    out.update({"seqs": args.seqs, "batch": 1, "repeats": args.repeats, "new": args.new,
                 "quick_shapes": args.quick, "configs": {}})
+    names = VARIANTS if not args.skip_hf else tuple(v for v in VARIANTS if v != "hf")
     for E in args.experts:
         key = f"E{E}"
         if elapsed() > args.budget_s:
@@ -370,96 +553,136 @@ def section_throughput(args: argparse.Namespace, tmp: Path, out: dict[str, Any],
         out["configs"][key] = res
         try:
             cfg = throughput_cfg(E, args.quick)
-            t = time.perf_counter()
-            path = Checkpoint.save(tmp / f"mini-{key}",
-                                   random_tensors(cfg, seed=0, router_std=0.5), cfg)
-            gc.collect()
+            path, res["checkpoint_write_s"] = checkpoint_for(cfg, tmp / f"mini-{key}")
             res["config"] = cfg.summary()
-            res["checkpoint_write_s"] = time.perf_counter() - t
-            ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.seq))
-            log(f"throughput {key}: fp32 checkpoint written in {res['checkpoint_write_s']:.1f} s")
+            log(f"throughput {key}: bf16 checkpoint in {res['checkpoint_write_s']:.1f} s")
         except Exception as e:
             res.update(error_record(e))
             log(f"throughput {key}: building the checkpoint failed: {e}")
             save()
             continue
-        for dtype in args.dtypes:
+        for dtype in dtypes:
             per: dict[str, Any] = {}
             res[dtype] = per
-            logits: dict[str, np.ndarray] = {}
-            for name in ("torch", "jax") + (() if args.skip_hf else ("hf",)):
-                if elapsed() > args.budget_s:
-                    per[name] = {"skipped": "time budget"}
-                    continue
-                try:
-                    if name == "hf":
-                        row, logits[name] = bench_hf(args.device_torch, path, dtype, ids,
-                                                     args.repeats)
-                    else:
-                        device = args.device_torch if name == "torch" else args.device_jax
-                        row, logits[name] = bench_ours(name, device, path, dtype, ids,
-                                                       args.repeats)
-                    per[name] = row
-                    log(f"throughput {key} {dtype} {name} on {row['placed_on']}: "
-                        f"{row['tok_s']:.0f} tok/s (best {row['best_s'] * 1e3:.1f} ms, median "
-                        f"{row['median_s'] * 1e3:.1f} ms, first call {row['first_call_s']:.1f} "
-                        f"s, load {row['load_s']:.1f} s)")
-                except Exception as e:
-                    per[name] = error_record(e)
-                    log(f"throughput {key} {dtype} {name}: {per[name]['error']}")
-                save()
-            pairs = [("jax", "torch"), ("torch", "hf"), ("jax", "hf")]
-            for a, b in pairs:
-                if a in logits and b in logits:
-                    per[f"logits_rel_{a}_vs_{b}"] = rel(logits[a], logits[b])
-                    per[f"next_token_agreement_{a}_vs_{b}"] = float(
-                        (logits[a].argmax(-1) == logits[b].argmax(-1)).mean())
-                ra, rb = per.get(a, {}), per.get(b, {})
-                if "tok_s" in ra and "tok_s" in rb:
-                    per[f"speed_{a}_over_{b}"] = ra["tok_s"] / rb["tok_s"]
+            variants = tuple(v for v in names if (not args.variants or v in args.variants)
+                             and (v != "torch_compiled" or E == args.experts[0]))
+            run_variants(variants, path, dtype, cfg, args, per, save, f"throughput {key}",
+                         bandwidth(summary))
             save()
-        try:
-            import shutil
-            shutil.rmtree(tmp / f"mini-{key}")
-        except OSError:
-            pass
+
+
+def section_scout_layer(args: argparse.Namespace, tmp: Path, out: dict[str, Any],
+                        save: Callable[[], None], summary: dict[str, Any]) -> None:
+    cfg = scout_layer_cfg(args.quick)
+    path, write_s = checkpoint_for(cfg, tmp / "scout-layer")
+    out.update({"config": cfg.summary(), "checkpoint_write_s": write_s, "dtype": "bfloat16",
+                "seqs": args.seqs, "new": args.new})
+    log(f"scout_layer: bf16 checkpoint in {write_s:.1f} s")
+    names = tuple(v for v in VARIANTS if v != "torch_compiled" and
+                  not (args.skip_hf and v == "hf"))
+    run_variants(names, path, "bfloat16", cfg, args, out, save, "scout_layer",
+                 bandwidth(summary))
+
+
+def section_roofline(args: argparse.Namespace, tmp: Path, out: dict[str, Any],
+                     save: Callable[[], None], summary: dict[str, Any]) -> None:
+    """The device's copy bandwidth and bf16 matmul rate, measured with torch."""
+    import torch
+    dev = torch.device(args.device_torch)
+    if dev.type != "cuda":
+        out["skipped"] = f"torch device {dev} is not CUDA"
+        return
+
+    def events(fn: Callable[[], Any], reps: int) -> float:
+        for _ in range(3):
+            fn()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(dev)
+        start.record()
+        for _ in range(reps):
+            fn()
+        stop.record()
+        torch.cuda.synchronize(dev)
+        return start.elapsed_time(stop) / 1e3 / reps
+
+    n = 2 << 30  # 2 GiB, many times the L2
+    bufs = [torch.empty(n, dtype=torch.uint8, device=dev) for _ in range(2)]
+    sec = events(lambda: bufs[1].copy_(bufs[0]), 10)
+    out["copy_bytes"] = n
+    out["copy_bytes_per_s"] = 2 * n / sec  # read + written
+    bufs = [torch.randn(8192, 8192, dtype=torch.bfloat16, device=dev) for _ in range(2)]
+    sec = events(lambda: bufs[0] @ bufs[1], 10)
+    out["bf16_matmul_flop_per_s"] = 2 * 8192**3 / sec
+    # a prefill's logits to the host (what Model.run returns): pageable device-to-host copy
+    bufs = [torch.empty(128 << 20, dtype=torch.uint8, device=dev)]
+    t = time.perf_counter()
+    for _ in range(3):
+        bufs[0].cpu()
+    out["device_to_host_bytes_per_s"] = 3 * (128 << 20) / (time.perf_counter() - t)
+    bufs.clear()
+    free_device_memory()
+    log(f"roofline: copy {out['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+        f"{out['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s, to the host "
+        f"{out['device_to_host_bytes_per_s'] / 1e9:.1f} GB/s")
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def short_report(summary: dict[str, Any]) -> str:
-    """A few lines for a human: parity verdict and the tokens/s table."""
+    """A few lines for a human: parity verdict, limits, and the tokens/s tables."""
     lines = []
+
+    def f(x: Any, fmt: str) -> str:
+        return format(x, fmt) if isinstance(x, int | float) else "-"
+
     env = summary.get("env", {})
     lines.append(f"torch: {env.get('torch', {}).get('device_name', 'no CUDA device')}; jax: "
                  f"{env.get('jax', {}).get('devices')}")
+    roof = summary.get("roofline", {})
+    if "copy_bytes_per_s" in roof:
+        lines.append(f"copy bandwidth {roof['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+                     f"{roof['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
     par = summary.get("parity", {})
     if par:
         lines.append(f"parity vs transformers (fp32, tol {TOL:g}): all ok = {par.get('all_ok')}; "
                      f"worst rel torch {par.get('worst_rel_torch')}, jax "
                      f"{par.get('worst_rel_jax')}")
-    thr = summary.get("throughput", {})
-    if thr.get("configs"):
-        lines.append("| E | dtype | torch tok/s | jax tok/s | HF tok/s | jax/torch | torch/HF | "
-                     "jax compile s |")
-        lines.append("|---|---|---|---|---|---|---|---|")
-
-        def f(x: Any, fmt: str) -> str:
-            return format(x, fmt) if isinstance(x, int | float) else "-"
-
-        for key, res in thr["configs"].items():
-            for dtype in ("float32", "bfloat16"):
-                per = res.get(dtype)
-                if not isinstance(per, dict):
+    tables = []
+    for key, sec in summary.items():
+        if key.startswith("throughput") and isinstance(sec.get("configs"), dict):
+            for cfg_key, res in sec["configs"].items():
+                for dtype in ("bfloat16", "float32"):
+                    if isinstance(res.get(dtype), dict):
+                        tables.append((f"mini {cfg_key}", dtype, res[dtype], sec["seqs"]))
+        if key == "scout_layer" and "seqs" in sec:
+            tables.append(("Scout layer", "bfloat16", sec, sec["seqs"]))
+    if tables:
+        seqs = tables[0][3]
+        head = " | ".join(f"{kind} {q} tok/s (× HF, HBM frac)"
+                          for kind in ("prefill", "layers") for q in seqs)
+        lines.append(f"| model | dtype | variant | {head} | decode tok/s (floor ×) | "
+                     "compile s |")
+        lines.append("|---" * (5 + 2 * len(seqs)) + "|")
+        for label, dtype, per, sq in tables:
+            for name in VARIANTS:
+                r = per.get(name)
+                if not isinstance(r, dict) or "error" in r or "skipped" in r:
+                    if isinstance(r, dict) and ("error" in r or "skipped" in r):
+                        lines.append(f"| {label} | {dtype} | {name} | "
+                                     f"{r.get('error', r.get('skipped'))[:80]} |")
                     continue
-                lines.append(
-                    f"| {key[1:]} | {dtype} | {f(per.get('torch', {}).get('tok_s'), '.0f')} | "
-                    f"{f(per.get('jax', {}).get('tok_s'), '.0f')} | "
-                    f"{f(per.get('hf', {}).get('tok_s'), '.0f')} | "
-                    f"{f(per.get('speed_jax_over_torch'), '.2f')} | "
-                    f"{f(per.get('speed_torch_over_hf'), '.1f')} | "
-                    f"{f(per.get('jax', {}).get('compile_s'), '.1f')} |")
+                cells = []
+                for kind, q in [(kind, q) for kind in ("prefill", "layers") for q in sq]:
+                    p = r.get(f"{kind}_{q}", {})
+                    cells.append(f"{f(p.get('tok_s'), '.0f')} ({f(p.get('speed_over_hf'), '.1f')}"
+                                 f", {f(p.get('fraction_of_copy_bw'), '.2f')})")
+                comp = r.get(f"prefill_{sq[0]}", {}).get("compile_s") if sq else None
+                if name == "torch_compiled":
+                    comp = r.get("decode_first_call_s")
+                lines.append(f"| {label} | {dtype} | {name} | {' | '.join(cells)} | "
+                             f"{f(r.get('decode_tok_s'), '.0f')} "
+                             f"({f(r.get('decode_over_floor'), '.1f')}) | {f(comp, '.1f')} |")
     return "\n".join(lines)
 
 
@@ -471,19 +694,28 @@ def output_path(args: argparse.Namespace) -> Path:
     return ROOT / "benchmarks" / "results-gpu.json"
 
 
+SECTIONS = ("env", "roofline", "parity", "throughput", "scout_layer")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="two oracle cases, the benchmark's small shapes, 3 repeats")
     ap.add_argument("--device-torch", default="cuda")
     ap.add_argument("--device-jax", default="gpu")
-    ap.add_argument("--sections", default="env,parity,throughput")
+    ap.add_argument("--sections", default="env,roofline,parity,throughput:bfloat16,scout_layer,"
+                                          "throughput:float32",
+                    help="comma-separated, run in this order; throughput:DTYPE measures one "
+                         "dtype of --dtypes (so fp32 can come last)")
     ap.add_argument("--experts", type=int, nargs="+", default=[16, 128])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                     choices=["float32", "bfloat16"])
-    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[512, 4096])
+    ap.add_argument("--new", type=int, default=64, help="decoded tokens (bf16 runs)")
     ap.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 3)")
     ap.add_argument("--skip-hf", action="store_true", help="no transformers in the throughput")
+    ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                    help="the throughput sections measure only these (default: all)")
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="skip what is left after this many seconds")
     ap.add_argument("--json", default=None)
@@ -491,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for sec in sections:
+        if sec.partition(":")[0] not in SECTIONS:
+            ap.error(f"unknown section {sec!r}: choose from {SECTIONS}")
     dest = output_path(args)
     dest.parent.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()},
@@ -502,17 +737,28 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="wb-gpu-check-") as tmpdir:
         tmp = Path(tmpdir)
-        for name, fn in (("env", section_env), ("parity", section_parity),
-                         ("throughput", section_throughput)):
-            if name not in sections:
+        for sec in sections:
+            name, _, only = sec.partition(":")
+            if name not in ("env", "roofline") and elapsed() > args.budget_s:
+                summary[sec] = {"skipped": "time budget"}
                 continue
-            log(f"--- {name}")
-            summary[name] = {}
+            log(f"--- {sec}")
+            summary[sec] = out = {}
             try:
-                fn(args, tmp, summary[name], save)
+                if name == "env":
+                    section_env(args, tmp, out, save)
+                elif name == "parity":
+                    section_parity(args, tmp, out, save)
+                elif name == "roofline":
+                    section_roofline(args, tmp, out, save, summary)
+                elif name == "throughput":
+                    dtypes = [d for d in args.dtypes if not only or d == only]
+                    section_throughput(args, tmp, out, save, dtypes, summary)
+                else:
+                    section_scout_layer(args, tmp, out, save, summary)
             except Exception as e:
-                summary[name].update(error_record(e))
-                log(f"{name} failed: {summary[name]['error']}")
+                out.update(error_record(e))
+                log(f"{sec} failed: {out['error']}")
             save()
     save()
     print(json.dumps(summary, indent=2, default=str))

@@ -70,9 +70,20 @@ def lm(model):
 def hf_run(model, ids: np.ndarray):
     """Logits, per-layer router logits (B,S,E) and attention patterns from transformers."""
     inner = lm(model)
-    out = inner(torch.from_numpy(ids), output_attentions=True, output_router_logits=True)
+    # router logits from the routers themselves: outputs that carry them differ by version
+    # (5.17's CausalLMOutputWithPast has no router_logits); a router returns the logits alone
+    # or (scores, logits)
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(
+        lambda _m, _i, out: seen.append(out[1] if isinstance(out, tuple) else out))
+        for n, m in inner.named_modules() if n.endswith("feed_forward.router")]
+    try:
+        out = inner(torch.from_numpy(ids), output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
     B, S = ids.shape
-    routers = [r.view(B, S, -1).float().numpy() for r in (out.router_logits or ())]
+    routers = [r.view(B, S, -1).float().numpy() for r in seen]
     attns = [a.float().numpy() for a in out.attentions]
     return out.logits.float().numpy(), routers, attns
 

@@ -89,3 +89,36 @@ def test_compile_argument_is_checked():
     m = wb.load(MODEL)
     with pytest.raises(ValueError, match="compile="):
         m.set_compile("fast")
+
+
+def test_cuda_graph_steps_copy_out_what_outlives_them(monkeypatch):
+    """With CUDA graphs a layer step's outputs are overwritten by the next replay: each step
+    begins a CUDA-graph step and the residual stream and captured hooks are copied out. The
+    same values as eager (the CPU runs the copies; graphs are recorded on CUDA only)."""
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    eager = wb.load(MODEL)
+    compiled = wb.load(MODEL, compile={"backend": "eager", "dynamic": True})
+    assert compiled._compiled[2] is False  # the CPU: no CUDA graphs
+    compiled._compiled = (*compiled._compiled[:2], True)
+    ids = np.random.default_rng(3).integers(0, 4000, (1, 12))
+    kw = dict(capture=["layers.0.resid_post", "*.moe.topk_indices", "logits"])
+    a, b = eager.run(ids, **kw), compiled.run(ids, **kw)
+    for n in a.trace:
+        np.testing.assert_array_equal(a.trace[n], b.trace[n], err_msg=n)
+    assert len(marks) == eager.config.num_hidden_layers
+    ga = eager.generate(ids, 4, temperature=0)
+    gb = compiled.generate(ids, 4, temperature=0)
+    np.testing.assert_array_equal(ga.sequences, gb.sequences)
+
+
+def test_cuda_graphs_only_on_cuda_and_grouped_products_only_for_cuda_bf16():
+    from workbench.torch import moe
+    m = TorchModel(ModelConfig.tiny(), random_tensors(ModelConfig.tiny(), seed=0), "float32")
+    for options in (True, {"mode": "reduce-overhead"},
+                    {"options": {"triton.cudagraphs": True}}):
+        m.set_compile(options)
+        assert m._compiled[2] is False  # CPU model
+    x = torch.zeros(4, 16, dtype=torch.bfloat16)
+    w = torch.zeros(2, 16, 32, dtype=torch.bfloat16)
+    assert not moe.grouped(x, w)  # CPU tensors: the CPU kernels / a product per expert

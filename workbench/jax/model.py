@@ -12,7 +12,9 @@ The params map canonical names to arrays, except the routed experts: each MoE la
 ``experts.gate_up_proj`` (E, D, 2I) / ``experts.down_proj`` (E, I, D) are held as one
 nn.Linear-layout array per expert, ``experts.{e}.gate_up_proj`` (2I, D) and
 ``experts.{e}.down_proj`` (D, I), which the dispatch reads in place (see ``moe``).
-``state_dict_numpy`` restacks them into checkpoint layout.
+``state_dict_numpy`` restacks them into checkpoint layout. On GPUs (or with
+``expert_layout="stacked"``) bf16/fp32 experts stay stacked as the checkpoint holds them, the
+operands of a grouped product (``moe.StackedExperts``; ``JaxModel.expert_kernel``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,14 @@ from ..vision.jax_ops import CompiledVision, JaxVisionOps
 from . import parallel
 from .attention import CacheEntry, keep_from
 from .cpukernels import ExpertTable, expert_table
-from .moe import combine_rows, dispatch_rows, expert_names, tile_rows
+from .moe import (
+    EXPERT_KERNELS,
+    StackedExperts,
+    combine_rows,
+    dispatch_rows,
+    expert_names,
+    tile_rows,
+)
 from .ops import JAX_DTYPES, host_array, resolve_device
 from .quant import FP8Expert
 
@@ -143,7 +152,8 @@ class JaxModel(Model):
                  dtype: str = "float32", path: str | None = None, device: Any = None, *,
                  done: Callable[[str], None] | None = None,
                  stream: Checkpoint | None = None, max_memory: int | None = None,
-                 mesh: Mesh | None = None, quant: str | None = None):
+                 mesh: Mesh | None = None, quant: str | None = None,
+                 expert_layout: str | None = None):
         super().__init__(config, dtype, path)
         self.mesh = mesh  # expert parallel: experts sharded on its "expert" axis (parallel.py)
         self._device = resolve_device(device) if mesh is None else mesh.devices.flat[0]
@@ -153,8 +163,17 @@ class JaxModel(Model):
         self.params: Params = {}
         self.aliased = 0  # tensors adopted from host memory without a copy (CPU only)
         self.vision_problem = vision_status(config, tensors)
+        if expert_layout not in (None, "stacked", "per_expert"):
+            raise ValueError(f"expert_layout={expert_layout!r}: choose 'stacked', "
+                             "'per_expert' or None (stacked on GPUs)")
+        # resident bf16/fp32 experts: stacked (grouped products) on GPUs, per expert elsewhere
+        self.stacked_experts = mesh is None and stream is None and quant is None and (
+            expert_layout == "stacked" or
+            (expert_layout is None and self._device.platform == "gpu"))
+        self._expert_kernel = "ragged"
         for n, a in to_params(config, tensors if mesh is None else
-                              parallel.without_experts(config, tensors), done):
+                              parallel.without_experts(config, tensors), done,
+                              stacked=self.stacked_experts):
             # FP8 experts stay FP8 and their scales float32; the rest in the model dtype
             self.params[n] = self.put_stored(a) if n.endswith("_scale") or a.dtype == FP8 \
                 else self.put(a)
@@ -187,6 +206,12 @@ class JaxModel(Model):
 
             self.weights: ResidentWeights | StreamedWeights = StreamedWeights(
                 stream, put, put_expert, max_memory)
+        elif self.stacked_experts:
+            def experts(i: int) -> StackedExperts:
+                gu, dn = (self.params[n] for n in expert_names(i))
+                return StackedExperts(gu, dn, self._expert_kernel)
+
+            self.weights = ResidentWeights(config, self.params, experts)
         else:
             def experts(i: int) -> list[Any]:
                 out = []
@@ -213,6 +238,24 @@ class JaxModel(Model):
         # one compile of that many layers (groups alike share it)
         self.decode_group = DECODE_GROUP
         self._tables: dict[int, tuple[list, list | ExpertTable]] = {}
+
+    @property
+    def expert_kernel(self) -> str:
+        """How stacked experts (``stacked_experts``: GPUs) run: "ragged" (two
+        ``jax.lax.ragged_dot`` grouped products per MoE layer) or "tiles" (the tile loop on
+        each expert's slices). Settable; each kernel compiles its own steps."""
+        return self._expert_kernel
+
+    @expert_kernel.setter
+    def expert_kernel(self, kernel: str) -> None:
+        if kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernel={kernel!r}: choose one of {EXPERT_KERNELS}")
+        self._expert_kernel = kernel
+        if not self.stacked_experts:
+            return
+        for i in self.config.moe_layers:
+            lp = self.weights.layer(i)
+            lp["experts"] = StackedExperts(lp["experts"].gate_up, lp["experts"].down, kernel)
 
     def expert_table(self, i: int, experts: list) -> list | ExpertTable:
         """Layer i's routed experts by address (``ExpertTable``, built once), for decoding
@@ -503,7 +546,8 @@ class _CompiledSteps(Executor):
 
     def layers(self, i: int, lps: list[dict[str, Any]], h: jax.Array, ctx: Context,
                caches: list[CacheEntry | None]) -> tuple[jax.Array, list[CacheEntry | None]]:
-        if not all(lp.get("experts") is None or isinstance(lp["experts"], list) for lp in lps):
+        if not all(lp.get("experts") is None or isinstance(lp["experts"], list | StackedExperts)
+                   for lp in lps):
             return super().layers(i, lps, h, ctx, caches)  # streamed experts: ``layer``
         # every weight resident: one compiled step for the layers, named layers.0, 1, ...
         cfg, ops, count = self.cfg, self.ops, len(lps)
@@ -663,16 +707,23 @@ def _pointer(a: jax.Array) -> int | None:
 
 
 def to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
-              done: Callable[[str], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+              done: Callable[[str], None] | None = None,
+              stacked: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """Checkpoint tensors -> (name, array) in this backend's params layout: each MoE layer's
     stacked experts split into one nn.Linear-layout array per expert (``experts.{e}.gate_up_proj``
-    (2I, D), ``experts.{e}.down_proj`` (D, I), as transposed views); every other tensor as it
-    is. Lazy, so nothing is copied here; ``done(name)`` is called once a checkpoint tensor is
-    no longer needed."""
-    stacked = {n for i in cfg.moe_layers for n in expert_names(i)}
+    (2I, D), ``experts.{e}.down_proj`` (D, I), as transposed views), or with ``stacked`` kept
+    as the checkpoint stacks them; every other tensor as it is. Lazy, so nothing is copied
+    here; ``done(name)`` is called once a checkpoint tensor is no longer needed."""
+    if stacked:
+        for n in tensors:
+            yield n, tensors[n]
+            if done:
+                done(n)
+        return
+    stacked_names = {n for i in cfg.moe_layers for n in expert_names(i)}
     expert = getattr(tensors, "expert", None)  # one expert as stored (FP8 with its scales)
     for n in tensors:
-        if n not in stacked:
+        if n not in stacked_names:
             yield n, tensors[n]
             if done:
                 done(n)
@@ -700,6 +751,8 @@ def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np
     """Inverse of ``to_params``: canonical checkpoint names and layouts."""
     out = dict(params)
     for i in cfg.moe_layers:
+        if expert_names(i)[0] in out:  # held stacked
+            continue
         per_expert = zip(*(expert_names(i, e) for e in range(cfg.num_local_experts)))
         for name, names in zip(expert_names(i), per_expert):
             out[name] = np.stack([out.pop(n).T for n in names])
@@ -709,7 +762,8 @@ def from_params(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np
 def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None = None,
          device: Any = None, offload: str | None = None,
          max_memory: int | str | None = None, expert_parallel: bool = False,
-         mesh: Mesh | None = None, quant: str | None = None) -> JaxModel:
+         mesh: Mesh | None = None, quant: str | None = None,
+         expert_layout: str | None = None) -> JaxModel:
     """Load a checkpoint directory into the jax backend, one tensor at a time.
 
     Tensors are read from the memory-mapped shards and placed on the device one by one; a
@@ -723,6 +777,10 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
     dequantised per tile inside the compiled dispatch; ``quant="w8a8"`` also quantises the
     expert inputs per token (``workbench.quant.check_quant``). FP8 dense weights are
     dequantised when loaded.
+
+    ``expert_layout``: "stacked" holds resident bf16/fp32 experts as the checkpoint stacks
+    them, run by grouped products (``JaxModel.expert_kernel``), "per_expert" one array per
+    expert (the CPU's tile loop and kernels); None: stacked on GPUs.
     """
     ck = checkpoint or Checkpoint.open(path)
     mode = check_quant(quant, ck)
@@ -748,7 +806,8 @@ def load(path: str | Path, dtype: str = "float32", checkpoint: Checkpoint | None
         model.vision_problem = ck.vision_problem
         return model
     views = _Views(ck)
-    model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done, quant=mode)
+    model = JaxModel(ck.config, views, dtype, str(path), device, done=views.done, quant=mode,
+                     expert_layout=expert_layout)
     model.vision_problem = ck.vision_problem
     if model.aliased == 0:
         ck.close()

@@ -16,6 +16,10 @@ Why this form on XLA:CPU (measurements in the benchmarks' README):
   expert's weight per tile; one array per expert selected by ``lax.switch`` is read in place.
 * A skinny (<= 32 rows) product reads its weight faster with the weight in nn.Linear layout
   (out, in), contracting the last axes, so the params hold each expert's projections that way.
+
+On GPUs the experts stay stacked in the checkpoint's layout (``StackedExperts``) and run as
+two grouped products, ``jax.lax.ragged_dot`` (kernel "ragged"), or through the same tile loop
+on slices of the stacks (kernel "tiles"): ``JaxModel.expert_kernel`` chooses.
 """
 
 from __future__ import annotations
@@ -100,6 +104,53 @@ def select_experts(logits: jax.Array, k: int, ban: tuple[int, ...],
     return jax.lax.top_k(sel, k)[1]
 
 
+EXPERT_KERNELS = ("ragged", "tiles")
+
+
+@jax.tree_util.register_pytree_node_class
+class StackedExperts:
+    """A layer's routed experts as two stacked arrays in the checkpoint's layout, gate_up
+    (E, D, 2I) and down (E, I, D), and the kernel that runs them: "ragged" (one
+    ``jax.lax.ragged_dot`` per projection over the expert-sorted rows: a grouped GEMM on
+    GPUs) or "tiles" (the tile loop of ``expert_tiles`` on each expert's slices).
+
+    The kernel is static (part of the tree structure), so changing it recompiles."""
+
+    def __init__(self, gate_up: jax.Array, down: jax.Array, kernel: str = "ragged"):
+        if kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert kernel {kernel!r}: choose one of {EXPERT_KERNELS}")
+        self.gate_up, self.down, self.kernel = gate_up, down, kernel
+
+    def __len__(self) -> int:
+        return self.gate_up.shape[0]
+
+    def pairs(self) -> list[tuple[jax.Array, jax.Array]]:
+        """Per-expert nn.Linear-layout (gate_up (2I, D), down (D, I)) slices (the tile loop's
+        operands; inside a compiled step the slices and transposes fold into the products)."""
+        return [(self.gate_up[e].T, self.down[e].T) for e in range(len(self))]
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array, jax.Array], str]:
+        return (self.gate_up, self.down), self.kernel
+
+    @classmethod
+    def tree_unflatten(cls, kernel: str, children: tuple) -> StackedExperts:
+        obj = cls.__new__(cls)
+        obj.gate_up, obj.down, obj.kernel = children[0], children[1], kernel
+        return obj
+
+
+def ragged_swiglu(xs: jax.Array, counts: jax.Array, experts: StackedExperts) -> jax.Array:
+    """Expert-sorted rows xs (A, D) through their experts, counts[e] rows each (rows past
+    ``counts.sum()`` give zeros), as two ``jax.lax.ragged_dot`` grouped products."""
+    sizes = counts.astype(jnp.int32)
+    gu = jax.lax.ragged_dot(xs, experts.gate_up, sizes, precision=PRECISION)
+    inter = gu.shape[-1] // 2
+    h = gu[:, inter:] * silu(gu[:, :inter])
+    y = jax.lax.ragged_dot(h, experts.down, sizes, precision=PRECISION)
+    keep = jnp.arange(xs.shape[0]) < sizes.sum()
+    return jnp.where(keep[:, None], y, jnp.zeros_like(y))
+
+
 def expert_branches(experts: list[Any], tile: int) -> list[Callable[[jax.Array], jax.Array]]:
     """One function per expert taking its tile of rows (tile, D) to the expert's outputs: the
     ``lax.switch`` branches of the dispatch (FP8 experts dequantised per tile)."""
@@ -152,11 +203,11 @@ def expert_tiles(xs: jax.Array, counts: jax.Array, offsets: jax.Array,
 
 
 def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
-                  experts: list[tuple[jax.Array, jax.Array]] | cpukernels.ExpertTable,
-                  tile: int) -> jax.Array:
+                  experts: list[tuple[jax.Array, jax.Array]] | cpukernels.ExpertTable |
+                  StackedExperts, tile: int) -> jax.Array:
     """Per-assignment expert outputs (N*k, D), in ``idx.reshape(-1)`` order, for tokens xf
-    (N, D) with choices idx/gates (N, k), idx numbering ``experts`` (arrays, or an
-    ``ExpertTable``: the CPU kernel on weights by address). An id outside
+    (N, D) with choices idx/gates (N, k), idx numbering ``experts`` (arrays, an
+    ``ExpertTable``: the CPU kernel on weights by address, or ``StackedExperts``). An id outside
     [0, len(experts)) gives a zero row and costs nothing, so a streamed layer can run its
     chosen experts group by group and merge the rows (``where`` on ``idx >= 0``).
 
@@ -165,9 +216,15 @@ def dispatch_rows(xf: jax.Array, idx: jax.Array, gates: jax.Array,
     k = idx.shape[1]
     E = len(experts)
     flat = idx.reshape(-1)
+    ragged = isinstance(experts, StackedExperts) and experts.kernel == "ragged"
+    if isinstance(experts, StackedExperts) and not ragged:
+        experts = experts.pairs()
 
     def kernel(xs: jax.Array, counts: jax.Array) -> jax.Array | None:
-        """The CPU kernel's outputs for expert-sorted rows xs, when it serves them."""
+        """The CPU kernel's (or the grouped products') outputs for expert-sorted rows xs,
+        when it serves them."""
+        if ragged:
+            return ragged_swiglu(xs, counts, experts)
         if isinstance(experts, cpukernels.ExpertTable):  # weights by address: always
             return cpukernels.experts_at(xs, counts, experts)
         if cpukernels.serves_experts(xs, experts, tile):

@@ -84,7 +84,8 @@ class TorchModel(Model):
         self.shard = shard  # expert parallel: this rank's experts and process group
         self._device = resolve_device(device)
         self.threads: int | None = None  # intra-op threads per forward (None: threads_for)
-        self._compiled: tuple[Any, Any] | None = None  # (layer step, ops): see set_compile
+        # (layer step, ops, CUDA graphs?): see set_compile
+        self._compiled: tuple[Any, Any, bool] | None = None
         self.quant = quant  # None, or how FP8 weights run: "weights" | "w8a8"
         tdt = TORCH_DTYPES[dtype]
         # FP8 experts stay FP8 and their scales float32; the rest in the model dtype
@@ -151,8 +152,9 @@ class TorchModel(Model):
         if self._compiled is None or torch.is_grad_enabled():
             ex = Executor(self.ops, self.config, plan, rec)
         else:  # the compiled layer step, with its ops (dispatch and cache append eager)
-            step, ops = self._compiled
+            step, ops, graphs = self._compiled
             ex = _CompiledLayers(ops, self.config, plan, rec, step)
+            ex.graphs = graphs
         image = None if images is None else self._image(images, rec)
         return forward(ex, self.weights, ids, self._context(start, ids.shape[1], pad),
                        cache,
@@ -208,7 +210,11 @@ class TorchModel(Model):
         ops = copy.copy(self.ops)
         ops.dispatch = torch.compiler.disable(self.ops.dispatch)
         ops.cache_update = torch.compiler.disable(self.ops.cache_update)
-        self._compiled = (torch.compile(layer_step, **options), ops)
+        inductor = options.get("options", {})
+        graphs = self._device.type == "cuda" and (
+            bool(inductor.get("triton.cudagraphs")) or
+            options.get("mode") in ("reduce-overhead", "max-autotune"))
+        self._compiled = (torch.compile(layer_step, **options), ops, graphs)
 
     def threads_for(self, tokens: int) -> int | None:
         """Intra-op threads a forward over ``tokens`` (batch x seq) positions runs with: the
@@ -287,15 +293,27 @@ class _CompiledLayers(Executor):
     records under layer-relative names (``Recorder.layer_view``): what a layer's graph depends
     on is then its kind, hooks and interventions, not its index, and layers alike share one
     compiled graph (torch's recompile limit, 8 graphs per function, would otherwise leave every
-    layer past the eighth eager)."""
+    layer past the eighth eager).
+
+    With CUDA graphs (``graphs``), a graph's outputs live in memory its next replay
+    overwrites, and the next layer replays the same graphs: each layer step starts a new
+    CUDA-graph step, and what outlives it (the residual stream, captured hooks) is copied out."""
+
+    graphs = False
 
     def layer(self, i: int, lp: Any, h: torch.Tensor, ctx: Context,
               cache: Any) -> tuple[torch.Tensor, Any]:
         view = self.rec.layer_view(i)
-        out = self.step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx, view,
-                        LayerPlan.of(self.cfg, self.plan, i), cache)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        h, cache = self.step(self.ops, self.cfg, LayerKind.of(self.cfg, i), lp, h, ctx, view,
+                             LayerPlan.of(self.cfg, self.plan, i), cache)
+        if self.graphs:
+            h = h.clone()
+            view.out = {n: v.clone() if isinstance(v, torch.Tensor) else v
+                        for n, v in view.out.items()}
         self.rec.merge(i, view)
-        return out
+        return h, cache
 
 
 def _to(t: Any, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Mixture-of-experts kernels (torch): top-k selection, sparse expert dispatch, SwiGLU.
 
 Dispatch sorts the (token, choice) assignments by expert and runs each expert's rows through
-its weights, so cost follows the tokens routed, not the number of experts: on accelerators
-with ``torch._grouped_mm``; on the CPU (inference) the streaming kernel of ``cpukernels``
-(or, where it cannot run, one fused SwiGLU per expert used, the experts split between two
-threads: ``cpu_expert_rows``); under autograd a loop of per-expert matmuls.
+its weights, so cost follows the tokens routed, not the number of experts: bf16 on CUDA with
+the grouped GEMM ``torch._grouped_mm``; on the CPU (inference) the streaming kernel of
+``cpukernels`` (or, where it cannot run, one fused SwiGLU per expert used, the experts split
+between two threads: ``cpu_expert_rows``); otherwise a product per expert used.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def select_experts(logits: torch.Tensor, k: int, ban: tuple[int, ...],
 
 def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                   counts_list: list[int]) -> torch.Tensor:
-    """Rows of x grouped by expert (sorted) times that expert's matrix: (N, In) -> (N, Out)."""
-    if _GROUPED and not torch.is_grad_enabled() and _aligned(x, w):
+    """Rows of x grouped by expert (sorted) times that expert's matrix: (N, In) -> (N, Out):
+    one grouped GEMM where ``grouped`` allows it, else a product per expert used."""
+    if grouped(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w, offs=offs)
     # unbind, not w[e]: under autograd each w[e] would backpropagate a zero-filled (E, In, Out)
@@ -97,10 +98,16 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
     return torch.cat(parts)
 
 
-def _aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+GROUPED_MM = True  # False: a product per expert on CUDA too (for measuring the two)
+
+
+def grouped(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x (N, In) @ w (E, In, Out) runs as ``torch._grouped_mm``: bf16 on CUDA
+    (the grouped GEMM kernels' dtype), inference, both row strides 16-byte aligned."""
     item = x.element_size()
-    return (x.shape[-1] * item) % 16 == 0 and (w.shape[-1] * item) % 16 == 0 and \
-        x.dtype == w.dtype
+    return _GROUPED and GROUPED_MM and x.device.type == "cuda" and \
+        x.dtype == w.dtype == torch.bfloat16 and not torch.is_grad_enabled() and \
+        (x.shape[-1] * item) % 16 == 0 and (w.shape[-1] * item) % 16 == 0
 
 
 def dispatch(xf: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
@@ -146,7 +153,8 @@ def expert_rows(xin: torch.Tensor, sorted_e: torch.Tensor, experts: Any) -> torc
     if xin.device.type == "cpu" and not torch.is_grad_enabled():
         return cpu_expert_rows(xin, sorted_e, gate_up, down)
     counts = torch.bincount(sorted_e, minlength=gate_up.shape[0])
-    counts_list = counts.tolist()
+    # grouped products need no per-expert counts on the host (no device sync)
+    counts_list = [] if grouped(xin, gate_up) and grouped(xin, down) else counts.tolist()
     gu = expert_matmul(xin, gate_up, counts, counts_list)
     inter = gu.shape[-1] // 2
     return expert_matmul(gu[:, inter:] * F.silu(gu[:, :inter]), down, counts, counts_list)
