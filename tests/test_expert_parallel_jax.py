@@ -66,7 +66,9 @@ def test_every_hook_and_logits_match_one_device(results: dict) -> None:
         assert results[case]["plain"]["hooks"] > 40
         for scenario, r in results[case].items():
             assert r["hooks"] > 8, (case, scenario, r)
-            assert r["worst_rel"] <= 1e-6, (case, scenario, r)
+            # fp32 rounding only (sharded sums in another order): 4e-7 to 1.1e-6 seen,
+            # depending on the CPU's vector width (XLA's AVX2 or AVX-512 code)
+            assert r["worst_rel"] <= 5e-6, (case, scenario, r)
     # a ("data", "expert") mesh: the batch split over "data", experts over "expert"
     assert "data_mesh" in results["scout"]
 
