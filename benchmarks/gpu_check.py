@@ -116,9 +116,10 @@ def rss_anon() -> int:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model(path: Path, backend: str, dtype: str, device: str) -> tuple[Any, str]:
-    """``wb.load(path, backend=, dtype=, device=)``; (model, where its weights live)."""
-    model = wb.load(path, backend=backend, dtype=dtype, device=device)
+def load_model(path: Path, backend: str, dtype: str, device: str, **kw: Any
+               ) -> tuple[Any, str]:
+    """``wb.load(path, backend=, dtype=, device=, **kw)``; (model, where its weights live)."""
+    model = wb.load(path, backend=backend, dtype=dtype, device=device, **kw)
     return model, placement(model)
 
 
@@ -360,9 +361,8 @@ class Variant:
             backend = "torch" if name.startswith("torch") else "jax"
             self.device = args.device_torch if backend == "torch" else args.device_jax
             kw: dict[str, Any] = {"compile": True} if name == "torch_compiled" else {}
-            self.model = wb.load(path, backend=backend, dtype=dtype, device=self.device, **kw)
+            self.model, where = load_model(path, backend, dtype, self.device, **kw)
             self.sync = torch_sync(self.device) if backend == "torch" else (lambda: None)
-            where = placement(self.model)
         self.row: dict[str, Any] = {"placed_on": where, "load_s": time.perf_counter() - t,
                                     "host_rss_anon_delta_after_load": rss_anon() - before,
                                     "device_bytes_after_load": device_bytes(backend,
