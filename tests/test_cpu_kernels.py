@@ -129,6 +129,26 @@ def test_experts_match_torch_and_threads(E, D, inter, counts, dtype):
     assert _rel(two, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,D,inter,counts", CASES)
+def test_experts_same_bits_with_avx512_and_avx2(E, D, inter, counts, dtype):
+    """The expert kernel's AVX-512 products (eight weight rows a step, sixteen columns a
+    vector, column tails by the AVX2 block) run every output's FMA chain in the AVX2 order."""
+    lib = kernels.library()
+    if not lib.wb_set_avx512(1):
+        pytest.skip("this CPU has no AVX-512")
+    xin, sorted_e, gate_up, down, _ = _experts_case(E, D, inter, counts, dtype)
+    got = {}
+    try:
+        for wide in (1, 0):
+            lib.wb_set_avx512(wide)
+            with torch.inference_mode(), kernels.using(2):
+                got[wide] = moe.kernel_expert_rows(xin, sorted_e, gate_up, down)
+    finally:
+        lib.wb_set_avx512(1)
+    assert torch.equal(got[1], got[0])
+
+
 def test_expert_rows_uses_the_kernel_on_cpu_inference(monkeypatch):
     xin, sorted_e, gate_up, down, _ = _experts_case(8, 64, 32, [3, 4], torch.float32)
     calls = []

@@ -1,4 +1,5 @@
-/* Few-row products that stream their weights, for the CPU (x86-64 with AVX2 and FMA).
+/* Few-row products that stream their weights, for the CPU (x86-64 with AVX2 and FMA; the
+ * expert kernel's products use AVX-512 where the CPU has it, with the same results).
  *
  * A decode step, or an expert that receives a handful of tokens, multiplies 1-8 rows by a
  * weight read once from memory. Library GEMMs pack the weight into panels first (fine when
@@ -14,8 +15,9 @@
  *                  the output rows split between the calling thread and one worker thread.
  *   wb_experts:    per expert e, out = (silu(x @ Wg) * (x @ Wu)) @ Wd, with [Wg | Wu] = GU[e]
  *                  (D, 2I) and Wd = DN[e] (I, D) (the checkpoint's (in, out) layout): rows of
- *                  W are added into the outputs four at a time, each product as two partial
- *                  sums over the two halves of W's rows, added in a fixed order. With several
+ *                  W are added into the outputs four at a time (eight with AVX-512), each
+ *                  product as two partial sums over the two halves of W's rows, added in a
+ *                  fixed order, the rows ahead prefetched into L2 in address order. With several
  *                  experts the two threads take whole experts in turn (two weight streams);
  *                  with one, each thread computes one half (the torch backend).
  *   wb_experts_oi: the same SwiGLU with per-expert nn.Linear-layout weights, dot products
@@ -261,16 +263,32 @@ static void dot_mm(const float *x, const float *xp, long n, long K, const void *
 
 /* ---------------------------------------------------------------- y = x @ W, W (K, ldw) */
 
+/* A region of memory prefetched into L2 while a product runs: ps bytes per step of the
+ * product (a vector's width of its weight rows), in address order, up to n bytes. With several
+ * interleaved weight rows the hardware prefetcher keeps fewer lines in flight than for one
+ * stream, and while rows already in L2 are reused nothing fetches the next ones. */
+typedef struct {
+    const char *p;
+    long n, ps, off;
+} ahead;
+
+static inline void ahead_step(ahead *a) {
+    long end = a->off + a->ps < a->n ? a->off + a->ps : a->n;
+    for (long l = a->off; l < end; l += 64) _mm_prefetch(a->p + l, _MM_HINT_T1);
+    a->off = end;
+}
+
 /* y[r, c0:c1] += sum over k..k+kb (kb <= 4) of x[r, k'] W[k', c0:c1], rows r < rn (rn <= 4) */
 static inline __attribute__((always_inline)) void axpy_block(
     const float *x, long ldx, int rn, long k, int kb, const void *w, long ldw, int bf16,
-    long c0, long c1, float *y, long ldy) {
+    long c0, long c1, float *y, long ldy, ahead *a) {
     __m256 b[4][4];
     for (int r = 0; r < rn; r++)
         for (int q = 0; q < 4; q++)
             b[r][q] = _mm256_set1_ps(q < kb ? x[r * ldx + k + q] : 0.0f);
     long c = c0;
     for (; c + 8 <= c1; c += 8) {
+        ahead_step(a);
         __m256 w0 = load8(w, k * ldw + c, bf16);
         __m256 w1 = kb > 1 ? load8(w, (k + 1) * ldw + c, bf16) : _mm256_setzero_ps();
         __m256 w2 = kb > 2 ? load8(w, (k + 2) * ldw + c, bf16) : _mm256_setzero_ps();
@@ -295,35 +313,140 @@ static inline __attribute__((always_inline)) void axpy_block(
 
 #define AXPY_RN(RN)                                                                         \
     static void axpy_rows##RN(const float *x, long ldx, long k0, long k1, const void *w,    \
-                              long ldw, int bf16, long c0, long c1, float *y, long ldy) {   \
+                              long ldw, int bf16, long c0, long c1, float *y, long ldy,     \
+                              ahead *a) {                                                   \
         long k = k0;                                                                        \
-        for (; k + 4 <= k1; k += 4) axpy_block(x, ldx, RN, k, 4, w, ldw, bf16, c0, c1, y, ldy); \
-        if (k < k1) axpy_block(x, ldx, RN, k, (int)(k1 - k), w, ldw, bf16, c0, c1, y, ldy);   \
+        for (; k + 4 <= k1; k += 4) axpy_block(x, ldx, RN, k, 4, w, ldw, bf16, c0, c1, y, ldy, a); \
+        if (k < k1) axpy_block(x, ldx, RN, k, (int)(k1 - k), w, ldw, bf16, c0, c1, y, ldy, a); \
     }
 AXPY_RN(1)
 AXPY_RN(2)
 AXPY_RN(3)
 AXPY_RN(4)
 
-#define BLOCK_BYTES (128 * 1024) /* a block of W's rows that stays in L2 for every row group */
+/* ---------------------------------------------------------------- the same, AVX-512 */
+
+#define AVX512 __attribute__((target("avx512f")))
+
+static int avx512_mode = -1; /* -1: not yet asked; 0: the AVX2 kernels; 1: AVX-512 */
+
+static int avx512_on(void) {
+    if (avx512_mode < 0) {
+        __builtin_cpu_init();
+        avx512_mode = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    }
+    return avx512_mode;
+}
+
+/* 0: the AVX2 kernels even where the CPU has AVX-512 (for measurements and tests); 1: AVX-512
+ * where the CPU has it. Returns whether AVX-512 is now used. */
+int wb_set_avx512(int on) {
+    __builtin_cpu_init();
+    avx512_mode = on && __builtin_cpu_supports("avx512f") ? 1 : 0;
+    return avx512_mode;
+}
+
+AVX512 static inline __m512 load16(const void *w, long off, int bf16) {
+    if (bf16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + off));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    }
+    return _mm512_loadu_ps((const float *)w + off);
+}
+
+/* axpy_block with sixteen columns per vector and up to eight rows of W (kb <= 8), each x value
+ * broadcast from memory as its product needs it (registers hold the outputs and one weight
+ * vector): half the loads and stores of the outputs per weight of the AVX2 block. Every
+ * output's sum is the same chain of FMAs, in the same order, as axpy_block's: the same bits.
+ * Columns c0 .. c1, c1 - c0 a multiple of 16. */
+AVX512 static inline __attribute__((always_inline)) void axpy512_block(
+    const float *x, long ldx, int rn, long k, int kb, const void *w, long ldw, int bf16,
+    long c0, long c1, float *y, long ldy, ahead *a) {
+    for (long c = c0; c < c1; c += 16) {
+        ahead_step(a);
+        __m512 a0 = _mm512_loadu_ps(y + c), a1 = a0, a2 = a0, a3 = a0;
+        if (rn > 1) a1 = _mm512_loadu_ps(y + ldy + c);
+        if (rn > 2) a2 = _mm512_loadu_ps(y + 2 * ldy + c);
+        if (rn > 3) a3 = _mm512_loadu_ps(y + 3 * ldy + c);
+        for (int q = 0; q < kb; q++) {
+            __m512 wv = load16(w, (k + q) * ldw + c, bf16);
+            const float *xq = x + k + q;
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(xq[0]), wv, a0);
+            if (rn > 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(xq[ldx]), wv, a1);
+            if (rn > 2) a2 = _mm512_fmadd_ps(_mm512_set1_ps(xq[2 * ldx]), wv, a2);
+            if (rn > 3) a3 = _mm512_fmadd_ps(_mm512_set1_ps(xq[3 * ldx]), wv, a3);
+        }
+        _mm512_storeu_ps(y + c, a0);
+        if (rn > 1) _mm512_storeu_ps(y + ldy + c, a1);
+        if (rn > 2) _mm512_storeu_ps(y + 2 * ldy + c, a2);
+        if (rn > 3) _mm512_storeu_ps(y + 3 * ldy + c, a3);
+    }
+}
+
+/* axpy_rows with axpy512_block; columns past the last multiple of 16 by axpy_block */
+#define AXPY512_RN(RN)                                                                      \
+    AVX512 static void axpy512_rows##RN(const float *x, long ldx, long k0, long k1,         \
+                                        const void *w, long ldw, int bf16, long c0, long c1, \
+                                        float *y, long ldy, ahead *a) {                     \
+        long c16 = c0 + (c1 - c0) / 16 * 16, k = k0;                                        \
+        for (; k + 8 <= k1; k += 8)                                                         \
+            axpy512_block(x, ldx, RN, k, 8, w, ldw, bf16, c0, c16, y, ldy, a);              \
+        if (k < k1) axpy512_block(x, ldx, RN, k, (int)(k1 - k), w, ldw, bf16, c0, c16, y, ldy, a); \
+        ahead none = {NULL, 0, 0, 0};                                                       \
+        if (c16 < c1)                                                                       \
+            for (k = k0; k < k1; k += 4)                                                    \
+                axpy_block(x, ldx, RN, k, k1 - k < 4 ? (int)(k1 - k) : 4, w, ldw, bf16, c16, \
+                           c1, y, ldy, &none);                                              \
+    }
+AXPY512_RN(1)
+AXPY512_RN(2)
+AXPY512_RN(3)
+AXPY512_RN(4)
+
+#define BLOCK_BYTES (64 * 1024) /* a block of W's rows that stays in L2 for every row group */
 
 /* y[n, :O] = x[n, k0:k1] @ W[k0:k1, :O] (x rows K apart, y rows O apart); more than four
- * rows go in groups of four over blocks of W's rows, so W is read from memory once */
+ * rows go in groups of four over blocks of W's rows, so W is read from memory once. Rows of W
+ * are prefetched ahead: with four rows or fewer, one block step (8 or 4 rows) ahead as they
+ * are read; with more, the next block in shares over the second and later row groups (which
+ * read the current block from L2), the first block by the first group as it goes. */
 static void axpy_mm(const float *x, long n, long K, long k0, long k1, const void *w, long O,
                     int bf16, float *y) {
     memset(y, 0, sizeof(float) * n * O);
-    long kblk = n <= 4 ? k1 - k0 : BLOCK_BYTES / (O * (bf16 ? 2 : 4));
-    kblk = kblk < 4 ? 4 : kblk & ~3L;
+    int wide = avx512_on();
+    long es = bf16 ? 2 : 4, kstep = wide ? 8 : 4, cstep = wide ? 16 : 8, row = O * es;
+    long kblk = n <= 4 ? k1 - k0 : BLOCK_BYTES / row, groups = (n + 3) / 4;
+    kblk = kblk < kstep ? kstep : kblk / kstep * kstep;
+    const char *wc = w;
     for (long kb = k0; kb < k1; kb += kblk) {
         long ke = kb + kblk < k1 ? kb + kblk : k1;
-        for (long r = 0; r < n; r += 4) {
+        long steps = (ke - kb + kstep - 1) / kstep * (O / cstep > 0 ? O / cstep : 1);
+        long next = (ke + kblk < k1 ? ke + kblk : k1) - ke; /* rows of the next block */
+        long share = groups > 1 ? ((next * row + groups - 2) / (groups - 1) + 63) & ~63L : 0;
+        for (long r = 0, g = 0; r < n; r += 4, g++) {
             long rn = n - r < 4 ? n - r : 4;
             const float *xr = x + r * K;
             float *yr = y + r * O;
-            if (rn == 1) axpy_rows1(xr, K, kb, ke, w, O, bf16, 0, O, yr, O);
-            else if (rn == 2) axpy_rows2(xr, K, kb, ke, w, O, bf16, 0, O, yr, O);
-            else if (rn == 3) axpy_rows3(xr, K, kb, ke, w, O, bf16, 0, O, yr, O);
-            else axpy_rows4(xr, K, kb, ke, w, O, bf16, 0, O, yr, O);
+            ahead a = {NULL, 0, 0, 0};
+            if (g == 0 && kb == k0) { /* this block, one step ahead */
+                long rows = ke - kb - kstep;
+                a = (ahead){wc + (kb + kstep) * row, rows > 0 ? rows * row : 0, kstep * cstep * es, 0};
+            } else if (g > 0) { /* a share of the next block */
+                long lo = (g - 1) * share, hi = lo + share < next * row ? lo + share : next * row;
+                a = (ahead){wc + ke * row + lo, hi > lo ? hi - lo : 0, 0, 0};
+                a.ps = ((a.n + steps - 1) / steps + 63) & ~63L;
+            }
+            if (wide) {
+                if (rn == 1) axpy512_rows1(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else if (rn == 2) axpy512_rows2(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else if (rn == 3) axpy512_rows3(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else axpy512_rows4(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+            } else {
+                if (rn == 1) axpy_rows1(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else if (rn == 2) axpy_rows2(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else if (rn == 3) axpy_rows3(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else axpy_rows4(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+            }
         }
     }
 }

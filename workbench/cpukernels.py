@@ -99,6 +99,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.wb_attn1.restype = it
     lib.wb_set_by_expert.argtypes = [it]
     lib.wb_set_by_expert.restype = None
+    lib.wb_set_avx512.argtypes = [it]
+    lib.wb_set_avx512.restype = it
     return lib
 
 
