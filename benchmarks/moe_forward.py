@@ -145,12 +145,14 @@ def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
 
 
 def bench_expert_phase(cfg: ModelConfig, tensors: dict, dtype: str, ids: np.ndarray,
-                       repeats: int = 6) -> dict:
+                       repeats: int = 6, read_bytes: int = 512 * 2**20) -> dict:
     """The expert phase alone, in torch and jax: every MoE layer's routed experts on the
     routing the model chose for ``ids`` (inputs random, which does not change the cost),
     timed round-robin, with the streaming CPU kernels and without them (``*_library``: the
-    backends' own products). Returns its seconds per forward and the bytes it must read (each
-    expert used, once), whose ratio is the phase's achieved read rate."""
+    backends' own products), and a plain read (a torch sum of ``read_bytes``) in the same
+    rounds: a shared machine's bandwidth moves from one minute to the next. Returns its
+    seconds per forward, the bytes it must read (each expert used, once), whose ratio is the
+    phase's achieved read rate, and that read's rate (``phase_read_gb_s``)."""
     import torch
 
     from workbench.torch import cpukernels as tcpk
@@ -213,8 +215,10 @@ def bench_expert_phase(cfg: ModelConfig, tensors: dict, dtype: str, ids: np.ndar
                 mock.patch.object(jcpk, "serves_linear", lambda x, w: False):
             jax_library()  # traced and compiled without the kernels
         fns["jax_library"] = jax_library
+    plain = torch.ones(read_bytes // 4)
+    fns["read"] = plain.sum
     best = timed_interleaved(fns, repeats)
-    out = {"expert_phase_bytes": nbytes}
+    out = {"expert_phase_bytes": nbytes, "phase_read_gb_s": read_bytes / best.pop("read") / 1e9}
     out.update({f"{k}_expert_phase_s": v for k, v in best.items()})
     return out
 
@@ -326,7 +330,8 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
         del hf, sd
     del ours
     gc.collect()
-    row.update(bench_expert_phase(cfg, tensors, dtype, ids, max(6, 2 * repeats)))
+    row.update(bench_expert_phase(cfg, tensors, dtype, ids, max(6, 2 * repeats),
+                                  64 * 2**20 if quick else 512 * 2**20))
     gc.collect()
     row.update(bench_decode(cfg, tensors, dtype))
     row["decode"] = [{k: v for k, v in row.items() if "decode" in k or k == "dtype"}]
@@ -343,13 +348,15 @@ def summary_table(rows: list[dict], rate: float, bw: float) -> str:
     """The one-table summary (markdown): prefill tok/s and the ratio to transformers, the
     fraction of the matmul rate (active FLOPs), the expert phase's read rate (the bytes of
     the experts used, read once, over the phase's own time) as a fraction of the read
-    bandwidth, decode tok/s against its bandwidth floor per dtype, and jax's compile time."""
+    bandwidth and of the read timed in the same rounds as the phase, decode tok/s against
+    its bandwidth floor per dtype, and jax's compile time."""
     def f(x: float | None, fmt: str) -> str:
         return "—" if x is None or x != x else format(x, fmt)
 
     lines = ["| E | dtype | prefill tok/s torch / jax | × transformers torch / jax | torch % of "
-             "matmul | expert phase GB/s torch / jax (% of bandwidth) | decode tok/s torch / "
-             "jax | decode time ÷ floor torch / jax | jax compile s |",
+             "matmul | expert phase GB/s torch / jax (% of bandwidth; of the read in the same "
+             "rounds) | decode tok/s torch / jax | decode time ÷ floor torch / jax | jax "
+             "compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = r.get("hf_tok_s")
@@ -357,6 +364,9 @@ def summary_table(rows: list[dict], rate: float, bw: float) -> str:
         phase = [r["expert_phase_bytes"] / r[k] / 1e9 if r.get(k) else None
                  for k in ("torch_expert_phase_s", "jax_expert_phase_s")]
         pct = " / ".join(f(100 * g / bw if g else None, ".0f") + "%" for g in phase)
+        same = r.get("phase_read_gb_s")
+        if same:
+            pct += "; " + " / ".join(f(100 * g / same if g else None, ".0f") + "%" for g in phase)
         for i, d in enumerate(r["decode"]):
             floor = bw * 1e9 / d["decode_bytes"]
             td, jd = d["torch_decode_tok_s"], d.get("jax_decode_tok_s")
@@ -441,8 +451,11 @@ def main(argv: list[str] | None = None) -> int:
             t = r.get(f"{b}_expert_phase_s")
             if t:
                 g = r["expert_phase_bytes"] / t / 1e9
+                same = r.get("phase_read_gb_s")
                 print(f"  E={r['experts']} {b}: {t:.3f} s for {r['expert_phase_bytes'] / 2**30:.2f}"
-                      f" GiB: {g:.1f} GB/s, {100 * g / bw:.0f}% of the read bandwidth")
+                      f" GiB: {g:.1f} GB/s, {100 * g / bw:.0f}% of the read bandwidth"
+                      + (f", {100 * g / same:.0f}% of the read in the same rounds "
+                         f"({same:.1f} GB/s)" if same else ""))
     print()
     print("hook cost (torch, seconds per forward; ratio to the uninstrumented forward):")
     for r in rows:
