@@ -200,6 +200,9 @@ static inline float hsum(__m256 v) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
+#ifndef DOT_HINT
+#define DOT_HINT _MM_HINT_T1
+#endif
 /* outputs o, o + 1 (no of them) of rows r0 .. r0 + rn (rn <= 4, x rows K apart) */
 static inline __attribute__((always_inline)) void dot_group(
     const float *x, long K, int rn, const void *w, int bf16, long o, int no, float *y,
@@ -210,8 +213,10 @@ static inline __attribute__((always_inline)) void dot_group(
     /* the next two rows of W, as far along as these (read next, by this or the next call) */
     const char *next = (const char *)w + (o + 2) * K * (bf16 ? 2 : 4);
     for (; k + 8 <= K; k += 8) {
-        _mm_prefetch(next + k * (bf16 ? 2 : 4), _MM_HINT_T0);
-        _mm_prefetch(next + (K + k) * (bf16 ? 2 : 4), _MM_HINT_T0);
+        if ((k * (bf16 ? 2 : 4)) % 64 == 0) {
+            _mm_prefetch(next + k * (bf16 ? 2 : 4), DOT_HINT);
+            _mm_prefetch(next + (K + k) * (bf16 ? 2 : 4), DOT_HINT);
+        }
         __m256 w0 = load8(w, o * K + k, bf16);
         __m256 w1 = no > 1 ? load8(w, (o + 1) * K + k, bf16) : _mm256_setzero_ps();
         for (int r = 0; r < rn; r++) {
