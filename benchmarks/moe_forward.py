@@ -101,12 +101,14 @@ def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
 
 
 def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
-                 prompt: int = 16) -> dict:
+                 prompt: int = 16, read_bytes: int = 512 * 2**20) -> dict:
     """Greedy decode tok/s (batch 1, ``new`` cached steps after a ``prompt``-token prefill) in
     torch (its default thread choice for small steps, and ``threads=2``) and jax, best of
     three timed runs after a warm-up, the variants taking turns; and the bytes one step must
     read (attention, norms, router, shared expert, k experts per MoE layer, lm_head, one
-    embedding row: ``workbench.plan``'s decode count, the same bytes resident or streamed)."""
+    embedding row: ``workbench.plan``'s decode count, the same bytes resident or streamed),
+    with a plain read (a torch sum of ``read_bytes``) timed in the same rounds
+    (``decode_read_gb_s``)."""
     from workbench.plan import make_plan
     from workbench.torch.model import TorchModel
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, prompt))
@@ -129,7 +131,12 @@ def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
     # round-robin: every variant's repeats interleaved, so a busier minute of a shared machine
     # falls on all of them alike
     best = {name: {1: float("inf"), new + 1: float("inf")} for name, _, _ in variants}
+    import torch
+    plain, read_best = torch.ones(read_bytes // 4), float("inf")
     for rep in range(4):  # the first round compiles jax's prefill and decode steps
+        t = time.perf_counter()
+        plain.sum()
+        read_best = min(read_best, time.perf_counter() - t)
         for name, m, setup in variants:
             if setup is not None:
                 setup()
@@ -139,6 +146,7 @@ def bench_decode(cfg: ModelConfig, tensors: dict, dtype: str, new: int = 32,
                 if rep:
                     best[name][n] = min(best[name][n], time.perf_counter() - t)
     tm.threads = None
+    out["decode_read_gb_s"] = read_bytes / read_best / 1e9
     for name, b in best.items():
         out[f"{name}_decode_tok_s"] = new / max(b[new + 1] - b[1], 1e-9)
     return out
@@ -330,15 +338,15 @@ def bench_one(E: int, seq: int, repeats: int, quick: bool, skip_hf: bool,
         del hf, sd
     del ours
     gc.collect()
-    row.update(bench_expert_phase(cfg, tensors, dtype, ids, max(6, 2 * repeats),
-                                  64 * 2**20 if quick else 512 * 2**20))
+    rb = 64 * 2**20 if quick else 512 * 2**20  # the plain read timed beside each phase
+    row.update(bench_expert_phase(cfg, tensors, dtype, ids, max(6, 2 * repeats), rb))
     gc.collect()
-    row.update(bench_decode(cfg, tensors, dtype))
+    row.update(bench_decode(cfg, tensors, dtype, read_bytes=rb))
     row["decode"] = [{k: v for k, v in row.items() if "decode" in k or k == "dtype"}]
     for other in decode_dtypes:
         if other != dtype:
             gc.collect()
-            row["decode"].append(bench_decode(cfg, tensors, other))
+            row["decode"].append(bench_decode(cfg, tensors, other, read_bytes=rb))
     ours = tensors = None  # free the weights before the next configuration
     gc.collect()
     return row
@@ -349,14 +357,15 @@ def summary_table(rows: list[dict], rate: float, bw: float) -> str:
     fraction of the matmul rate (active FLOPs), the expert phase's read rate (the bytes of
     the experts used, read once, over the phase's own time) as a fraction of the read
     bandwidth and of the read timed in the same rounds as the phase, decode tok/s against
-    its bandwidth floor per dtype, and jax's compile time."""
+    its bandwidth floor per dtype (at the read bandwidth, and at the read timed in the decode
+    rounds), and jax's compile time."""
     def f(x: float | None, fmt: str) -> str:
         return "—" if x is None or x != x else format(x, fmt)
 
     lines = ["| E | dtype | prefill tok/s torch / jax | × transformers torch / jax | torch % of "
              "matmul | expert phase GB/s torch / jax (% of bandwidth; of the read in the same "
-             "rounds) | decode tok/s torch / jax | decode time ÷ floor torch / jax | jax "
-             "compile s |",
+             "rounds) | decode tok/s torch / jax | decode time ÷ floor torch / jax (floor "
+             "at the read in the same rounds) | jax compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = r.get("hf_tok_s")
@@ -368,10 +377,14 @@ def summary_table(rows: list[dict], rate: float, bw: float) -> str:
         if same:
             pct += "; " + " / ".join(f(100 * g / same if g else None, ".0f") + "%" for g in phase)
         for i, d in enumerate(r["decode"]):
-            floor = bw * 1e9 / d["decode_bytes"]
             td, jd = d["torch_decode_tok_s"], d.get("jax_decode_tok_s")
-            decode = (f"{td:.0f} / {f(jd, '.0f')}", f"{floor / td:.2f}× / "
-                      f"{f(floor / jd if jd else None, '.2f')}×")
+            ratios = []
+            for b in (bw, d.get("decode_read_gb_s")):
+                if b:
+                    floor = b * 1e9 / d["decode_bytes"]
+                    ratios.append(f"{floor / td:.2f}× / {f(floor / jd if jd else None, '.2f')}×")
+            decode = (f"{td:.0f} / {f(jd, '.0f')}",
+                      ratios[0] + (f" ({ratios[1]})" if len(ratios) > 1 else ""))
             if i:  # decode in another dtype: its own line
                 lines.append(f"| {r['experts']} | {d['dtype']} (decode) | | | | | {decode[0]} | "
                              f"{decode[1]} | |")
@@ -434,15 +447,19 @@ def main(argv: list[str] | None = None) -> int:
     print("decode (batch 1, greedy, cached; floor = bytes one step reads / read bandwidth; "
           "torch by default runs a decode step on 1 thread):")
     print(f"{'E':>4s} {'dtype':>9s} {'MB/step':>8s} {'floor tok/s':>11s} {'torch tok/s':>11s} "
-          f"{'torch/floor':>11s} {'torch 2 thr':>11s} {'jax tok/s':>9s} {'jax/floor':>9s}")
+          f"{'torch/floor':>11s} {'torch 2 thr':>11s} {'jax tok/s':>9s} {'jax/floor':>9s} "
+          f"{'read in the rounds GB/s':>23s} {'torch, jax / that floor':>23s}")
     for r in rows:
         for d in r["decode"]:
             floor = bw * 1e9 / d["decode_bytes"]
             tt, jt = d["torch_decode_tok_s"], d.get("jax_decode_tok_s", float("nan"))
             d["decode_floor_tok_s"] = floor
+            same = d.get("decode_read_gb_s", float("nan"))
+            sf = same * 1e9 / d["decode_bytes"]
             print(f"{r['experts']:4d} {d['dtype']:>9s} {d['decode_bytes'] / 1e6:8.1f} "
                   f"{floor:11.0f} {tt:11.0f} {floor / tt:10.2f}x "
-                  f"{d['torch_2threads_decode_tok_s']:11.0f} {jt:9.0f} {floor / jt:8.2f}x")
+                  f"{d['torch_2threads_decode_tok_s']:11.0f} {jt:9.0f} {floor / jt:8.2f}x "
+                  f"{same:23.1f} {sf / tt:15.2f}x, {sf / jt:.2f}x")
     print()
     print("expert phase alone (the experts used, read once; seconds per forward; "
           "_library: without the streaming CPU kernels, as before them):")
