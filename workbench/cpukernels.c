@@ -18,8 +18,9 @@
  *                  W are added into the outputs four at a time (eight with AVX-512), each
  *                  product as two partial sums over the two halves of W's rows, added in a
  *                  fixed order, the rows ahead prefetched into L2 in address order. With several
- *                  experts the two threads take whole experts in turn (two weight streams);
- *                  with one, each thread computes one half (the torch backend).
+ *                  experts the two threads take whole experts (two weight streams; one
+ *                  thread from the most rows down, the other from the fewest up); with one,
+ *                  each thread computes one half (the torch backend).
  *   wb_experts_oi: the same SwiGLU with per-expert nn.Linear-layout weights, dot products
  *                  (the jax backend's custom call); with several experts the two threads take
  *                  whole experts in turn, with one each computes half of its outputs.
@@ -766,6 +767,46 @@ int wb_linear_pooled(const void *x, long n, long K, const void *w, long O, int b
     return linear_run(x, n, K, w, O, bf16, y, 1, sched, pool);
 }
 
+/* Whole experts for two threads to take, from both ends of a list ordered by rows (most
+ * first): the calling thread takes from the front, the worker from the back. An expert with
+ * many rows is arithmetic-bound and one with few is bound by its reads, so one core's
+ * arithmetic runs while the other core reads (taken in index order, both cores often computed
+ * or both read at once). Which thread runs an expert does not change its values. */
+typedef struct {
+    long *order;       /* expert slots by rows, most first (ties in slot order) */
+    long n;
+    atomic_llong ends; /* taken from the front | taken from the back << 32 */
+} two_ends;
+
+/* the order of n experts' rows (count64, or count32 when count64 is NULL); 0 without memory */
+static int two_ends_init(two_ends *t, long n, const int64_t *count64, const int32_t *count32) {
+    t->order = malloc(sizeof(long) * (n > 0 ? n : 1));
+    if (!t->order) return 0;
+    t->n = n;
+    atomic_init(&t->ends, 0);
+    for (long e = 0, k; e < n; e++) { /* insertion sort: a few hundred experts at most */
+        long c = count64 ? (long)count64[e] : (long)count32[e];
+        for (k = e; k > 0; k--) {
+            long o = t->order[k - 1];
+            if ((count64 ? (long)count64[o] : (long)count32[o]) >= c) break;
+            t->order[k] = o;
+        }
+        t->order[k] = e;
+    }
+    return 1;
+}
+
+/* the next expert slot for thread tid (0: the front, 1: the back), or -1 when none is left */
+static long take_expert(two_ends *t, int tid) {
+    long long w = atomic_load(&t->ends), f, b;
+    do {
+        f = w & 0xffffffffLL;
+        b = w >> 32;
+        if (f + b >= t->n) return -1;
+    } while (!atomic_compare_exchange_weak(&t->ends, &w, tid ? w + (1LL << 32) : w + 1));
+    return t->order[tid ? t->n - 1 - b : f];
+}
+
 typedef struct {
     const void *x;          /* (A, D) rows, each expert's rows contiguous */
     const int64_t *start;   /* nexp: the first row of each expert */
@@ -778,7 +819,7 @@ typedef struct {
     float *xf, *part[2], *h; /* (ROWS, D), two partial sums, (ROWS, I) */
     float *own[2];           /* by_expert: each thread's own xf, part[2] and h */
     int by_expert;           /* the threads take whole experts in turn */
-    atomic_long next;        /* by_expert: the next expert to take */
+    two_ends *take;          /* by_expert: the experts left to take */
 } experts_job;
 
 #define ROWS 32 /* rows per pass through an expert's weights (more: another pass) */
@@ -821,7 +862,7 @@ static void experts_task(void *arg, int tid, int nthreads) {
     if (j->by_expert) { /* whole experts, taken in turn (each reads its own weights) */
         long p = 2 * I > D ? 2 * I : D;
         float *xf = j->own[tid], *p0 = xf + ROWS * D, *p1 = p0 + ROWS * p, *h = p1 + ROWS * p;
-        for (long e; (e = atomic_fetch_add(&j->next, 1)) < j->nexp;)
+        for (long e; (e = take_expert(j->take, tid)) >= 0;)
             for (long r0 = j->start[e], end = r0 + j->count[e]; r0 < end; r0 += ROWS)
                 expert_alone(j, e, r0, end - r0 < ROWS ? end - r0 : ROWS, xf, p0, p1, h);
         return;
@@ -875,12 +916,18 @@ int wb_experts(const void *x, const int64_t *start, const int64_t *count, const 
     if (!buf) return -1;
     experts_job j = {x, start, count, ids, nexp, D, I, gu, dn, bf16, out,
                      buf, {buf + ROWS * D, buf + ROWS * (D + p)}, buf + ROWS * (D + 2 * p),
-                     {buf, buf + one}, 0, 0};
+                     {buf, buf + one}, 0, NULL};
     int t = 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1;
     /* two threads: whole experts each when there are several (two weight streams, no
      * barriers), one expert's halves otherwise; the same values either way */
     j.by_expert = t > 1 && nexp > 1 && by_expert_mode;
+    two_ends take;
+    if (j.by_expert) {
+        if (!two_ends_init(&take, nexp, count, NULL)) return -1;
+        j.take = &take;
+    }
     run_parallel(experts_task, &j, t);
+    if (j.by_expert) free(take.order);
     return 0;
 }
 
@@ -895,7 +942,7 @@ typedef struct {
     float *xf, *g, *h;        /* (ROWS, D), (ROWS, 2I), (ROWS, I) */
     const long *start;        /* by expert: each expert's first row (else NULL) */
     float *own[2];            /* by expert: each thread's xf, g and h */
-    atomic_long *next;        /* by expert: the next expert to take */
+    two_ends *take;           /* by expert: the experts left to take */
 } experts_oi_job;
 
 /* gate and up outputs [i0, i1) of n rows x through expert slot e, then their h columns */
@@ -920,15 +967,15 @@ static void oi_down(experts_oi_job *j, long e, long r0, long n, long d0, long d1
         for (long d = d0; d < d1; d++) store1(j->out, (r0 + r) * D + d, o[r * D + d], j->bf16);
 }
 
-/* rows of whole experts on this thread, the experts taken in turn from j->next (two weight
- * streams, no barriers): the same sums as the threads' column shares of experts_oi_task */
+/* rows of whole experts on this thread, the experts taken from j->take (two weight streams,
+ * no barriers): the same sums as the threads' column shares of experts_oi_task */
 static void experts_oi_alone(experts_oi_job *j, int tid) {
     experts_oi_job t = *j; /* this thread's buffers */
     long D = j->D, I = j->I, g = 2 * I > D ? 2 * I : D;
     t.xf = j->own[tid];
     t.g = t.xf + ROWS * D;
     t.h = t.g + ROWS * g;
-    for (long e; (e = atomic_fetch_add(j->next, 1)) < j->nexp;) {
+    for (long e; (e = take_expert(j->take, tid)) >= 0;) {
         long end = j->start[e] + j->count[e];
         if (end > j->A) end = j->A;
         for (long r0 = j->start[e]; r0 < end; r0 += ROWS) {
@@ -1019,15 +1066,17 @@ static int experts_oi_run(const void *x, long A, const int32_t *count, long nexp
     if (!buf) return -1;
     experts_oi_job j = {x, count, nexp, A, D, I, gu, dn, bf16, out,
                         buf, buf + ROWS * D, buf + ROWS * (D + g), NULL, {buf, buf + one}, NULL};
-    atomic_long next = 0;
+    two_ends take;
     if (alone) {
         long *start = (long *)(buf + 2 * one); /* nexp longs in the 2 * nexp floats past */
         for (long e = 0, r = 0; e < nexp; r += count[e], e++) start[e] = r;
+        if (!two_ends_init(&take, nexp, NULL, count)) return -1;
         j.start = start;
-        j.next = &next;
+        j.take = &take;
     }
     if (!sched) {
         run_parallel(experts_oi_task, &j, big ? threads : 1);
+        if (alone) free(take.order);
         return 0;
     }
     /* on a host pool: each pass's two products in parts, the same sums as experts_oi_task */
