@@ -334,22 +334,25 @@ AXPY_RN(4)
 
 #define AVX512 __attribute__((target("avx512f")))
 
-static int avx512_mode = -1; /* -1: not yet asked; 0: the AVX2 kernels; 1: AVX-512 */
+static atomic_int avx512_mode = -1; /* -1: not yet asked; 0: the AVX2 kernels; 1: AVX-512 */
 
 static int avx512_on(void) {
-    if (avx512_mode < 0) {
+    int m = atomic_load_explicit(&avx512_mode, memory_order_relaxed);
+    if (m < 0) {
         __builtin_cpu_init();
-        avx512_mode = __builtin_cpu_supports("avx512f") ? 1 : 0;
+        m = __builtin_cpu_supports("avx512f") ? 1 : 0;
+        atomic_store(&avx512_mode, m);
     }
-    return avx512_mode;
+    return m;
 }
 
 /* 0: the AVX2 kernels even where the CPU has AVX-512 (for measurements and tests); 1: AVX-512
  * where the CPU has it. Returns whether AVX-512 is now used. */
 int wb_set_avx512(int on) {
     __builtin_cpu_init();
-    avx512_mode = on && __builtin_cpu_supports("avx512f") ? 1 : 0;
-    return avx512_mode;
+    int m = on && __builtin_cpu_supports("avx512f") ? 1 : 0;
+    atomic_store(&avx512_mode, m);
+    return m;
 }
 
 AVX512 static inline __m512 load16(const void *w, long off, int bf16) {
