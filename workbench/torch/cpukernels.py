@@ -32,10 +32,13 @@ def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def serves_linear(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``x @ w.T`` goes through ``linear``: at most ``MAX_LINEAR_ROWS`` rows and a
-    weight of at least ``MIN_LINEAR_BYTES`` (smaller ones torch multiplies as fast)."""
+    """Whether ``x @ w.T`` goes through ``linear``: at most ``MAX_LINEAR_ROWS`` rows and, in
+    fp32, a weight of at least ``MIN_LINEAR_BYTES`` (smaller ones torch multiplies as fast;
+    its bf16 product on a row takes several times the kernel's time at any size, e.g. the
+    router's)."""
     return (x.numel() <= MAX_LINEAR_ROWS * x.shape[-1]
-            and w.numel() * w.element_size() >= MIN_LINEAR_BYTES and serves(x, w))
+            and (x.dtype == torch.bfloat16 or w.numel() * w.element_size() >= MIN_LINEAR_BYTES)
+            and serves(x, w))
 
 
 def serves_experts(xin: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
