@@ -79,10 +79,9 @@ static inline float swiglu1(float g, float u, int bf16) {
 
 /* ---------------------------------------------------------------- y = x @ W.T, W (O, K) */
 
-/* One or two rows (a decode step) read W four rows at a time and prefetch the group of four
- * rows DOT_AHEAD groups on, once per cache line, into L2 (_MM_HINT_T1): prefetched into L1
- * one group on, a decode step's products read at 0.67-0.87 of a plain read in the same
- * rounds; into L2, at 0.82-1.0 (two groups on or four read alike) */
+/* dot_rows (two fp32 rows; one bf16 row without its split copy) reads W four rows at a time
+ * and prefetches the group of four rows DOT_AHEAD groups on, once per cache line, into L2
+ * (_MM_HINT_T1): into L1 one group on, a decode step's products read 10-20% slower */
 #define DOT_AHEAD 2
 
 /* outputs o0..o1 of rows r0..r0+rn (rn <= 2), four outputs at a time */
@@ -166,33 +165,50 @@ static void dot_rows(const float *x, long K, int rn, const void *w, int bf16, lo
     }
 }
 
+static inline float hsum(__m256 v) {
+    float s[8];
+    _mm256_storeu_ps(s, v);
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* Where one row's products (dot_bf16_row, dot_f32_row) prefetch: this far past the start of
+ * the pair of W's rows they read, at least four rows on, once per cache line, into L2. Two rows
+ * at a time read a decode step's products at about a plain read's rate, four at a time a tenth
+ * slower (interleaved A/B, fp32 and bf16; the same sums, so the same bits) */
+static inline long row_ahead(long K, int bytes) {
+    long b = 4 * K * bytes;
+    return b > 8192 ? b : 8192;
+}
+
 /* one row, bf16 W: 16 weights load as eight 32-bit pairs; shifting and masking gives the
- * even and the odd ones as fp32 without a shuffle, against x split the same way (xp) */
+ * even and the odd ones as fp32 without a shuffle, against x split the same way (xp). Two
+ * outputs at a time over the outputs that come in fours from o0, the rest one by one (the
+ * outputs and their sums as four at a time: the same bits) */
 static void dot_bf16_row(const float *xp, const float *x, long K, const uint16_t *w, long o0,
                          long o1, float *y) {
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-    long K16 = K & ~15L, o = o0;
-    for (; o + 4 <= o1; o += 4) {
-        __m256 a[4], b[4];
-        for (int q = 0; q < 4; q++) a[q] = b[q] = _mm256_setzero_ps();
-        const char *next = (const char *)(w + (o + 4 * DOT_AHEAD) * K); /* 4 rows on */
+    long K16 = K & ~15L, o = o0, o4 = o0 + ((o1 - o0) & ~3L), ahead = row_ahead(K, 2);
+    for (; o < o4; o += 2) {
+        __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
+        const uint16_t *w0 = w + o * K, *w1 = w0 + K;
+        const char *next = (const char *)w0 + ahead;
         for (long k = 0; k < K16; k += 16) {
-            _mm_prefetch(next + 8 * k, _MM_HINT_T1); /* 4 rows x 16 weights = 2 lines */
-            _mm_prefetch(next + 8 * k + 64, _MM_HINT_T1);
+            _mm_prefetch(next + 4 * k, _MM_HINT_T1); /* 2 rows x 16 weights = 1 line */
             __m256 xe = _mm256_loadu_ps(xp + k), xo = _mm256_loadu_ps(xp + k + 8);
-            for (int q = 0; q < 4; q++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(w + (o + q) * K + k));
-                a[q] = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), a[q]);
-                b[q] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v, hi)), b[q]);
-            }
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + k));
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + k));
+            a0 = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), a0);
+            b0 = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v0, hi)), b0);
+            a1 = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), a1);
+            b1 = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v1, hi)), b1);
         }
-        for (int q = 0; q < 4; q++) {
-            float s[8];
-            _mm256_storeu_ps(s, _mm256_add_ps(a[q], b[q]));
-            float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-            for (long k = K16; k < K; k++) t += x[k] * load1(w, (o + q) * K + k, 1);
-            y[o + q] = t;
+        float t0 = hsum(_mm256_add_ps(a0, b0)), t1 = hsum(_mm256_add_ps(a1, b1));
+        for (long k = K16; k < K; k++) {
+            t0 += x[k] * load1(w0, k, 1);
+            t1 += x[k] * load1(w1, k, 1);
         }
+        y[o] = t0;
+        y[o + 1] = t1;
     }
     for (; o < o1; o++) {
         float t = 0.0f;
@@ -201,11 +217,47 @@ static void dot_bf16_row(const float *xp, const float *x, long K, const uint16_t
     }
 }
 
-static inline float hsum(__m256 v) {
-    float s[8];
-    _mm256_storeu_ps(s, v);
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+/* one row, fp32 W: the sums of dot_rows' one-row path (two per output over 16 weights,
+ * added, then eight weights at a time, then one by one), two outputs at a time as
+ * dot_bf16_row */
+static void dot_f32_row(const float *x, long K, const float *w, long o0, long o1, float *y) {
+    long o = o0, o4 = o0 + ((o1 - o0) & ~3L), ahead = row_ahead(K, 4), K16 = K & ~15L;
+    for (; o < o4; o += 2) {
+        __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
+        const float *w0 = w + o * K, *w1 = w0 + K;
+        const char *next = (const char *)w0 + ahead;
+        for (long k = 0; k < K16; k += 16) {
+            _mm_prefetch(next + 8 * k, _MM_HINT_T1); /* 2 rows x 16 weights = 2 lines */
+            _mm_prefetch(next + 8 * k + 64, _MM_HINT_T1);
+            __m256 v = _mm256_loadu_ps(x + k), u = _mm256_loadu_ps(x + k + 8);
+            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0 + k), a0);
+            b0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w0 + k + 8), b0);
+            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1 + k), a1);
+            b1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w1 + k + 8), b1);
+        }
+        a0 = _mm256_add_ps(a0, b0);
+        a1 = _mm256_add_ps(a1, b1);
+        long k = K16;
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_loadu_ps(x + k);
+            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0 + k), a0);
+            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1 + k), a1);
+        }
+        float t0 = hsum(a0), t1 = hsum(a1);
+        for (; k < K; k++) {
+            t0 += x[k] * w0[k];
+            t1 += x[k] * w1[k];
+        }
+        y[o] = t0;
+        y[o + 1] = t1;
+    }
+    for (; o < o1; o++) {
+        float t = 0.0f;
+        for (long k = 0; k < K; k++) t += x[k] * w[o * K + k];
+        y[o] = t;
+    }
 }
+
 
 /* outputs o, o + 1 (no of them) of rows r0 .. r0 + rn (rn <= 4, x rows K apart) */
 static inline __attribute__((always_inline)) void dot_group(
@@ -263,6 +315,10 @@ static void dot_mm(const float *x, const float *xp, long n, long K, const void *
                    long o0, long o1, float *y, long ldy) {
     if (bf16 && n == 1 && xp) {
         dot_bf16_row(xp, x, K, w, o0, o1, y);
+        return;
+    }
+    if (!bf16 && n == 1) {
+        dot_f32_row(x, K, w, o0, o1, y);
         return;
     }
     if (n > 2 || (bf16 && n == 2)) { /* bf16 pairs: dot_rows widens each weight twice */
