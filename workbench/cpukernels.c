@@ -1263,44 +1263,69 @@ typedef struct {
     void *out; /* (B, H, d) */
 } attn1_job;
 
-/* the G query heads of kv head g in batch row b (acc: d floats of the calling thread) */
-static void attn1_heads(const attn1_job *j, long b, long g, float *acc) {
-    long T = j->T, d = j->d, G = j->G, bf = j->bf16;
-    for (long i = 0; i < G; i++) {
-        long h = g * G + i;
-        float *p = j->p + (b * j->H + h) * T;
-        const long qo = b * j->qb + h * j->qh;
-        for (long t = 0; t < T; t++) {
-            long ko = b * j->kb + g * j->kh + t * j->kt, e = 0;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-            for (; e + 16 <= d; e += 16) {
-                a0 = _mm256_fmadd_ps(load8(j->q, qo + e, bf), load8(j->k, ko + e, bf), a0);
-                a1 = _mm256_fmadd_ps(load8(j->q, qo + e + 8, bf), load8(j->k, ko + e + 8, bf), a1);
-            }
-            float sdot = hsum(_mm256_add_ps(a0, a1));
-            for (; e < d; e++) sdot += load1(j->q, qo + e, bf) * load1(j->k, ko + e, bf);
-            p[t] = sdot * j->scale;
-        }
-        float mx = -INFINITY;
+/* keys a tile: the query heads of a kv head take turns over a tile of keys (or values), which
+ * stays in L1 meanwhile, so the cache is read from memory once per kv head, not once per query
+ * head. Each head's sums run in the same order as one head at a time: the same bits. */
+#define ATT_TILE 32
+/* floats of the accumulators of the query heads that share the tiles at a time */
+#define ATT_ACC 4096
+
+/* the score of query head h against key t, times the scale */
+static inline float attn1_score(const attn1_job *j, long b, long g, long h, long t) {
+    long d = j->d, bf = j->bf16, e = 0;
+    const long qo = b * j->qb + h * j->qh, ko = b * j->kb + g * j->kh + t * j->kt;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (; e + 16 <= d; e += 16) {
+        a0 = _mm256_fmadd_ps(load8(j->q, qo + e, bf), load8(j->k, ko + e, bf), a0);
+        a1 = _mm256_fmadd_ps(load8(j->q, qo + e + 8, bf), load8(j->k, ko + e + 8, bf), a1);
+    }
+    float sdot = hsum(_mm256_add_ps(a0, a1));
+    for (; e < d; e++) sdot += load1(j->q, qo + e, bf) * load1(j->k, ko + e, bf);
+    return sdot * j->scale;
+}
+
+/* query heads h0 .. h1 of kv head g in batch row b (acc: (h1 - h0) * d floats) */
+static void attn1_heads(const attn1_job *j, long b, long g, long h0, long h1, float *acc) {
+    long T = j->T, d = j->d, bf = j->bf16, n = h1 - h0;
+    float *p0 = j->p + (b * j->H + h0) * T; /* head h0 + i's scores: p0 + i * T */
+    for (long t0 = 0; t0 < T; t0 += ATT_TILE) {
+        long t1 = t0 + ATT_TILE < T ? t0 + ATT_TILE : T;
+        for (long i = 0; i < n; i++)
+            for (long t = t0; t < t1; t++) p0[i * T + t] = attn1_score(j, b, g, h0 + i, t);
+    }
+    float sums[n];
+    for (long i = 0; i < n; i++) {
+        float *p = p0 + i * T, mx = -INFINITY, sum = 0.0f;
         for (long t = 0; t < T; t++) mx = p[t] > mx ? p[t] : mx;
-        float sum = 0.0f;
         for (long t = 0; t < T; t++) {
             /* every score -inf (or NaN): NaN, as softmax gives */
             p[t] = expf(p[t] - mx);
             sum += p[t];
         }
-        for (long e = 0; e < d; e++) acc[e] = 0.0f;
-        for (long t = 0; t < T; t++) {
-            long vo = b * j->vb + g * j->vh + t * j->vt, e = 0;
-            /* bf16: the weights are rounded to bf16 before they multiply the values */
-            __m256 w = _mm256_set1_ps(bf ? round_bf16(p[t]) : p[t]);
-            for (; e + 8 <= d; e += 8)
-                _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(w, load8(j->v, vo + e, bf),
-                                                          _mm256_loadu_ps(acc + e)));
-            for (; e < d; e++) acc[e] += (bf ? round_bf16(p[t]) : p[t]) * load1(j->v, vo + e, bf);
+        sums[i] = sum;
+    }
+    for (long e = 0; e < n * d; e++) acc[e] = 0.0f;
+    for (long t0 = 0; t0 < T; t0 += ATT_TILE) {
+        long t1 = t0 + ATT_TILE < T ? t0 + ATT_TILE : T;
+        for (long i = 0; i < n; i++) {
+            float *a = acc + i * d;
+            const float *p = p0 + i * T;
+            for (long t = t0; t < t1; t++) {
+                long vo = b * j->vb + g * j->vh + t * j->vt, e = 0;
+                /* bf16: the weights are rounded to bf16 before they multiply the values */
+                float wt = bf ? round_bf16(p[t]) : p[t];
+                __m256 w = _mm256_set1_ps(wt);
+                for (; e + 8 <= d; e += 8)
+                    _mm256_storeu_ps(a + e, _mm256_fmadd_ps(w, load8(j->v, vo + e, bf),
+                                                            _mm256_loadu_ps(a + e)));
+                for (; e < d; e++) a[e] += wt * load1(j->v, vo + e, bf);
+            }
         }
-        float inv = 1.0f / sum;
-        for (long e = 0; e < d; e++) store1(j->out, (b * j->H + h) * d + e, acc[e] * inv, bf);
+    }
+    for (long i = 0; i < n; i++) {
+        float inv = 1.0f / sums[i];
+        for (long e = 0; e < d; e++)
+            store1(j->out, (b * j->H + h0 + i) * d + e, acc[i * d + e] * inv, bf);
     }
 }
 
@@ -1314,8 +1339,14 @@ static void attn1_task(void *arg, int tid, int nthreads) {
         g0 = tid == 0 ? 0 : groups / 2;
         g1 = tid == 0 ? groups / 2 : groups;
     }
-    float acc[j->d];
-    for (long x = g0; x < g1; x++) attn1_heads(j, x / (j->H / j->G), x % (j->H / j->G), acc);
+    long G = j->G, step = ATT_ACC / j->d > 0 ? ATT_ACC / j->d : 1;
+    if (step > G) step = G;
+    float acc[step * j->d];
+    for (long x = g0; x < g1; x++) {
+        long b = x / (j->H / G), g = x % (j->H / G);
+        for (long i = 0; i < G; i += step)
+            attn1_heads(j, b, g, g * G + i, g * G + (i + step < G ? i + step : G), acc);
+    }
 }
 
 /* out (B, H, 1, d), contiguous = softmax(q k^T * scale) v for one query per head over all T
