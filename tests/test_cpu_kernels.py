@@ -300,6 +300,26 @@ def test_decode_attention_matches_sdpa(B, H, K, T, d, dtype, threads):
     assert not ck.serves_attention(q, k, v)  # autograd on: torch's own
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,K,T,d", [(8, 2, 77, 128), (10, 2, 300, 64), (6, 3, 33, 40),
+                                     (4, 1, 5, 32), (64, 1, 70, 128)])
+def test_decode_attention_grouped_heads_same_bits_as_one_head(H, K, T, d, dtype, threads):
+    """The query heads of a kv head share tiles of keys (read in other orders by the heads
+    after the first); each head's output has the bits of that head computed alone."""
+    g = torch.Generator().manual_seed(H * T + d)
+    q = torch.randn(1, H, 1, d, generator=g).to(dtype)
+    k = (torch.randn(1, K, T + 5, d, generator=g) * 2).to(dtype)[:, :, 1:T + 1]
+    v = torch.randn(1, K, T + 5, d, generator=g).to(dtype)[:, :, 3:T + 3]
+    G = H // K
+    with torch.inference_mode(), kernels.using(threads):
+        together = ck.attention(q, k, v, d ** -0.5)
+        for h in range(H):
+            alone = ck.attention(q[:, h:h + 1].contiguous(), k[:, h // G:h // G + 1],
+                                 v[:, h // G:h // G + 1], d ** -0.5)
+            assert torch.equal(together[:, h:h + 1], alone), h
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_propagates_nan(dtype):
     q = torch.randn(1, 4, 1, 16).to(dtype)

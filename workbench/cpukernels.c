@@ -1265,7 +1265,10 @@ typedef struct {
 
 /* keys a tile: the query heads of a kv head take turns over a tile of keys (or values), which
  * stays in L1 meanwhile, so the cache is read from memory once per kv head, not once per query
- * head. Each head's sums run in the same order as one head at a time: the same bits. */
+ * head. The first head reads the tile key by key, in address order (as the memory streams
+ * fastest); the others four keys at a time (scores) or with 32 sums in registers over the
+ * tile (values), from L1. Each head's sums run in the same order throughout: the same bits
+ * as one head at a time, key by key. */
 #define ATT_TILE 32
 /* floats of the accumulators of the query heads that share the tiles at a time */
 #define ATT_ACC 4096
@@ -1284,14 +1287,40 @@ static inline float attn1_score(const attn1_job *j, long b, long g, long h, long
     return sdot * j->scale;
 }
 
+/* the scores of query head h against keys t .. t + 3, times the scale, into p[t .. t + 3]:
+ * attn1_score's sums (d a multiple of 16), the four horizontal sums by hadd in the same tree */
+static inline void attn1_score4(const attn1_job *j, long b, long g, long h, long t, float *p) {
+    long d = j->d, bf = j->bf16;
+    const long qo = b * j->qb + h * j->qh, ko = b * j->kb + g * j->kh + t * j->kt, kt = j->kt;
+    __m256 a0[4], a1[4];
+    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    for (long e = 0; e < d; e += 16) {
+        __m256 q0 = load8(j->q, qo + e, bf), q1 = load8(j->q, qo + e + 8, bf);
+        for (int r = 0; r < 4; r++) {
+            a0[r] = _mm256_fmadd_ps(q0, load8(j->k, ko + r * kt + e, bf), a0[r]);
+            a1[r] = _mm256_fmadd_ps(q1, load8(j->k, ko + r * kt + e + 8, bf), a1[r]);
+        }
+    }
+    /* per key u = a0 + a1, then ((u0 + u1) + (u2 + u3)) + ((u4 + u5) + (u6 + u7)) */
+    __m256 h01 = _mm256_hadd_ps(_mm256_add_ps(a0[0], a1[0]), _mm256_add_ps(a0[1], a1[1]));
+    __m256 h23 = _mm256_hadd_ps(_mm256_add_ps(a0[2], a1[2]), _mm256_add_ps(a0[3], a1[3]));
+    __m256 q4 = _mm256_hadd_ps(h01, h23);
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(q4), _mm256_extractf128_ps(q4, 1));
+    _mm_storeu_ps(p, _mm_mul_ps(sum, _mm_set1_ps(j->scale)));
+}
+
 /* query heads h0 .. h1 of kv head g in batch row b (acc: (h1 - h0) * d floats) */
 static void attn1_heads(const attn1_job *j, long b, long g, long h0, long h1, float *acc) {
     long T = j->T, d = j->d, bf = j->bf16, n = h1 - h0;
     float *p0 = j->p + (b * j->H + h0) * T; /* head h0 + i's scores: p0 + i * T */
     for (long t0 = 0; t0 < T; t0 += ATT_TILE) {
         long t1 = t0 + ATT_TILE < T ? t0 + ATT_TILE : T;
-        for (long i = 0; i < n; i++)
-            for (long t = t0; t < t1; t++) p0[i * T + t] = attn1_score(j, b, g, h0 + i, t);
+        for (long i = 0; i < n; i++) {
+            long t = t0;
+            if (i > 0 && d % 16 == 0) /* the first head reads the tile in order */
+                for (; t + 4 <= t1; t += 4) attn1_score4(j, b, g, h0 + i, t, p0 + i * T + t);
+            for (; t < t1; t++) p0[i * T + t] = attn1_score(j, b, g, h0 + i, t);
+        }
     }
     float sums[n];
     for (long i = 0; i < n; i++) {
@@ -1310,15 +1339,34 @@ static void attn1_heads(const attn1_job *j, long b, long g, long h0, long h1, fl
         for (long i = 0; i < n; i++) {
             float *a = acc + i * d;
             const float *p = p0 + i * T;
+            long e = 0;
+            /* 32 of the d sums at a time stay in registers over the tile's values (after
+             * the first head, which reads the tile in order) */
+            for (; i > 0 && e + 32 <= d; e += 32) {
+                __m256 c0 = _mm256_loadu_ps(a + e), c1 = _mm256_loadu_ps(a + e + 8);
+                __m256 c2 = _mm256_loadu_ps(a + e + 16), c3 = _mm256_loadu_ps(a + e + 24);
+                for (long t = t0; t < t1; t++) {
+                    long vo = b * j->vb + g * j->vh + t * j->vt + e;
+                    /* bf16: the weights are rounded to bf16 before they multiply the values */
+                    __m256 w = _mm256_set1_ps(bf ? round_bf16(p[t]) : p[t]);
+                    c0 = _mm256_fmadd_ps(w, load8(j->v, vo, bf), c0);
+                    c1 = _mm256_fmadd_ps(w, load8(j->v, vo + 8, bf), c1);
+                    c2 = _mm256_fmadd_ps(w, load8(j->v, vo + 16, bf), c2);
+                    c3 = _mm256_fmadd_ps(w, load8(j->v, vo + 24, bf), c3);
+                }
+                _mm256_storeu_ps(a + e, c0);
+                _mm256_storeu_ps(a + e + 8, c1);
+                _mm256_storeu_ps(a + e + 16, c2);
+                _mm256_storeu_ps(a + e + 24, c3);
+            }
             for (long t = t0; t < t1; t++) {
-                long vo = b * j->vb + g * j->vh + t * j->vt, e = 0;
-                /* bf16: the weights are rounded to bf16 before they multiply the values */
+                long vo = b * j->vb + g * j->vh + t * j->vt, f = e;
                 float wt = bf ? round_bf16(p[t]) : p[t];
                 __m256 w = _mm256_set1_ps(wt);
-                for (; e + 8 <= d; e += 8)
-                    _mm256_storeu_ps(a + e, _mm256_fmadd_ps(w, load8(j->v, vo + e, bf),
-                                                            _mm256_loadu_ps(a + e)));
-                for (; e < d; e++) a[e] += wt * load1(j->v, vo + e, bf);
+                for (; f + 8 <= d; f += 8)
+                    _mm256_storeu_ps(a + f, _mm256_fmadd_ps(w, load8(j->v, vo + f, bf),
+                                                            _mm256_loadu_ps(a + f)));
+                for (; f < d; f++) a[f] += wt * load1(j->v, vo + f, bf);
             }
         }
     }
