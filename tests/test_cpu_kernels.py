@@ -449,6 +449,48 @@ def test_jax_linear_in_the_model_path_and_its_bounds():
     assert not jk.faster_than_xla(jnp.float32, 1, 1)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("H,K,d,cap,start,k_start,chunk", [
+    (8, 2, 128, 64, 40, 0, None), (4, 2, 64, 128, 100, 0, 64), (4, 2, 64, 128, 130, 64, 64),
+    (6, 3, 40, 16, 0, 0, None), (4, 1, 32, 32, 31, 0, 8)])
+def test_jax_decode_attention_is_the_torch_kernel(H, K, d, cap, start, k_start, chunk, dtype):
+    """A jax decoding step on the CPU attends through the kernel torch's decode uses: over the
+    cache slots its query sees (its chunk's, up to its own slot; never the unwritten slots
+    past it), bit for bit torch's output on those keys, and within rounding of the masked
+    XLA attention it replaces."""
+    jax, jk = _jax()
+    import jax.numpy as jnp
+
+    from workbench.jax import attention as jatt
+    rng = np.random.default_rng(H * cap + start)
+    tdt = getattr(torch, dtype)
+    q = torch.from_numpy(rng.standard_normal((1, H, 1, d)).astype(np.float32)).to(tdt)
+    k = torch.from_numpy(rng.standard_normal((1, K, cap, d)).astype(np.float32) * 2).to(tdt)
+    v = torch.from_numpy(rng.standard_normal((1, K, cap, d)).astype(np.float32)).to(tdt)
+    k[:, :, start - k_start + 1:] = float("nan")  # unwritten slots: never read
+    v[:, :, start - k_start + 1:] = float("nan")
+
+    def to_jax(t):
+        return jnp.asarray(t.float().numpy(), getattr(jnp, dtype))
+
+    qj, kj, vj = to_jax(q), to_jax(k), to_jax(v)
+    assert jk.serves_attention(qj, kj, vj)
+    step = jax.jit(lambda q, k, v, s: jatt.fused(q, k, v, s, k_start, chunk, d ** -0.5))
+    got = step(qj, kj, vj, jnp.int32(start))
+    first = 0 if chunk is None else max(0, start // chunk * chunk - k_start)
+    with torch.inference_mode():
+        want = ck.attention(q, k[:, :, first:start - k_start + 1],
+                            v[:, :, first:start - k_start + 1], d ** -0.5)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want.float().numpy())
+    clean = [jnp.where(jnp.isnan(t), 0, t) for t in (kj, vj)]
+    xla = jatt._sdpa(qj, *clean, jatt._mask(1, cap, start, k_start, chunk), d ** -0.5)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(xla, np.float32),
+                               rtol=1e-5 if dtype == "float32" else 2e-2,
+                               atol=1e-6 if dtype == "float32" else 1e-2)
+    assert not jk.serves_attention(qj.astype(jnp.float16), kj.astype(jnp.float16),
+                                   vj.astype(jnp.float16))
+
+
 def test_jax_decode_size_calls_share_xlas_pool():
     """A decode-size custom call (at most MAX_LINEAR_ROWS rows) asks for helper tasks on XLA's
     own pool (threads=POOL); more rows take the kernels' worker; one thread allowed, one."""

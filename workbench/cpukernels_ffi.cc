@@ -8,8 +8,13 @@
 //              the weights given by address (each row E 64-bit addresses as int32 pairs, jax
 //              being 32-bit by default: row 0 gate_up_e, row 1 down_e, C order, x's dtype;
 //              the attribute inter is I), so a step does not pass 2E arrays.
+//   wb_attn1(q (B, H, 1, d), k (B, K, cap, d), v (B, K, cap, d), keys (2,) int32) -> out
+//              (B, H, 1, d): one query per head over the keys in slots keys[0] ..
+//              keys[0] + keys[1] of the cache (a decoding step), query head h reading kv head
+//              h / (H / K); the attribute scale (f32).
 //   All take the attribute threads (int32): 1, or 2 to let the kernels' worker thread help,
-//   or 0: helper tasks on XLA's intra-op thread pool instead (never competing with its threads).
+//   or 0: helper tasks on XLA's intra-op thread pool instead (never competing with its threads;
+//   not wb_attn1).
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -28,6 +33,10 @@ extern "C" int wb_linear_pooled(const void *x, long n, long K, const void *w, lo
 static void schedule_on(void *pool, void (*task)(void *), void *data) {
     static_cast<ffi::ThreadPool *>(pool)->Schedule([task, data] { task(data); });
 }
+extern "C" int wb_attn1(const void *q, long B, long H, long G, long T, long d, long qb,
+                        long qh, const void *k, long kb, long kh, long kt, const void *v,
+                        long vb, long vh, long vt, float scale, int bf16, void *out,
+                        int threads);
 extern "C" int wb_experts_oi(const void *x, long A, const int32_t *count, long nexp,
                              const void *const *gu, const void *const *dn, long D, long I,
                              int bf16, void *out, int threads);
@@ -155,4 +164,43 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WbExpertsAt, ExpertsAt,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("inter")
+                                  .Attr<int32_t>("threads"));
+
+static ffi::Error Attn1(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::Buffer<ffi::S32> keys, ffi::Result<ffi::AnyBuffer> out, float scale,
+                        int32_t threads) {
+    auto qd = q.dimensions(), kd = k.dimensions();
+    auto qt = q.element_type();
+    if (qd.size() != 4 || kd.size() != 4 || qd[2] != 1 || qd[0] != kd[0] || qd[3] != kd[3] ||
+        kd[1] <= 0 || qd[1] % kd[1] != 0)
+        return ffi::Error::InvalidArgument(
+            "wb_attn1: q must be (B, H, 1, d), k and v (B, K, cap, d) with K dividing H");
+    if ((qt != ffi::DataType::F32 && qt != ffi::DataType::BF16) || k.element_type() != qt ||
+        v.element_type() != qt || out->element_type() != qt ||
+        v.element_count() != k.element_count() || out->element_count() != q.element_count())
+        return ffi::Error::InvalidArgument("wb_attn1: q, k, v and out must be one of f32, bf16");
+    if (keys.element_count() != 2)
+        return ffi::Error::InvalidArgument("wb_attn1: keys must be (first slot, count)");
+    long B = qd[0], H = qd[1], d = qd[3], K = kd[1], cap = kd[2];
+    long t0 = keys.typed_data()[0], T = keys.typed_data()[1];
+    if (t0 < 0 || T < 1 || t0 + T > cap)
+        return ffi::Error::InvalidArgument("wb_attn1: the keys must be 1 or more slots of the cache");
+    long el = qt == ffi::DataType::BF16 ? 2 : 4;
+    const char *k0 = static_cast<const char *>(k.untyped_data()) + t0 * d * el;
+    const char *v0 = static_cast<const char *>(v.untyped_data()) + t0 * d * el;
+    if (wb_attn1(q.untyped_data(), B, H, H / K, T, d, H * d, d, k0, K * cap * d, cap * d, d, v0,
+                 K * cap * d, cap * d, d, scale, qt == ffi::DataType::BF16,
+                 out->untyped_data(), threads > 1 ? 2 : 1))
+        return ffi::Error::Internal("wb_attn1: no memory for the scores");
+    return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WbAttn1, Attn1,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("scale")
                                   .Attr<int32_t>("threads"));

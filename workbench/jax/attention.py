@@ -194,7 +194,9 @@ def fused(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
     buffer would exceed ``BLOCKWISE_MIN`` elements run ``flash`` (for small chunks: the
     per-chunk kernel, a bounded group of chunks at a time), so short calls keep the
     unblocked kernels' exact rounding. On a GPU (``platform="gpu"``), a long bf16/fp16
-    prefill of a global layer runs ``device_attention`` (cuDNN) instead of ``flash``.
+    prefill of a global layer runs ``device_attention`` (cuDNN) instead of ``flash``. An
+    unpadded decoding step (one query) on the CPU runs the CPU kernel (``cpukernels``), as in
+    the torch backend.
     A padded batch (``pad``) runs masked: ``flash`` with the padding mask above
     ``BLOCKWISE_MIN``, else one masked kernel (never the per-chunk or cuDNN paths)."""
     B, H, S, d = q.shape
@@ -204,6 +206,12 @@ def fused(q: jax.Array, k: jax.Array, v: jax.Array, start: Pos, k_start: Pos,
             return flash(q, k, v, start, k_start, chunk, scale, pad)
         return _sdpa(q, k, v, _pad_mask(S, T, start, k_start, chunk, pad)[:, None, None],
                      scale)
+    if S == 1 and platform == "cpu" and cpukernels.serves_attention(q, k, v):
+        # a decoding step on the CPU: the keys it sees are one run of slots, ending at its own
+        # (chunked layers: from its chunk's first position), which the kernel reads once per
+        # kv head; the slots past it (not yet written) are never read
+        first = 0 if chunk is None else jnp.maximum(0, (start // chunk) * chunk - k_start)
+        return cpukernels.attention(q, k, v, first, start - k_start - first + 1, scale)
     fresh = isinstance(start, int) and start == 0 and isinstance(k_start, int) and k_start == 0
     if platform == "gpu" and fresh and T == S and chunk is None and \
             B * H * S * T > BLOCKWISE_MIN and q.dtype in (jnp.bfloat16, jnp.float16):

@@ -45,6 +45,8 @@ def _register() -> tuple[bool, str]:
                                 platform="cpu")
     jax.ffi.register_ffi_target("workbench_experts_at", jax.ffi.pycapsule(lib.WbExpertsAt),
                                 platform="cpu")
+    jax.ffi.register_ffi_target("workbench_attn1", jax.ffi.pycapsule(lib.WbAttn1),
+                                platform="cpu")
     return True, ""
 
 
@@ -56,6 +58,28 @@ def serves_linear(x: jax.Array, w: jax.Array) -> bool:
             and math.prod(x.shape[:-1]) <= shared.MAX_LINEAR_ROWS
             and w.size * w.dtype.itemsize >= shared.MIN_LINEAR_BYTES
             and jax.default_backend() == "cpu" and ready())
+
+
+def serves_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether a decoding step's attention (q (B, H, 1, d), the cache k and v (B, K, cap, d))
+    runs in the kernel: on the CPU, fp32 or bf16 throughout, d at most 1024, K dividing H."""
+    return (q.ndim == k.ndim == 4 and q.shape[2] == 1 and k.shape == v.shape
+            and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] <= 1024
+            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
+            and q.dtype == k.dtype == v.dtype and q.dtype in (jnp.float32, jnp.bfloat16)
+            and jax.default_backend() == "cpu" and ready())
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, first: jax.Array, count: jax.Array,
+              scale: float) -> jax.Array:
+    """softmax(q k^T * scale) v for one query per head over cache slots ``first`` ..
+    ``first + count`` (traced int32 scalars; at least one slot), GQA: the torch backend's
+    decode attention kernel, with its rounding (bf16: the softmax weights rounded to bf16
+    before they weigh v, the output once at the end)."""
+    out = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    keys = jnp.stack([jnp.asarray(first, jnp.int32), jnp.asarray(count, jnp.int32)])
+    return jax.ffi.ffi_call("workbench_attn1", out, vmap_method="sequential")(
+        q, k, v, keys, scale=np.float32(scale), threads=np.int32(shared.threads()))
 
 
 POOL = 0  # the ``threads`` attribute asking for helper tasks on XLA's own thread pool
