@@ -489,6 +489,10 @@ def test_jax_decode_attention_is_the_torch_kernel(H, K, d, cap, start, k_start, 
                                atol=1e-6 if dtype == "float32" else 1e-2)
     assert not jk.serves_attention(qj.astype(jnp.float16), kj.astype(jnp.float16),
                                    vj.astype(jnp.float16))
+    with pytest.raises(Exception, match="keys must be 1 or more slots of the cache"):
+        jax.block_until_ready(jk.attention(qj, kj, vj, cap - 1, 2, 0.1))  # past the cache
+    with pytest.raises(Exception, match="keys must be 1 or more slots of the cache"):
+        jax.block_until_ready(jk.attention(qj, kj, vj, 0, 0, 0.1))  # no key
 
 
 def test_jax_decode_size_calls_share_xlas_pool():

@@ -171,7 +171,7 @@ static inline float hsum(__m256 v) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-/* Where one row's products (dot_bf16_row, dot_f32_row) prefetch: this far past the start of
+/* Where one row's products (dot_row) prefetch: this far past the start of
  * the pair of W's rows they read, at least four rows on, once per cache line, into L2. Two rows
  * at a time read a decode step's products at about a plain read's rate, four at a time a tenth
  * slower (interleaved A/B, fp32 and bf16; the same sums, so the same bits) */
@@ -180,84 +180,68 @@ static inline long row_ahead(long K, int bytes) {
     return b > 8192 ? b : 8192;
 }
 
-/* one row, bf16 W: 16 weights load as eight 32-bit pairs; shifting and masking gives the
- * even and the odd ones as fp32 without a shuffle, against x split the same way (xp). Two
- * outputs at a time over the outputs that come in fours from o0, the rest one by one (the
- * outputs and their sums as four at a time: the same bits) */
-static void dot_bf16_row(const float *xp, const float *x, long K, const uint16_t *w, long o0,
-                         long o1, float *y) {
-    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-    long K16 = K & ~15L, o = o0, o4 = o0 + ((o1 - o0) & ~3L), ahead = row_ahead(K, 2);
-    for (; o < o4; o += 2) {
-        __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
-        const uint16_t *w0 = w + o * K, *w1 = w0 + K;
-        const char *next = (const char *)w0 + ahead;
-        for (long k = 0; k < K16; k += 16) {
-            _mm_prefetch(next + 4 * k, _MM_HINT_T1); /* 2 rows x 16 weights = 1 line */
-            __m256 xe = _mm256_loadu_ps(xp + k), xo = _mm256_loadu_ps(xp + k + 8);
-            __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + k));
-            __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + k));
-            a0 = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), a0);
-            b0 = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v0, hi)), b0);
-            a1 = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), a1);
-            b1 = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v1, hi)), b1);
-        }
-        float t0 = hsum(_mm256_add_ps(a0, b0)), t1 = hsum(_mm256_add_ps(a1, b1));
-        for (long k = K16; k < K; k++) {
-            t0 += x[k] * load1(w0, k, 1);
-            t1 += x[k] * load1(w1, k, 1);
-        }
-        y[o] = t0;
-        y[o + 1] = t1;
-    }
-    for (; o < o1; o++) {
-        float t = 0.0f;
-        for (long k = 0; k < K; k++) t += x[k] * load1(w, o * K + k, 1);
-        y[o] = t;
+/* 16 weights of a row from w + off: bf16 as eight 32-bit pairs, whose shifted and masked
+ * halves are the even and the odd weights as fp32 (no shuffle; x split the same way); fp32 as
+ * the first and the last eight */
+static inline __attribute__((always_inline)) void load16x2(const void *w, long off, int bf16,
+                                                           __m256 *lo, __m256 *hi) {
+    if (bf16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + off));
+        *lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+    } else {
+        *lo = _mm256_loadu_ps((const float *)w + off);
+        *hi = _mm256_loadu_ps((const float *)w + off + 8);
     }
 }
 
-/* one row, fp32 W: the sums of dot_rows' one-row path (two per output over 16 weights,
- * added, then eight weights at a time, then one by one), two outputs at a time as
- * dot_bf16_row */
-static void dot_f32_row(const float *x, long K, const float *w, long o0, long o1, float *y) {
-    long o = o0, o4 = o0 + ((o1 - o0) & ~3L), ahead = row_ahead(K, 4), K16 = K & ~15L;
+/* One row (a decode step's products): y[o0:o1] = W[o0:o1] x, two outputs at a time over the
+ * outputs that come in fours from o0, the rest one by one (each output summed as when four
+ * were taken at a time: the same bits). Per output two sums over 16 weights at a time, xs
+ * being x split as load16x2 splits the weights (bf16: even and odd; fp32: x itself), added; in
+ * fp32 then eight weights at a time; then one by one */
+static inline __attribute__((always_inline)) void dot_row(const float *xs, const float *x,
+                                                          long K, const void *w, int bf16,
+                                                          long o0, long o1, float *y) {
+    long es = bf16 ? 2 : 4, K16 = K & ~15L, o = o0, o4 = o0 + ((o1 - o0) & ~3L);
+    long ahead = row_ahead(K, (int)es);
     for (; o < o4; o += 2) {
-        __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
-        const float *w0 = w + o * K, *w1 = w0 + K;
-        const char *next = (const char *)w0 + ahead;
+        __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, l0, h0, l1, h1;
+        const char *next = (const char *)w + o * K * es + ahead;
         for (long k = 0; k < K16; k += 16) {
-            _mm_prefetch(next + 8 * k, _MM_HINT_T1); /* 2 rows x 16 weights = 2 lines */
-            _mm_prefetch(next + 8 * k + 64, _MM_HINT_T1);
-            __m256 v = _mm256_loadu_ps(x + k), u = _mm256_loadu_ps(x + k + 8);
-            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0 + k), a0);
-            b0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w0 + k + 8), b0);
-            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1 + k), a1);
-            b1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w1 + k + 8), b1);
+            /* 2 rows x 16 weights: one line (bf16) or two (fp32) */
+            for (long l = 0; l < 32 * es; l += 64)
+                _mm_prefetch(next + 2 * es * k + l, _MM_HINT_T1);
+            __m256 xa = _mm256_loadu_ps(xs + k), xb = _mm256_loadu_ps(xs + k + 8);
+            load16x2(w, o * K + k, bf16, &l0, &h0);
+            load16x2(w, (o + 1) * K + k, bf16, &l1, &h1);
+            a0 = _mm256_fmadd_ps(xa, l0, a0);
+            b0 = _mm256_fmadd_ps(xb, h0, b0);
+            a1 = _mm256_fmadd_ps(xa, l1, a1);
+            b1 = _mm256_fmadd_ps(xb, h1, b1);
         }
         a0 = _mm256_add_ps(a0, b0);
         a1 = _mm256_add_ps(a1, b1);
         long k = K16;
-        for (; k + 8 <= K; k += 8) {
+        for (; !bf16 && k + 8 <= K; k += 8) {
             __m256 v = _mm256_loadu_ps(x + k);
-            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0 + k), a0);
-            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1 + k), a1);
+            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps((const float *)w + o * K + k), a0);
+            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps((const float *)w + (o + 1) * K + k), a1);
         }
         float t0 = hsum(a0), t1 = hsum(a1);
         for (; k < K; k++) {
-            t0 += x[k] * w0[k];
-            t1 += x[k] * w1[k];
+            t0 += x[k] * load1(w, o * K + k, bf16);
+            t1 += x[k] * load1(w, (o + 1) * K + k, bf16);
         }
         y[o] = t0;
         y[o + 1] = t1;
     }
     for (; o < o1; o++) {
         float t = 0.0f;
-        for (long k = 0; k < K; k++) t += x[k] * w[o * K + k];
+        for (long k = 0; k < K; k++) t += x[k] * load1(w, o * K + k, bf16);
         y[o] = t;
     }
 }
-
 
 /* outputs o, o + 1 (no of them) of rows r0 .. r0 + rn (rn <= 4, x rows K apart) */
 static inline __attribute__((always_inline)) void dot_group(
@@ -310,15 +294,15 @@ static void dot_many(const float *x, long n, long K, const void *w, int bf16, lo
 }
 
 /* y[:, o0:o1] = x @ W[o0:o1].T: one or two rows four outputs at a time, more rows by
- * dot_many; xp is x's first row split for dot_bf16_row */
+ * dot_many; xp is x's first row split for dot_row's bf16 loads */
 static void dot_mm(const float *x, const float *xp, long n, long K, const void *w, int bf16,
                    long o0, long o1, float *y, long ldy) {
     if (bf16 && n == 1 && xp) {
-        dot_bf16_row(xp, x, K, w, o0, o1, y);
+        dot_row(xp, x, K, w, 1, o0, o1, y);
         return;
     }
     if (!bf16 && n == 1) {
-        dot_f32_row(x, K, w, o0, o1, y);
+        dot_row(x, x, K, w, 0, o0, o1, y);
         return;
     }
     if (n > 2 || (bf16 && n == 2)) { /* bf16 pairs: dot_rows widens each weight twice */

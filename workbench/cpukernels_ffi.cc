@@ -184,7 +184,7 @@ static ffi::Error Attn1(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
     long B = qd[0], H = qd[1], d = qd[3], K = kd[1], cap = kd[2];
     long t0 = keys.typed_data()[0], T = keys.typed_data()[1];
     if (t0 < 0 || T < 1 || t0 + T > cap)
-        return ffi::Error::InvalidArgument("wb_attn1: the keys must be 1 or more slots of the cache");
+        return ffi::Error::InvalidArgument("wb_attn1: keys must be 1 or more slots of the cache");
     long el = qt == ffi::DataType::BF16 ? 2 : 4;
     const char *k0 = static_cast<const char *>(k.untyped_data()) + t0 * d * el;
     const char *v0 = static_cast<const char *>(v.untyped_data()) + t0 * d * el;
