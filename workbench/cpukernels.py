@@ -41,6 +41,13 @@ _error = ""
 _threads = threading.local()
 
 
+def attention_shapes(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...]) -> bool:
+    """Whether the decode attention kernel takes these shapes: one query per head q (B, H, 1,
+    d) over keys and values (B, K, T, d), T >= 1, K dividing H, d at most 1024."""
+    return (len(q) == len(k) == 4 and q[2] == 1 and tuple(k) == tuple(v) and q[0] == k[0]
+            and q[3] == k[3] <= 1024 and k[1] > 0 and q[1] % k[1] == 0 and k[2] > 0)
+
+
 def cache_dir() -> Path:
     """Where the compiled library is kept."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -63,10 +63,8 @@ def serves_linear(x: jax.Array, w: jax.Array) -> bool:
 def serves_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether a decoding step's attention (q (B, H, 1, d), the cache k and v (B, K, cap, d))
     runs in the kernel: on the CPU, fp32 or bf16 throughout, d at most 1024, K dividing H."""
-    return (q.ndim == k.ndim == 4 and q.shape[2] == 1 and k.shape == v.shape
-            and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] <= 1024
-            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
-            and q.dtype == k.dtype == v.dtype and q.dtype in (jnp.float32, jnp.bfloat16)
+    return (shared.attention_shapes(q.shape, k.shape, v.shape) and q.dtype == k.dtype == v.dtype
+            and q.dtype in (jnp.float32, jnp.bfloat16)
             and jax.default_backend() == "cpu" and ready())
 
 

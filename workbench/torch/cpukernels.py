@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ..cpukernels import MAX_EXPERT_ROWS, MAX_LINEAR_ROWS, MIN_LINEAR_BYTES, library, threads
+from ..cpukernels import (
+    MAX_EXPERT_ROWS,
+    MAX_LINEAR_ROWS,
+    MIN_LINEAR_BYTES,
+    attention_shapes,
+    library,
+    threads,
+)
 
 __all__ = ["MAX_EXPERT_ROWS", "MAX_LINEAR_ROWS", "MIN_LINEAR_BYTES", "attention", "experts",
            "linear", "rms_norm", "rope", "serves", "serves_attention", "serves_experts",
@@ -136,10 +143,7 @@ def serves_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``attention`` runs one query per head q (B, H, 1, d) over keys and values
     (B, H / G, T, d): CPU inference, one dtype (fp32 or bf16), each last
     dimension contiguous, d at most 1024."""
-    return (q.dim() == k.dim() == v.dim() == 4 and q.shape[2] == 1 and k.shape == v.shape
-            and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] <= 1024
-            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
-            and q.dtype == k.dtype == v.dtype
+    return (attention_shapes(q.shape, k.shape, v.shape) and q.dtype == k.dtype == v.dtype
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and _inference_cpu(q))
 
 
