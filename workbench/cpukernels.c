@@ -79,96 +79,54 @@ static inline float swiglu1(float g, float u, int bf16) {
 
 /* ---------------------------------------------------------------- y = x @ W.T, W (O, K) */
 
-/* dot_rows (one bf16 row without its split copy) reads W four rows at a time
- * and prefetches the group of four rows DOT_AHEAD groups on, once per cache line, into L2
- * (_MM_HINT_T1): into L1 one group on, a decode step's products read 10-20% slower */
-#define DOT_AHEAD 2
-
-/* outputs o0..o1 of rows r0..r0+rn (rn <= 2), four outputs at a time */
-static void dot_rows(const float *x, long K, int rn, const void *w, int bf16, long o0, long o1,
-                     float *y, long ldy) {
-    const float *x0 = x, *x1 = x + (rn > 1 ? K : 0);
-    long o = o0;
-    for (; o + 4 <= o1; o += 4) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        long k = 0;
-        if (rn == 1) { /* two sums per output: twice the FMAs in flight */
-            const char *next = (const char *)w + (o + 4 * DOT_AHEAD) * K * (bf16 ? 2 : 4);
-            for (; k + 16 <= K; k += 16) {
-                /* four rows DOT_AHEAD groups on, as far along as these: 4 x 16 weights */
-                const char *p = next + k * (bf16 ? 8 : 16);
-                _mm_prefetch(p, _MM_HINT_T1);
-                _mm_prefetch(p + 64, _MM_HINT_T1);
-                if (!bf16) {
-                    _mm_prefetch(p + 128, _MM_HINT_T1);
-                    _mm_prefetch(p + 192, _MM_HINT_T1);
-                }
-                __m256 v = _mm256_loadu_ps(x0 + k), u = _mm256_loadu_ps(x0 + k + 8);
-                a0 = _mm256_fmadd_ps(v, load8(w, o * K + k, bf16), a0);
-                b0 = _mm256_fmadd_ps(u, load8(w, o * K + k + 8, bf16), b0);
-                a1 = _mm256_fmadd_ps(v, load8(w, (o + 1) * K + k, bf16), a1);
-                b1 = _mm256_fmadd_ps(u, load8(w, (o + 1) * K + k + 8, bf16), b1);
-                a2 = _mm256_fmadd_ps(v, load8(w, (o + 2) * K + k, bf16), a2);
-                b2 = _mm256_fmadd_ps(u, load8(w, (o + 2) * K + k + 8, bf16), b2);
-                a3 = _mm256_fmadd_ps(v, load8(w, (o + 3) * K + k, bf16), a3);
-                b3 = _mm256_fmadd_ps(u, load8(w, (o + 3) * K + k + 8, bf16), b3);
-            }
-            a0 = _mm256_add_ps(a0, b0);
-            a1 = _mm256_add_ps(a1, b1);
-            a2 = _mm256_add_ps(a2, b2);
-            a3 = _mm256_add_ps(a3, b3);
-            b0 = b1 = b2 = b3 = _mm256_setzero_ps();
-        }
-        for (; k + 8 <= K; k += 8) {
-            __m256 w0 = load8(w, o * K + k, bf16), w1 = load8(w, (o + 1) * K + k, bf16);
-            __m256 w2 = load8(w, (o + 2) * K + k, bf16), w3 = load8(w, (o + 3) * K + k, bf16);
-            __m256 v = _mm256_loadu_ps(x0 + k);
-            a0 = _mm256_fmadd_ps(v, w0, a0);
-            a1 = _mm256_fmadd_ps(v, w1, a1);
-            a2 = _mm256_fmadd_ps(v, w2, a2);
-            a3 = _mm256_fmadd_ps(v, w3, a3);
-            if (rn > 1) {
-                v = _mm256_loadu_ps(x1 + k);
-                b0 = _mm256_fmadd_ps(v, w0, b0);
-                b1 = _mm256_fmadd_ps(v, w1, b1);
-                b2 = _mm256_fmadd_ps(v, w2, b2);
-                b3 = _mm256_fmadd_ps(v, w3, b3);
-            }
-        }
-        float s[2][4][8];
-        _mm256_storeu_ps(s[0][0], a0);
-        _mm256_storeu_ps(s[0][1], a1);
-        _mm256_storeu_ps(s[0][2], a2);
-        _mm256_storeu_ps(s[0][3], a3);
-        _mm256_storeu_ps(s[1][0], b0);
-        _mm256_storeu_ps(s[1][1], b1);
-        _mm256_storeu_ps(s[1][2], b2);
-        _mm256_storeu_ps(s[1][3], b3);
-        for (int r = 0; r < rn; r++) {
-            const float *xr = r ? x1 : x0;
-            for (int q = 0; q < 4; q++) {
-                float t = ((s[r][q][0] + s[r][q][1]) + (s[r][q][2] + s[r][q][3])) +
-                          ((s[r][q][4] + s[r][q][5]) + (s[r][q][6] + s[r][q][7]));
-                for (long kk = k; kk < K; kk++) t += xr[kk] * load1(w, (o + q) * K + kk, bf16);
-                y[r * ldy + o + q] = t;
-            }
-        }
-    }
-    for (; o < o1; o++) {
-        for (int r = 0; r < rn; r++) {
-            const float *xr = r ? x1 : x0;
-            float t = 0.0f;
-            for (long kk = 0; kk < K; kk++) t += xr[kk] * load1(w, o * K + kk, bf16);
-            y[r * ldy + o] = t;
-        }
-    }
-}
-
 static inline float hsum(__m256 v) {
     float s[8];
     _mm256_storeu_ps(s, v);
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* DOT_AHEAD: dot_bf16_plain prefetches the group of four rows this many groups on, once per
+ * cache line, into L2 (_MM_HINT_T1): into L1 one group on, a decode step's products read
+ * 10-20% slower */
+#define DOT_AHEAD 2
+
+/* One row of x against bf16 W[o0:o1] without x's split copy (jax's one-row bf16 experts),
+ * four outputs at a time: per output two sums over 16 weights (twice the FMAs in flight),
+ * added, then eight weights at a time, then one by one */
+static void dot_bf16_plain(const float *x, long K, const void *w, long o0, long o1, float *y) {
+    long o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        __m256 a[4], b[4];
+        for (int q = 0; q < 4; q++) a[q] = b[q] = _mm256_setzero_ps();
+        const char *next = (const char *)w + (o + 4 * DOT_AHEAD) * K * 2;
+        long k = 0;
+        for (; k + 16 <= K; k += 16) {
+            /* four rows DOT_AHEAD groups on, as far along as these: 4 x 16 weights */
+            _mm_prefetch(next + k * 8, _MM_HINT_T1);
+            _mm_prefetch(next + k * 8 + 64, _MM_HINT_T1);
+            __m256 v = _mm256_loadu_ps(x + k), u = _mm256_loadu_ps(x + k + 8);
+            for (int q = 0; q < 4; q++) {
+                a[q] = _mm256_fmadd_ps(v, load8(w, (o + q) * K + k, 1), a[q]);
+                b[q] = _mm256_fmadd_ps(u, load8(w, (o + q) * K + k + 8, 1), b[q]);
+            }
+        }
+        for (int q = 0; q < 4; q++) a[q] = _mm256_add_ps(a[q], b[q]);
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_loadu_ps(x + k);
+            for (int q = 0; q < 4; q++)
+                a[q] = _mm256_fmadd_ps(v, load8(w, (o + q) * K + k, 1), a[q]);
+        }
+        for (int q = 0; q < 4; q++) {
+            float t = hsum(a[q]);
+            for (long kk = k; kk < K; kk++) t += x[kk] * load1(w, (o + q) * K + kk, 1);
+            y[o + q] = t;
+        }
+    }
+    for (; o < o1; o++) {
+        float t = 0.0f;
+        for (long kk = 0; kk < K; kk++) t += x[kk] * load1(w, o * K + kk, 1);
+        y[o] = t;
+    }
 }
 
 /* Where one row's products (dot_row) prefetch: this far past the start of
@@ -243,10 +201,10 @@ static inline __attribute__((always_inline)) void dot_row(const float *xs, const
     }
 }
 
-/* Two rows (x rows K apart), fp32 W: dot_rows' two-row sums (eight weights at a time, then
- * one by one), two outputs at a time as dot_row, prefetching as it does (jax's fp32 expert
- * kernel on the benchmark's E=128 routing, whose experts with two rows took this path in
- * dot_rows: 6-11% faster, interleaved A/B; the same bits) */
+/* Two rows (x rows K apart), fp32 W: per output one sum over eight weights at a time, then
+ * one by one (the sums of the four-outputs-at-a-time kernel this replaced), two outputs at a
+ * time as dot_row, prefetching as it does (jax's fp32 expert kernel on the benchmark's E=128
+ * routing, whose two-row experts take it: 6-11% faster, interleaved A/B; the same bits) */
 static void dot_rows2(const float *x, long K, const float *w, long o0, long o1, float *y,
                       long ldy) {
     const float *x1 = x + K;
@@ -354,11 +312,11 @@ static void dot_mm(const float *x, const float *xp, long n, long K, const void *
         dot_rows2(x, K, w, o0, o1, y, ldy);
         return;
     }
-    if (n > 2 || (bf16 && n == 2)) { /* bf16 pairs: dot_rows widens each weight twice */
+    if (n > 2 || (bf16 && n == 2)) { /* bf16 pairs: widening each weight once */
         dot_many(x, n, K, w, bf16, o0, o1, y, ldy);
         return;
     }
-    dot_rows(x, K, (int)n, w, bf16, o0, o1, y, ldy);
+    dot_bf16_plain(x, K, w, o0, o1, y); /* bf16, one row, no split copy */
 }
 
 /* ---------------------------------------------------------------- y = x @ W, W (K, ldw) */
