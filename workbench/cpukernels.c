@@ -425,22 +425,15 @@ AVX512 static inline __attribute__((always_inline)) void axpy512_block(
     long c0, long c1, float *y, long ldy, ahead *a) {
     for (long c = c0; c < c1; c += 16) {
         ahead_step(a);
-        __m512 a0 = _mm512_loadu_ps(y + c), a1 = a0, a2 = a0, a3 = a0;
-        if (rn > 1) a1 = _mm512_loadu_ps(y + ldy + c);
-        if (rn > 2) a2 = _mm512_loadu_ps(y + 2 * ldy + c);
-        if (rn > 3) a3 = _mm512_loadu_ps(y + 3 * ldy + c);
+        __m512 acc[4];
+        for (int r = 0; r < rn; r++) acc[r] = _mm512_loadu_ps(y + r * ldy + c);
         for (int q = 0; q < kb; q++) {
             __m512 wv = load16(w, (k + q) * ldw + c, bf16);
             const float *xq = x + k + q;
-            a0 = _mm512_fmadd_ps(_mm512_set1_ps(xq[0]), wv, a0);
-            if (rn > 1) a1 = _mm512_fmadd_ps(_mm512_set1_ps(xq[ldx]), wv, a1);
-            if (rn > 2) a2 = _mm512_fmadd_ps(_mm512_set1_ps(xq[2 * ldx]), wv, a2);
-            if (rn > 3) a3 = _mm512_fmadd_ps(_mm512_set1_ps(xq[3 * ldx]), wv, a3);
+            for (int r = 0; r < rn; r++)
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xq[r * ldx]), wv, acc[r]);
         }
-        _mm512_storeu_ps(y + c, a0);
-        if (rn > 1) _mm512_storeu_ps(y + ldy + c, a1);
-        if (rn > 2) _mm512_storeu_ps(y + 2 * ldy + c, a2);
-        if (rn > 3) _mm512_storeu_ps(y + 3 * ldy + c, a3);
+        for (int r = 0; r < rn; r++) _mm512_storeu_ps(y + r * ldy + c, acc[r]);
     }
 }
 
