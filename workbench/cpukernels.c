@@ -246,6 +246,15 @@ static void dot_rows2(const float *x, long K, const float *w, long o0, long o1, 
         }
 }
 
+/* a row's dot product from its eight partial sums a, then x[k:K] against W's row at off one
+ * by one: one compiled copy for dot_group and dot_quad, so their sums round the same */
+__attribute__((noinline)) static float sum_tail(__m256 a, const float *x, long k, long K,
+                                                const void *w, long off, int bf16) {
+    float t = hsum(a);
+    for (; k < K; k++) t += x[k] * load1(w, off + k, bf16);
+    return t;
+}
+
 /* outputs o, o + 1 (no of them) of rows r0 .. r0 + rn (rn <= 4, x rows K apart) */
 static inline __attribute__((always_inline)) void dot_group(
     const float *x, long K, int rn, const void *w, int bf16, long o, int no, float *y,
@@ -271,18 +280,25 @@ static inline __attribute__((always_inline)) void dot_group(
         }
     }
     for (int r = 0; r < rn; r++)
-        for (int q = 0; q < no; q++) {
-            float t = hsum(a[r][q]);
-            for (long kk = k; kk < K; kk++) t += x[r * K + kk] * load1(w, (o + q) * K + kk, bf16);
-            y[r * ldy + o + q] = t;
-        }
+        for (int q = 0; q < no; q++)
+            y[r * ldy + o + q] = sum_tail(a[r][q], x + r * K, k, K, w, (o + q) * K, bf16);
 }
 
-/* y[:, o0:o1] for any number of rows: two of W's rows at a time (read from memory once),
- * against every row of x in groups of four (the two rows stay in L1 meanwhile) */
+static int avx512_on(void);
+static void dot_quad(const float *x, long K, int rn, const void *w, int bf16, long o, float *y,
+                     long ldy);
+
+/* y[:, o0:o1] for any number of rows: two of W's rows at a time (four with AVX-512: its 32
+ * registers hold four rows' sums for four outputs, half the loads of x per product), read from
+ * memory once, against every row of x in groups of four (W's rows stay in L1 meanwhile) */
 static void dot_many(const float *x, long n, long K, const void *w, int bf16, long o0, long o1,
                      float *y, long ldy) {
-    for (long o = o0; o < o1; o += 2) {
+    long o = o0;
+    if (n > 4 && avx512_on()) /* (fewer rows: memory-bound, two weight streams read faster) */
+        for (; o + 4 <= o1; o += 4)
+            for (long r = 0; r < n; r += 4)
+                dot_quad(x + r * K, K, n - r < 4 ? (int)(n - r) : 4, w, bf16, o, y + r * ldy, ldy);
+    for (; o < o1; o += 2) {
         int no = o + 1 < o1 ? 2 : 1;
         for (long r = 0; r < n; r += 4) {
             long rn = n - r < 4 ? n - r : 4;
@@ -405,6 +421,41 @@ int wb_set_avx512(int on) {
     int m = on && __builtin_cpu_supports("avx512f") ? 1 : 0;
     atomic_store(&avx512_mode, m);
     return m;
+}
+
+/* dot_group for four outputs o .. o + 3 (AVX-512's registers, 256-bit arithmetic): each
+ * output's sums as dot_group's, so the same bits */
+__attribute__((target("avx512f,avx512vl"))) static inline __attribute__((always_inline)) void
+dot_quad_rows(const float *x, long K, int rn, const void *w, int bf16, long o, float *y,
+              long ldy) {
+    int es = bf16 ? 2 : 4;
+    __m256 a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int q = 0; q < 4; q++) a[r][q] = _mm256_setzero_ps();
+    const char *next = (const char *)w + (o + 4) * K * es; /* the next four rows, into L2 */
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        if ((k * es) % 64 == 0)
+            for (int q = 0; q < 4; q++) _mm_prefetch(next + (q * K + k) * es, _MM_HINT_T1);
+        __m256 wq[4];
+        for (int q = 0; q < 4; q++) wq[q] = load8(w, (o + q) * K + k, bf16);
+        for (int r = 0; r < rn; r++) {
+            __m256 v = _mm256_loadu_ps(x + r * K + k);
+            for (int q = 0; q < 4; q++) a[r][q] = _mm256_fmadd_ps(v, wq[q], a[r][q]);
+        }
+    }
+    for (int r = 0; r < rn; r++)
+        for (int q = 0; q < 4; q++)
+            y[r * ldy + o + q] = sum_tail(a[r][q], x + r * K, k, K, w, (o + q) * K, bf16);
+}
+
+__attribute__((target("avx512f,avx512vl"))) static void dot_quad(const float *x, long K, int rn,
+                                                                 const void *w, int bf16, long o,
+                                                                 float *y, long ldy) {
+    if (rn == 1) dot_quad_rows(x, K, 1, w, bf16, o, y, ldy);
+    else if (rn == 2) dot_quad_rows(x, K, 2, w, bf16, o, y, ldy);
+    else if (rn == 3) dot_quad_rows(x, K, 3, w, bf16, o, y, ldy);
+    else dot_quad_rows(x, K, 4, w, bf16, o, y, ldy);
 }
 
 AVX512 static inline __m512 load16(const void *w, long off, int bf16) {
