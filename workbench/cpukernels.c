@@ -931,6 +931,21 @@ void wb_set_by_expert(int on) { by_expert_mode = on; }
  * contiguous part of the weight, and the halves are added the same way on one thread */
 static long half_k(long K) { return ((K / 2 + 3) / 4) * 4 < K ? ((K / 2 + 3) / 4) * 4 : K; }
 
+#ifndef AWAY
+#define AWAY 2048
+#endif
+#define SLACK 1024 /* floats past each partial-sum buffer, for away_from */
+
+/* p (64-byte aligned, SLACK floats to spare) moved on so that it lies half a page from w
+ * modulo a page. A product stores its partial sums at p while it loads W's rows, and a load
+ * whose address matches a store still in flight in its low 12 bits waits for that store (4K
+ * aliasing): with W's rows a multiple of 4 KB long (every fp32 shape here), sums placed at
+ * W's page offset would make every weight load wait. */
+static inline float *away_from(float *p, const void *w) {
+    uintptr_t d = ((uintptr_t)w + AWAY - (uintptr_t)p) & 4095;
+    return (float *)((char *)p + (d & ~(uintptr_t)63));
+}
+
 /* rows r0 .. r0 + n of expert slot e, whole, on this thread: the same sums, in the same
  * order, as the two threads' halves of experts_task */
 static void expert_alone(experts_job *j, long e, long r0, long n, float *xf, float *p0,
@@ -940,19 +955,21 @@ static void expert_alone(experts_job *j, long e, long r0, long n, float *xf, flo
     const char *gu = (const char *)j->gu + j->ids[e] * D * 2 * I * es;
     const char *dn = (const char *)j->dn + j->ids[e] * I * D * es;
     to_f32((const char *)j->x + r0 * D * es, n * D, j->bf16, xf);
-    axpy_mm(xf, n, D, 0, kd, gu, 2 * I, j->bf16, p0);
-    axpy_mm(xf, n, D, kd, D, gu, 2 * I, j->bf16, p1);
+    float *g0 = away_from(p0, gu), *g1 = away_from(p1, gu);
+    axpy_mm(xf, n, D, 0, kd, gu, 2 * I, j->bf16, g0);
+    axpy_mm(xf, n, D, kd, D, gu, 2 * I, j->bf16, g1);
     for (long r = 0; r < n; r++)
         for (long i = 0; i < I; i++) {
-            float g = p0[r * 2 * I + i] + p1[r * 2 * I + i];
-            float u = p0[r * 2 * I + I + i] + p1[r * 2 * I + I + i];
+            float g = g0[r * 2 * I + i] + g1[r * 2 * I + i];
+            float u = g0[r * 2 * I + I + i] + g1[r * 2 * I + I + i];
             h[r * I + i] = swiglu1(g, u, j->bf16);
         }
-    axpy_mm(h, n, I, 0, ki, dn, D, j->bf16, p0);
-    axpy_mm(h, n, I, ki, I, dn, D, j->bf16, p1);
+    float *d0 = away_from(p0, dn), *d1 = away_from(p1, dn);
+    axpy_mm(h, n, I, 0, ki, dn, D, j->bf16, d0);
+    axpy_mm(h, n, I, ki, I, dn, D, j->bf16, d1);
     for (long r = 0; r < n; r++)
         for (long d = 0; d < D; d++)
-            store1(j->out, (r0 + r) * D + d, p0[r * D + d] + p1[r * D + d], j->bf16);
+            store1(j->out, (r0 + r) * D + d, d0[r * D + d] + d1[r * D + d], j->bf16);
 }
 
 static void experts_task(void *arg, int tid, int nthreads) {
@@ -960,7 +977,8 @@ static void experts_task(void *arg, int tid, int nthreads) {
     long D = j->D, I = j->I, kd = half_k(D), ki = half_k(I);
     if (j->by_expert) { /* whole experts, taken in turn (each reads its own weights) */
         long p = 2 * I > D ? 2 * I : D;
-        float *xf = j->own[tid], *p0 = xf + ROWS * D, *p1 = p0 + ROWS * p, *h = p1 + ROWS * p;
+        float *xf = j->own[tid], *p0 = xf + ROWS * D, *p1 = p0 + ROWS * p + SLACK;
+        float *h = p1 + ROWS * p + SLACK;
         for (long e; (e = take_expert(j->take, tid)) >= 0;)
             for (long r0 = j->start[e], end = r0 + j->count[e]; r0 < end; r0 += ROWS)
                 expert_alone(j, e, r0, end - r0 < ROWS ? end - r0 : ROWS, xf, p0, p1, h);
@@ -973,15 +991,17 @@ static void experts_task(void *arg, int tid, int nthreads) {
     for (long e = 0; e < j->nexp; e++) {
         const char *gu = (const char *)j->gu + j->ids[e] * D * 2 * I * es;
         const char *dn = (const char *)j->dn + j->ids[e] * I * D * es;
+        float *g[2] = {away_from(j->part[0], gu), away_from(j->part[1], gu)};
+        float *dp[2] = {away_from(j->part[0], dn), away_from(j->part[1], dn)};
         for (long r0 = j->start[e], end = r0 + j->count[e]; r0 < end; r0 += ROWS) {
             long n = end - r0 < ROWS ? end - r0 : ROWS;
             if (tid == 0) to_f32((const char *)j->x + r0 * D * es, n * D, j->bf16, j->xf);
             barrier2(nthreads);
             for (int t = tid; t < 2; t += nthreads) /* [g | u] = x @ GU[e], half of D each */
-                axpy_mm(j->xf, n, D, t ? kd : 0, t ? D : kd, gu, 2 * I, j->bf16, j->part[t]);
+                axpy_mm(j->xf, n, D, t ? kd : 0, t ? D : kd, gu, 2 * I, j->bf16, g[t]);
             barrier2(nthreads);
             for (long r = 0; r < n; r++) { /* h = silu(g) * u on this thread's columns */
-                const float *p0 = j->part[0] + r * 2 * I, *p1 = j->part[1] + r * 2 * I;
+                const float *p0 = g[0] + r * 2 * I, *p1 = g[1] + r * 2 * I;
                 float *h = j->h + r * I;
                 for (long i = i0; i < i1; i++) {
                     float g = p0[i] + p1[i], u = p0[I + i] + p1[I + i];
@@ -990,10 +1010,10 @@ static void experts_task(void *arg, int tid, int nthreads) {
             }
             barrier2(nthreads);
             for (int t = tid; t < 2; t += nthreads) /* h @ DN[e], half of I each */
-                axpy_mm(j->h, n, I, t ? ki : 0, t ? I : ki, dn, D, j->bf16, j->part[t]);
+                axpy_mm(j->h, n, I, t ? ki : 0, t ? I : ki, dn, D, j->bf16, dp[t]);
             barrier2(nthreads);
             for (long r = 0; r < n; r++) {
-                const float *p0 = j->part[0] + r * D, *p1 = j->part[1] + r * D;
+                const float *p0 = dp[0] + r * D, *p1 = dp[1] + r * D;
                 for (long d = d0; d < d1; d++)
                     store1(j->out, (r0 + r) * D + d, p0[d] + p1[d], j->bf16);
             }
@@ -1010,11 +1030,12 @@ int wb_experts(const void *x, const int64_t *start, const int64_t *count, const 
                long nexp, const void *gu, const void *dn, long D, long I, int bf16, void *out,
                int threads) {
     long p = 2 * I > D ? 2 * I : D; /* a partial sum: (rows, 2I), then (rows, D) */
-    size_t one = (size_t)ROWS * (D + 2 * p + I);
+    size_t one = (size_t)ROWS * (D + 2 * p + I) + 2 * SLACK;
     float *buf = scratch(2 * one);
     if (!buf) return -1;
     experts_job j = {x, start, count, ids, nexp, D, I, gu, dn, bf16, out,
-                     buf, {buf + ROWS * D, buf + ROWS * (D + p)}, buf + ROWS * (D + 2 * p),
+                     buf, {buf + ROWS * D, buf + ROWS * (D + p) + SLACK},
+                     buf + ROWS * (D + 2 * p) + 2 * SLACK,
                      {buf, buf + one}, 0, NULL};
     int t = 3 * D * I * (bf16 ? 2 : 4) >= PARALLEL_BYTES ? threads : 1;
     /* two threads: whole experts each when there are several (two weight streams, no
