@@ -466,9 +466,9 @@ AVX512 static inline __m512 load16(const void *w, long off, int bf16) {
     return _mm512_loadu_ps((const float *)w + off);
 }
 
-/* axpy_block with sixteen columns per vector and up to eight rows of W (kb <= 8), each x value
- * broadcast from memory as its product needs it (registers hold the outputs and one weight
- * vector): half the loads and stores of the outputs per weight of the AVX2 block. Every
+/* axpy_block with sixteen columns per vector, up to eight rows of x (rn <= 8) and of W
+ * (kb <= 8), each x value broadcast from memory as its product needs it (registers hold the
+ * outputs and one weight vector): half the loads and stores of the outputs per weight of the AVX2 block. Every
  * output's sum is the same chain of FMAs, in the same order, as axpy_block's: the same bits.
  * Columns c0 .. c1, c1 - c0 a multiple of 16. */
 AVX512 static inline __attribute__((always_inline)) void axpy512_block(
@@ -476,7 +476,7 @@ AVX512 static inline __attribute__((always_inline)) void axpy512_block(
     long c0, long c1, float *y, long ldy, ahead *a) {
     for (long c = c0; c < c1; c += 16) {
         ahead_step(a);
-        __m512 acc[4];
+        __m512 acc[8];
         for (int r = 0; r < rn; r++) acc[r] = _mm512_loadu_ps(y + r * ldy + c);
         for (int q = 0; q < kb; q++) {
             __m512 wv = load16(w, (k + q) * ldw + c, bf16);
@@ -500,19 +500,25 @@ AVX512 static inline __attribute__((always_inline)) void axpy512_block(
         ahead none = {NULL, 0, 0, 0};                                                       \
         if (c16 < c1)                                                                       \
             for (k = k0; k < k1; k += 4)                                                    \
-                axpy_block(x, ldx, RN, k, k1 - k < 4 ? (int)(k1 - k) : 4, w, ldw, bf16, c16, \
-                           c1, y, ldy, &none);                                              \
+                for (int r = 0; r < RN; r += 4)                                             \
+                    axpy_block(x + r * ldx, ldx, RN - r < 4 ? RN - r : 4, k,                \
+                               k1 - k < 4 ? (int)(k1 - k) : 4, w, ldw, bf16, c16, c1,       \
+                               y + r * ldy, ldy, &none);                                    \
     }
 AXPY512_RN(1)
 AXPY512_RN(2)
 AXPY512_RN(3)
 AXPY512_RN(4)
+AXPY512_RN(5)
+AXPY512_RN(6)
+AXPY512_RN(7)
+AXPY512_RN(8)
 
 #define BLOCK_BYTES (64 * 1024) /* a block of W's rows that stays in L2 for every row group */
 
 /* y[n, :O] = x[n, k0:k1] @ W[k0:k1, :O] (x rows K apart, y rows O apart); more than four
- * rows go in groups of four over blocks of W's rows, so W is read from memory once. Rows of W
- * are prefetched ahead: with four rows or fewer, one block step (8 or 4 rows) ahead as they
+ * rows (eight with AVX-512) go in groups of four over blocks of W's rows, so W is read from
+ * memory once. Rows of W are prefetched ahead: in one group, one block step (8 or 4 rows) ahead as they
  * are read; with more, the next block in shares over the second and later row groups (which
  * read the current block from L2), the first block by the first group as it goes. */
 static void axpy_mm(const float *x, long n, long K, long k0, long k1, const void *w, long O,
@@ -520,7 +526,10 @@ static void axpy_mm(const float *x, long n, long K, long k0, long k1, const void
     memset(y, 0, sizeof(float) * n * O);
     int wide = avx512_on();
     long es = bf16 ? 2 : 4, kstep = wide ? 8 : 4, cstep = wide ? 16 : 8, row = O * es;
-    long kblk = n <= 4 ? k1 - k0 : BLOCK_BYTES / row, groups = (n + 3) / 4;
+    /* rows per group: up to eight with AVX-512 in one pass (their weights read from memory
+     * once), more in groups of four over blocks held in L2 (eight per group: slower there) */
+    long gr = wide && n <= 8 ? 8 : 4;
+    long kblk = n <= gr ? k1 - k0 : BLOCK_BYTES / row, groups = (n + gr - 1) / gr;
     kblk = kblk < kstep ? kstep : kblk / kstep * kstep;
     const char *wc = w;
     for (long kb = k0; kb < k1; kb += kblk) {
@@ -528,8 +537,8 @@ static void axpy_mm(const float *x, long n, long K, long k0, long k1, const void
         long steps = (ke - kb + kstep - 1) / kstep * (O / cstep > 0 ? O / cstep : 1);
         long next = (ke + kblk < k1 ? ke + kblk : k1) - ke; /* rows of the next block */
         long share = groups > 1 ? ((next * row + groups - 2) / (groups - 1) + 63) & ~63L : 0;
-        for (long r = 0, g = 0; r < n; r += 4, g++) {
-            long rn = n - r < 4 ? n - r : 4;
+        for (long r = 0, g = 0; r < n; r += gr, g++) {
+            long rn = n - r < gr ? n - r : gr;
             const float *xr = x + r * K;
             float *yr = y + r * O;
             ahead a = {NULL, 0, 0, 0};
@@ -545,7 +554,11 @@ static void axpy_mm(const float *x, long n, long K, long k0, long k1, const void
                 if (rn == 1) axpy512_rows1(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
                 else if (rn == 2) axpy512_rows2(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
                 else if (rn == 3) axpy512_rows3(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
-                else axpy512_rows4(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else if (rn == 4) axpy512_rows4(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else if (rn == 5) axpy512_rows5(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else if (rn == 6) axpy512_rows6(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else if (rn == 7) axpy512_rows7(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
+                else axpy512_rows8(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
             } else {
                 if (rn == 1) axpy_rows1(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
                 else if (rn == 2) axpy_rows2(xr, K, kb, ke, w, O, bf16, 0, O, yr, O, &a);
