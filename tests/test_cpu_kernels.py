@@ -103,6 +103,7 @@ CASES = [(8, 64, 16, [1, 3, 5, 9]),  # D > 2I: the partial sums hold D columns
          (16, 256, 192, [1, 2, 4, 33, 40, 70]),  # passes of 32 rows; 70 rows: torch's GEMM
          (4, 40, 24, [2, 2]),  # tails: D, I not multiples of 8
          (3, 40, 24, [6, 7, 8]),  # 5-8 rows in one AVX-512 group, column tails of 8 rows
+         (3, 20, 12, [1, 2, 9]),  # D = 20: four output columns one by one in every path
          (6, 512, 512, [1])]  # a decode step, large enough for the worker thread
 
 

@@ -85,57 +85,31 @@ static inline float hsum(__m256 v) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-/* DOT_AHEAD: dot_bf16_plain prefetches the group of four rows this many groups on, once per
- * cache line, into L2 (_MM_HINT_T1): into L1 one group on, a decode step's products read
- * 10-20% slower */
-#define DOT_AHEAD 2
-
 /* One row of x against bf16 W[o0:o1] without x's split copy (jax's one-row bf16 experts),
- * four outputs at a time: per output two sums over 16 weights (twice the FMAs in flight),
+ * one output at a time over the outputs that come in fours from o0 (W's rows read in address
+ * order, as dot_row reads them), the rest one by one: per output two sums over 16 weights,
  * added, then eight weights at a time, then one by one */
 static void dot_bf16_plain(const float *x, long K, const void *w, long o0, long o1, float *y) {
-    long o = o0;
-    for (; o + 4 <= o1; o += 4) {
-        __m256 a[4], b[4];
-        for (int q = 0; q < 4; q++) a[q] = b[q] = _mm256_setzero_ps();
-        const char *next = (const char *)w + (o + 4 * DOT_AHEAD) * K * 2;
+    long o = o0, o4 = o0 + ((o1 - o0) & ~3L);
+    for (; o < o4; o++) {
+        __m256 a = _mm256_setzero_ps(), b = a;
         long k = 0;
         for (; k + 16 <= K; k += 16) {
-            /* four rows DOT_AHEAD groups on, as far along as these: 4 x 16 weights */
-            _mm_prefetch(next + k * 8, _MM_HINT_T1);
-            _mm_prefetch(next + k * 8 + 64, _MM_HINT_T1);
-            __m256 v = _mm256_loadu_ps(x + k), u = _mm256_loadu_ps(x + k + 8);
-            for (int q = 0; q < 4; q++) {
-                a[q] = _mm256_fmadd_ps(v, load8(w, (o + q) * K + k, 1), a[q]);
-                b[q] = _mm256_fmadd_ps(u, load8(w, (o + q) * K + k + 8, 1), b[q]);
-            }
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w, o * K + k, 1), a);
+            b = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load8(w, o * K + k + 8, 1), b);
         }
-        for (int q = 0; q < 4; q++) a[q] = _mm256_add_ps(a[q], b[q]);
-        for (; k + 8 <= K; k += 8) {
-            __m256 v = _mm256_loadu_ps(x + k);
-            for (int q = 0; q < 4; q++)
-                a[q] = _mm256_fmadd_ps(v, load8(w, (o + q) * K + k, 1), a[q]);
-        }
-        for (int q = 0; q < 4; q++) {
-            float t = hsum(a[q]);
-            for (long kk = k; kk < K; kk++) t += x[kk] * load1(w, (o + q) * K + kk, 1);
-            y[o + q] = t;
-        }
+        a = _mm256_add_ps(a, b);
+        for (; k + 8 <= K; k += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load8(w, o * K + k, 1), a);
+        float t = hsum(a);
+        for (long kk = k; kk < K; kk++) t += x[kk] * load1(w, o * K + kk, 1);
+        y[o] = t;
     }
     for (; o < o1; o++) {
         float t = 0.0f;
         for (long kk = 0; kk < K; kk++) t += x[kk] * load1(w, o * K + kk, 1);
         y[o] = t;
     }
-}
-
-/* Where one row's products (dot_row) prefetch: this far past the start of
- * the pair of W's rows they read, at least four rows on, once per cache line, into L2. Two rows
- * at a time read a decode step's products at about a plain read's rate, four at a time a tenth
- * slower (interleaved A/B, fp32 and bf16; the same sums, so the same bits) */
-static inline long row_ahead(long K, int bytes) {
-    long b = 4 * K * bytes;
-    return b > 8192 ? b : 8192;
 }
 
 /* 16 weights of a row from w + off: bf16 as eight 32-bit pairs, whose shifted and masked
@@ -153,46 +127,33 @@ static inline __attribute__((always_inline)) void load16x2(const void *w, long o
     }
 }
 
-/* One row (a decode step's products): y[o0:o1] = W[o0:o1] x, two outputs at a time over the
+/* One row (a decode step's products): y[o0:o1] = W[o0:o1] x, one output at a time over the
  * outputs that come in fours from o0, the rest one by one (each output summed as when four
  * were taken at a time: the same bits). Per output two sums over 16 weights at a time, xs
  * being x split as load16x2 splits the weights (bf16: even and odd; fp32: x itself), added; in
- * fp32 then eight weights at a time; then one by one */
+ * fp32 then eight weights at a time; then one by one. W's rows are read in address order, one
+ * after the other, and left to the hardware prefetcher: one core reads them at a plain read's
+ * rate, where two rows read side by side with a software prefetch ahead ran a fifth slower
+ * (and did not rise with a plain read's rate when both cores read) */
 static inline __attribute__((always_inline)) void dot_row(const float *xs, const float *x,
                                                           long K, const void *w, int bf16,
                                                           long o0, long o1, float *y) {
-    long es = bf16 ? 2 : 4, K16 = K & ~15L, o = o0, o4 = o0 + ((o1 - o0) & ~3L);
-    long ahead = row_ahead(K, (int)es);
-    for (; o < o4; o += 2) {
-        __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, l0, h0, l1, h1;
-        const char *next = (const char *)w + o * K * es + ahead;
+    long K16 = K & ~15L, o = o0, o4 = o0 + ((o1 - o0) & ~3L);
+    for (; o < o4; o++) {
+        __m256 a = _mm256_setzero_ps(), b = a, l, h;
         for (long k = 0; k < K16; k += 16) {
-            /* 2 rows x 16 weights: one line (bf16) or two (fp32) */
-            for (long l = 0; l < 32 * es; l += 64)
-                _mm_prefetch(next + 2 * es * k + l, _MM_HINT_T1);
-            __m256 xa = _mm256_loadu_ps(xs + k), xb = _mm256_loadu_ps(xs + k + 8);
-            load16x2(w, o * K + k, bf16, &l0, &h0);
-            load16x2(w, (o + 1) * K + k, bf16, &l1, &h1);
-            a0 = _mm256_fmadd_ps(xa, l0, a0);
-            b0 = _mm256_fmadd_ps(xb, h0, b0);
-            a1 = _mm256_fmadd_ps(xa, l1, a1);
-            b1 = _mm256_fmadd_ps(xb, h1, b1);
+            load16x2(w, o * K + k, bf16, &l, &h);
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k), l, a);
+            b = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 8), h, b);
         }
-        a0 = _mm256_add_ps(a0, b0);
-        a1 = _mm256_add_ps(a1, b1);
+        a = _mm256_add_ps(a, b);
         long k = K16;
-        for (; !bf16 && k + 8 <= K; k += 8) {
-            __m256 v = _mm256_loadu_ps(x + k);
-            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps((const float *)w + o * K + k), a0);
-            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps((const float *)w + (o + 1) * K + k), a1);
-        }
-        float t0 = hsum(a0), t1 = hsum(a1);
-        for (; k < K; k++) {
-            t0 += x[k] * load1(w, o * K + k, bf16);
-            t1 += x[k] * load1(w, (o + 1) * K + k, bf16);
-        }
-        y[o] = t0;
-        y[o + 1] = t1;
+        for (; !bf16 && k + 8 <= K; k += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k),
+                                _mm256_loadu_ps((const float *)w + o * K + k), a);
+        float t = hsum(a);
+        for (; k < K; k++) t += x[k] * load1(w, o * K + k, bf16);
+        y[o] = t;
     }
     for (; o < o1; o++) {
         float t = 0.0f;
@@ -202,40 +163,27 @@ static inline __attribute__((always_inline)) void dot_row(const float *xs, const
 }
 
 /* Two rows (x rows K apart), fp32 W: per output one sum over eight weights at a time, then
- * one by one (the sums of the four-outputs-at-a-time kernel this replaced), two outputs at a
- * time as dot_row, prefetching as it does (jax's fp32 expert kernel on the benchmark's E=128
- * routing, whose two-row experts take it: 6-11% faster, interleaved A/B; the same bits) */
+ * one by one (the sums of the four-outputs-at-a-time kernel this replaced), one output at a
+ * time over the outputs that come in fours from o0, each of W's rows read once, in address
+ * order, for both rows of x (as dot_row reads them); the rest one by one */
 static void dot_rows2(const float *x, long K, const float *w, long o0, long o1, float *y,
                       long ldy) {
     const float *x1 = x + K;
-    long o = o0, o4 = o0 + ((o1 - o0) & ~3L), ahead = row_ahead(K, 4);
-    for (; o < o4; o += 2) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-        const float *w0 = w + o * K, *w1 = w0 + K;
-        const char *next = (const char *)w0 + ahead;
+    long o = o0, o4 = o0 + ((o1 - o0) & ~3L);
+    for (; o < o4; o++) {
+        __m256 a = _mm256_setzero_ps(), b = a;
+        const float *w0 = w + o * K;
         long k = 0;
         for (; k + 8 <= K; k += 8) {
-            _mm_prefetch(next + 8 * k, _MM_HINT_T1); /* 2 rows x 8 weights = 1 line */
-            __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-            __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x1 + k);
-            a0 = _mm256_fmadd_ps(xa, v0, a0);
-            a1 = _mm256_fmadd_ps(xa, v1, a1);
-            b0 = _mm256_fmadd_ps(xb, v0, b0);
-            b1 = _mm256_fmadd_ps(xb, v1, b1);
+            __m256 v = _mm256_loadu_ps(w0 + k);
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), v, a);
+            b = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), v, b);
         }
-        float s00 = hsum(a0), s01 = hsum(a1), s10 = hsum(b0), s11 = hsum(b1);
-        for (long kk = k; kk < K; kk++) {
-            s00 += x[kk] * w0[kk];
-            s01 += x[kk] * w1[kk];
-        }
-        for (long kk = k; kk < K; kk++) {
-            s10 += x1[kk] * w0[kk];
-            s11 += x1[kk] * w1[kk];
-        }
-        y[o] = s00;
-        y[o + 1] = s01;
-        y[ldy + o] = s10;
-        y[ldy + o + 1] = s11;
+        float s0 = hsum(a), s1 = hsum(b);
+        for (long kk = k; kk < K; kk++) s0 += x[kk] * w0[kk];
+        for (long kk = k; kk < K; kk++) s1 += x1[kk] * w0[kk];
+        y[o] = s0;
+        y[ldy + o] = s1;
     }
     for (; o < o1; o++)
         for (int r = 0; r < 2; r++) {
@@ -380,7 +328,10 @@ static inline __attribute__((always_inline)) void axpy_block(
     for (; c < c1; c++)
         for (int r = 0; r < rn; r++) {
             float t = y[r * ldy + c];
-            for (int q = 0; q < kb; q++) t += x[r * ldx + k + q] * load1(w, (k + q) * ldw + c, bf16);
+            /* fmaf: one FMA per weight as in the vector columns, however the compiler
+             * treats this loop in the AVX2 and the AVX-512 functions that inline it */
+            for (int q = 0; q < kb; q++)
+                t = fmaf(x[r * ldx + k + q], load1(w, (k + q) * ldw + c, bf16), t);
             y[r * ldy + c] = t;
         }
 }
