@@ -437,18 +437,24 @@ def test_jax_linear_in_the_model_path_and_its_bounds():
     bf = jnp.bfloat16
     big = jnp.ones((512, 256), bf)  # 256 KB: served
     assert jk.serves_linear(jnp.ones((1, 1, 256), bf), big)
-    assert not jk.serves_linear(jnp.ones((1, 1, 256)), big.astype(jnp.float32))  # fp32: XLA's dot
+    assert jk.serves_linear(jnp.ones((1, 1, 256)), big.astype(jnp.float32))  # fp32 too
+    assert not jk.serves_linear(jnp.ones((1, 1, 256)), big)  # mixed dtypes: XLA's dot
     assert not jk.serves_linear(jnp.ones((5, 256), bf), big)  # too many rows: XLA's dot
     assert not jk.serves_linear(jnp.ones((1, 16), bf), jnp.ones((16, 16), bf))  # too small
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 256)), bf)
     want = np.asarray(x, np.float32) @ np.ones((256, 512), np.float32)
     np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, big), np.float32), want,
                                rtol=2 ** -8)
-    # the expert phase: bf16 always, fp32 for a few rows per expert (not one row)
+    w32 = np.random.default_rng(1).standard_normal((512, 256)).astype(np.float32)
+    x32 = np.random.default_rng(2).standard_normal((2, 256)).astype(np.float32)
+    got = np.asarray(jax.jit(linear)(jnp.asarray(x32), jnp.asarray(w32)))
+    np.testing.assert_allclose(got, (x32.astype(np.float64) @ w32.T.astype(np.float64)),
+                               rtol=1e-5, atol=1e-5)
+    # the expert phase: bf16 always, fp32 with the smallest tiles (one row, or few per expert)
     assert jk.faster_than_xla(bf, 1, 1) and jk.faster_than_xla(bf, 4096, 128)
     assert jk.faster_than_xla(jnp.float32, 512, 8)  # tile 8: E=128, 512 tokens
     assert not jk.faster_than_xla(jnp.float32, 512, 16)  # tile 16: E=16, 512 tokens
-    assert not jk.faster_than_xla(jnp.float32, 1, 1)
+    assert jk.faster_than_xla(jnp.float32, 1, 1)  # a decode step
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

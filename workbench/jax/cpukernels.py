@@ -51,10 +51,11 @@ def _register() -> tuple[bool, str]:
 
 
 def serves_linear(x: jax.Array, w: jax.Array) -> bool:
-    """Whether ``x @ w.T`` goes through the kernel: at most ``MAX_LINEAR_ROWS`` rows of bf16
-    on the CPU, a weight of at least ``MIN_LINEAR_BYTES``. (XLA:CPU's own fp32 product on a
-    row or two reads as fast as the kernel; its bf16 one reads at a fraction of the rate.)"""
-    return (x.dtype == w.dtype == jnp.bfloat16 and w.ndim == 2
+    """Whether ``x @ w.T`` goes through the kernel: at most ``MAX_LINEAR_ROWS`` rows, fp32 or
+    bf16, on the CPU, a weight of at least ``MIN_LINEAR_BYTES``. (XLA:CPU's fp32 product of a
+    (1024, 1024) weight read at 25 GB/s for one row and 12-15 for two to four, the kernel's at
+    25-28; its bf16 one reads at a fraction of the rate.)"""
+    return (x.dtype == w.dtype and x.dtype in (jnp.float32, jnp.bfloat16) and w.ndim == 2
             and math.prod(x.shape[:-1]) <= shared.MAX_LINEAR_ROWS
             and w.size * w.dtype.itemsize >= shared.MIN_LINEAR_BYTES
             and jax.default_backend() == "cpu" and ready())
@@ -106,15 +107,14 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def faster_than_xla(dtype: jnp.dtype, rows: int, tile: int) -> bool:
     """Whether the kernel beats XLA:CPU on an expert phase of ``rows`` rows whose tile loop
-    would use ``tile``-row tiles (the choice measured on AVX2 CPUs): in bf16 always (XLA's
-    bf16 products on few rows are slow); in fp32 when the tiles are the smallest, 8 rows (the
-    experts get fewer than 32 rows each on average: a prefill over many experts, weight-read-
-    bound), but not for a single row (XLA's transposed one-row product reads as fast). The
-    choice depends on the tile, not on the experts passed, so a streamed layer's groups of
-    experts compute exactly what the resident layer computes."""
+    would use ``tile``-row tiles: in bf16 always (XLA's bf16 products on few rows are slow);
+    in fp32 when the tiles are the smallest, 8 rows (a decode step's one row, or a prefill
+    whose experts get fewer than 32 rows each on average: weight-read-bound). The choice
+    depends on the tile, not on the experts passed, so a streamed layer's groups of experts
+    compute exactly what the resident layer computes."""
     if dtype == jnp.bfloat16:
         return True
-    return rows > 1 and tile <= 8
+    return rows >= 1 and tile <= 8
 
 
 def serves_experts(xs: jax.Array, experts: list, tile: int) -> bool:
