@@ -52,9 +52,9 @@ def _register() -> tuple[bool, str]:
 
 def serves_linear(x: jax.Array, w: jax.Array) -> bool:
     """Whether ``x @ w.T`` goes through the kernel: at most ``MAX_LINEAR_ROWS`` rows, fp32 or
-    bf16, on the CPU, a weight of at least ``MIN_LINEAR_BYTES``. (XLA:CPU's fp32 product of a
-    (1024, 1024) weight read at 25 GB/s for one row and 12-15 for two to four, the kernel's at
-    25-28; its bf16 one reads at a fraction of the rate.)"""
+    bf16, on the CPU, a weight of at least ``MIN_LINEAR_BYTES``. (XLA:CPU's fp32 product of
+    one row reads a little slower than the kernel and of two to four rows at about half its
+    rate; its bf16 one at a fraction of it.)"""
     return (x.dtype == w.dtype and x.dtype in (jnp.float32, jnp.bfloat16) and w.ndim == 2
             and math.prod(x.shape[:-1]) <= shared.MAX_LINEAR_ROWS
             and w.size * w.dtype.itemsize >= shared.MIN_LINEAR_BYTES
