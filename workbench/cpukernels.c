@@ -895,9 +895,7 @@ void wb_set_by_expert(int on) { by_expert_mode = on; }
  * contiguous part of the weight, and the halves are added the same way on one thread */
 static long half_k(long K) { return ((K / 2 + 3) / 4) * 4 < K ? ((K / 2 + 3) / 4) * 4 : K; }
 
-#ifndef AWAY
-#define AWAY 2048
-#endif
+#define AWAY 2048 /* bytes from the weights' page offset: half a page */
 #define SLACK 1024 /* floats past each partial-sum buffer, for away_from */
 
 /* p (64-byte aligned, SLACK floats to spare) moved on so that it lies half a page from w
